@@ -1,0 +1,33 @@
+// The op schemas of namespace metalearn_fast, and the Python module that loads them.
+// Kernels live one file per op and device (cpu/, cuda/); autograd lives in autograd/.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "metalearn_fast_build_info.h"
+
+TORCH_LIBRARY(metalearn_fast, m) {
+  // x [T,N,I]|[N,I], weight [T,O,I]|[O,I], bias [T,O]|[O] -> relu(x @ weight^T + bias) [T,N,O]|[N,O]
+  m.def("linear_relu(Tensor x, Tensor weight, Tensor bias) -> Tensor");
+  // (grad_x, grad_weight, grad_bias); an entry is None where output_mask says it is not needed
+  m.def(
+      "linear_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, bool[3] output_mask)"
+      " -> (Tensor?, Tensor?, Tensor?)");
+  // new_params[i] = params[i] - lr[i] * grads[i]; lr holds one tensor shared by all, or one per param
+  m.def("sgd_step(Tensor[] params, Tensor[] grads, Tensor[] lr) -> Tensor[]");
+  m.def("sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] lr) -> ()");
+}
+
+// The module only carries what was built; the ops register themselves when it is loaded.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "metalearn_fast compiled kernels", -1, nullptr};
+  PyObject* module = PyModule_Create(&module_def);
+  if (module == nullptr) {
+    return nullptr;
+  }
+  PyModule_AddIntConstant(module, "WITH_CUDA", METALEARN_FAST_WITH_CUDA);
+  PyModule_AddStringConstant(module, "CUDA_ARCH_LIST", METALEARN_FAST_CUDA_ARCH_LIST);
+  PyModule_AddStringConstant(module, "TORCH_VERSION", METALEARN_FAST_TORCH_VERSION);
+  PyModule_AddStringConstant(module, "CUDA_VERSION", METALEARN_FAST_CUDA_VERSION);
+  PyModule_AddStringConstant(module, "NO_CUDA_REASON", METALEARN_FAST_NO_CUDA_REASON);
+  return module;
+}

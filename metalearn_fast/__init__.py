@@ -1,0 +1,28 @@
+"""metalearn_fast: fast meta-learning for PyTorch.
+
+Pretrain-then-adapt (``pretrain``, ``adapt``) and the MAML family, on fused C++/CUDA kernels
+with a pure-torch fallback that gives the same numbers (see ``backend_info()``).
+"""
+from . import nn, ops, reference
+from .nn import MLP, FusedLinearReLU, SimpleNet, fuse
+from .ops import backend_info, linear_relu, linear_relu_backward, sgd_step, sgd_step_
+from .train import adapt, pretrain
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedLinearReLU",
+    "MLP",
+    "SimpleNet",
+    "adapt",
+    "backend_info",
+    "fuse",
+    "linear_relu",
+    "linear_relu_backward",
+    "nn",
+    "ops",
+    "pretrain",
+    "reference",
+    "sgd_step",
+    "sgd_step_",
+]

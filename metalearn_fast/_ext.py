@@ -1,0 +1,60 @@
+"""Loads the compiled extension metalearn_fast._C once, and says why when it does not.
+
+METALEARN_FAST_BACKEND selects the backend: ``auto`` (default: the extension when it loads,
+else the pure-torch fallback with one warning), ``torch`` (always the fallback) or
+``extension`` (the extension or an ImportError).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from types import ModuleType
+from typing import Optional
+
+BACKENDS = ("auto", "torch", "extension")
+
+_module: Optional[ModuleType] = None
+_reason: str = ""
+_loaded = False
+
+
+def requested_backend() -> str:
+    value = os.environ.get("METALEARN_FAST_BACKEND", "auto").strip().lower() or "auto"
+    if value not in BACKENDS:
+        raise ValueError(f"METALEARN_FAST_BACKEND must be one of {', '.join(BACKENDS)}, got {value!r}")
+    return value
+
+
+def load() -> Optional[ModuleType]:
+    """The extension module, or None (with the reason kept for :func:`reason`)."""
+    global _module, _reason, _loaded
+    if _loaded:
+        return _module
+    _loaded = True
+    backend = requested_backend()
+    if backend == "torch":
+        _reason = "METALEARN_FAST_BACKEND=torch selects the pure-torch fallback"
+        return None
+    try:
+        import torch  # noqa: F401  (the extension links against torch's libraries)
+
+        from . import _C as module
+    except Exception as error:  # a missing, stale or broken build must never break the import
+        _reason = f"the compiled extension did not load: {type(error).__name__}: {error}"
+        if backend == "extension":
+            raise ImportError(f"METALEARN_FAST_BACKEND=extension but {_reason}") from error
+        warnings.warn(
+            f"metalearn_fast: {_reason}. Running on the pure-torch fallback (same results, slower). "
+            "Rebuild with `pip install --no-build-isolation -e .` and see `metalearn-fast info`.",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return None
+    _module = module
+    return module
+
+
+def reason() -> str:
+    """Why the extension is not active ('' when it is)."""
+    load()
+    return _reason

@@ -1,0 +1,204 @@
+"""Public ops: the same schemas whichever backend runs them.
+
+With the compiled extension, the kernels and their autograd are C++ (csrc/). Without it, this
+module defines the same ops with the pure-torch kernels of reference.py and registers their
+autograd here. Fake (meta) kernels are registered for both, so torch.compile traces either.
+Everything above this module calls these ops and never asks which backend runs.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from . import _ext, reference
+
+__all__ = ["linear_relu", "linear_relu_backward", "sgd_step", "sgd_step_", "backend_info", "SCHEMAS"]
+
+# The schemas of csrc/ops.cpp; the tests check that the two agree.
+SCHEMAS = {
+    "linear_relu": "linear_relu(Tensor x, Tensor weight, Tensor bias) -> Tensor",
+    "linear_relu_backward": (
+        "linear_relu_backward(Tensor grad_out, Tensor x, Tensor weight, Tensor out, bool[3] output_mask)"
+        " -> (Tensor?, Tensor?, Tensor?)"
+    ),
+    "sgd_step": "sgd_step(Tensor[] params, Tensor[] grads, Tensor[] lr) -> Tensor[]",
+    "sgd_step_": "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] lr) -> ()",
+}
+
+_extension = _ext.load()
+
+
+def _register_fallback() -> torch.library.Library:
+    lib = torch.library.Library("metalearn_fast", "DEF")
+    for name, schema in SCHEMAS.items():
+        lib.define(schema)
+        lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
+
+    def linear_relu_setup(ctx, inputs, output):
+        x, weight, _ = inputs
+        ctx.save_for_backward(x, weight, output)
+
+    def linear_relu_bwd(ctx, grad_out):
+        x, weight, out = ctx.saved_tensors
+        return torch.ops.metalearn_fast.linear_relu_backward(grad_out, x, weight, out, list(ctx.needs_input_grad))
+
+    def linear_relu_backward_setup(ctx, inputs, output):
+        grad_out, x, weight, out, _ = inputs
+        ctx.save_for_backward(grad_out, x, weight, out)
+
+    def linear_relu_backward_bwd(ctx, ggx, ggw, ggb):
+        d_grad_out, d_x, d_weight = reference.linear_relu_backward_backward(*ctx.saved_tensors, ggx, ggw, ggb)
+        return d_grad_out, d_x, d_weight, None, None
+
+    def sgd_step_setup(ctx, inputs, output):
+        params, grads, lr = inputs
+        ctx.count = len(params)
+        ctx.save_for_backward(*grads, *lr)
+
+    def sgd_step_bwd(ctx, grad_outputs):
+        saved = ctx.saved_tensors
+        grads, lr = saved[: ctx.count], saved[ctx.count :]
+        d_params, d_grads = [], []
+        d_lr: list[Optional[Tensor]] = [None] * len(lr)
+        for i, (go, g) in enumerate(zip(grad_outputs, grads)):
+            slot = 0 if len(lr) == 1 else i
+            d_params.append(go)
+            d_grads.append(None if go is None else -(lr[slot] * go))
+            if go is not None:
+                term = -(go * g).sum_to_size(lr[slot].shape)
+                d_lr[slot] = term if d_lr[slot] is None else d_lr[slot] + term
+        return d_params, d_grads, d_lr
+
+    torch.library.register_autograd("metalearn_fast::linear_relu", linear_relu_bwd, setup_context=linear_relu_setup)
+    torch.library.register_autograd(
+        "metalearn_fast::linear_relu_backward", linear_relu_backward_bwd, setup_context=linear_relu_backward_setup
+    )
+    torch.library.register_autograd("metalearn_fast::sgd_step", sgd_step_bwd, setup_context=sgd_step_setup)
+    return lib
+
+
+if _extension is None:
+    _fallback_library = _register_fallback()
+
+
+@torch.library.register_fake("metalearn_fast::linear_relu")
+def _linear_relu_fake(x, weight, bias):
+    return x.new_empty((*x.shape[:-1], weight.shape[-2]))
+
+
+@torch.library.register_fake("metalearn_fast::linear_relu_backward")
+def _linear_relu_backward_fake(grad_out, x, weight, out, output_mask):
+    return (
+        torch.empty_like(x) if output_mask[0] else None,
+        torch.empty_like(weight) if output_mask[1] else None,
+        grad_out.new_empty(weight.shape[:-1]) if output_mask[2] else None,
+    )
+
+
+@torch.library.register_fake("metalearn_fast::sgd_step")
+def _sgd_step_fake(params, grads, lr):
+    return [torch.empty_like(p) for p in params]
+
+
+@torch.library.register_fake("metalearn_fast::sgd_step_")
+def _sgd_step_inplace_fake(params, grads, lr):
+    return None
+
+
+_linear_relu = torch.ops.metalearn_fast.linear_relu.default
+_linear_relu_backward = torch.ops.metalearn_fast.linear_relu_backward.default
+_sgd_step = torch.ops.metalearn_fast.sgd_step.default
+_sgd_step_inplace = torch.ops.metalearn_fast.sgd_step_.default
+
+
+def linear_relu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """relu(x @ weight^T + bias) in one pass, differentiable twice.
+
+    x: [T, N, I] or [N, I]; weight: [T, O, I] or [O, I]; bias: [T, O] or [O] -> [T, N, O] or [N, O].
+    """
+    return _linear_relu(x, weight, bias)
+
+
+def linear_relu_backward(
+    grad_out: Tensor, x: Tensor, weight: Tensor, out: Tensor, output_mask: Sequence[bool] = (True, True, True)
+) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    """(grad_x, grad_weight, grad_bias) of linear_relu given its output ``out``; None where masked off."""
+    return _linear_relu_backward(grad_out, x, weight, out, list(output_mask))
+
+
+LearningRate = Union[float, Tensor, Sequence[Tensor]]
+
+
+def _rates(params: Sequence[Tensor], lr: LearningRate) -> list[Tensor]:
+    """Normalise lr to the op's form: one tensor shared by all params, or one per param.
+
+    A number or 0-dim tensor is one rate for everything; a 1-dim tensor of length T is one rate per
+    task (params carry a leading T); a list or tuple holds one tensor per param, each broadcast
+    against its param from the right (Meta-SGD: the param's shape without T)."""
+    if len(params) == 0:
+        raise ValueError("sgd_step: params is empty")
+    if isinstance(lr, numbers.Real):
+        return [torch.tensor(float(lr), dtype=params[0].dtype, device=params[0].device)]
+    if isinstance(lr, Tensor):
+        if lr.dim() == 0:
+            return [lr]
+        if lr.dim() == 1:
+            for i, p in enumerate(params):
+                if p.dim() == 0 or p.shape[0] != lr.shape[0]:
+                    raise ValueError(
+                        f"sgd_step: a 1-dim lr of length {lr.shape[0]} is one rate per task, but params[{i}] "
+                        f"has shape {list(p.shape)}; pass a list for one rate tensor per param"
+                    )
+            return [lr.view(lr.shape[0], *([1] * (p.dim() - 1))) for p in params]
+        raise ValueError(
+            f"sgd_step: lr must be a number, a 0-dim tensor, a [T] tensor or a list of tensors, got shape {list(lr.shape)}"
+        )
+    if isinstance(lr, (list, tuple)):
+        return list(lr)
+    raise TypeError(f"sgd_step: lr must be a number, a tensor or a list of tensors, got {type(lr).__name__}")
+
+
+def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LearningRate) -> list[Tensor]:
+    """[p - lr * g for every param] in one call: the batched inner-loop step of MAML.
+
+    Differentiable in params, grads and lr. lr is a number, a [T] tensor (one rate per task) or a
+    list with one tensor per param (Meta-SGD)."""
+    params = list(params)
+    return _sgd_step(params, list(grads), _rates(params, lr))
+
+
+def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LearningRate) -> None:
+    """In place: p -= lr * g for every param, outside autograd (first-order MAML, Reptile, fine-tuning)."""
+    params = list(params)
+    _sgd_step_inplace(params, list(grads), _rates(params, lr))
+
+
+def _has_kernel(dispatch_key: str) -> bool:
+    return all(
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"metalearn_fast::{name}", dispatch_key) for name in SCHEMAS
+    )
+
+
+def backend_info() -> dict:
+    """What was compiled, what runs, and why the extension is not active when it is not."""
+    module = _extension
+    info = {
+        "active": "extension" if module is not None else "torch",
+        "reason": _ext.reason(),
+        "compiled_cpu": module is not None and _has_kernel("CPU"),
+        "compiled_cuda": module is not None and bool(module.WITH_CUDA) and _has_kernel("CUDA"),
+        "cuda_arch_list": module.CUDA_ARCH_LIST if module is not None else "",
+        "built_against_torch": module.TORCH_VERSION if module is not None else "",
+        "built_against_cuda": module.CUDA_VERSION if module is not None else "",
+        "why_no_cuda_kernels": module.NO_CUDA_REASON if module is not None else "",
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda or "",
+        "cuda_available": torch.cuda.is_available(),
+        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        if torch.cuda.is_available()
+        else [],
+    }
+    return info
