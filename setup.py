@@ -62,7 +62,7 @@ def pip_nvidia_dirs():
                 lib = os.path.join(os.path.dirname(inc), "lib")
                 if os.path.isdir(lib):
                     libs.append(lib)
-    return includes, libs
+    return list(dict.fromkeys(includes)), list(dict.fromkeys(libs))
 
 
 def cuda_plan():
@@ -121,7 +121,7 @@ def write_build_info(folder):
 def extension():
     generated = os.path.join(ROOT, "build", "generated")
     write_build_info(generated)
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp"))
+    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/composite/*.cpp"))
     cxx_flags = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs
     include_dirs = [os.path.join(ROOT, "csrc"), generated]
     if not cuda_home:

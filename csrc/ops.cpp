@@ -15,6 +15,12 @@ TORCH_LIBRARY(metalearn_fast, m) {
   // new_params[i] = params[i] - lr[i] * grads[i]; lr holds one tensor shared by all, or one per param
   m.def("sgd_step(Tensor[] params, Tensor[] grads, Tensor[] lr) -> Tensor[]");
   m.def("sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] lr) -> ()");
+  // The MAML meta-loss of an MLP over a meta-batch and, when compute_grad, its gradient w.r.t.
+  // params [W0, b0, W1, b1, ...] and lr (one tensor, or one per param): (loss, param_grads, lr_grads)
+  m.def(
+      "maml_mlp_meta_grad(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
+      " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer, bool compute_grad)"
+      " -> (Tensor, Tensor[], Tensor[])");
 }
 
 // The module only carries what was built; the ops register themselves when it is loaded.

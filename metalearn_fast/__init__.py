@@ -3,17 +3,22 @@
 Pretrain-then-adapt (``pretrain``, ``adapt``) and the MAML family, on fused C++/CUDA kernels
 with a pure-torch fallback that gives the same numbers (see ``backend_info()``).
 """
-from . import nn, ops, reference
+from . import nn, ops, reference, tasks
+from .maml import MAML, Reptile
 from .nn import MLP, FusedLinearReLU, SimpleNet, fuse
 from .ops import backend_info, linear_relu, linear_relu_backward, sgd_step, sgd_step_
+from .tasks import TaskBatch
 from .train import adapt, pretrain
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FusedLinearReLU",
+    "MAML",
     "MLP",
+    "Reptile",
     "SimpleNet",
+    "TaskBatch",
     "adapt",
     "backend_info",
     "fuse",
@@ -25,4 +30,5 @@ __all__ = [
     "reference",
     "sgd_step",
     "sgd_step_",
+    "tasks",
 ]

@@ -15,7 +15,15 @@ from torch import Tensor
 
 from . import _ext, reference
 
-__all__ = ["linear_relu", "linear_relu_backward", "sgd_step", "sgd_step_", "backend_info", "SCHEMAS"]
+__all__ = [
+    "linear_relu",
+    "linear_relu_backward",
+    "sgd_step",
+    "sgd_step_",
+    "maml_mlp_loss",
+    "backend_info",
+    "SCHEMAS",
+]
 
 # The schemas of csrc/ops.cpp; the tests check that the two agree.
 SCHEMAS = {
@@ -26,15 +34,24 @@ SCHEMAS = {
     ),
     "sgd_step": "sgd_step(Tensor[] params, Tensor[] grads, Tensor[] lr) -> Tensor[]",
     "sgd_step_": "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] lr) -> ()",
+    "maml_mlp_meta_grad": (
+        "maml_mlp_meta_grad(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
+        " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer, bool compute_grad)"
+        " -> (Tensor, Tensor[], Tensor[])"
+    ),
 }
 
 _extension = _ext.load()
 
 
+# Ops with one kernel per device; maml_mlp_meta_grad is a composite of ATen ops (any device).
+DEVICE_OPS = ("linear_relu", "linear_relu_backward", "sgd_step", "sgd_step_")
+
+
 def _register_fallback() -> torch.library.Library:
     lib = torch.library.Library("metalearn_fast", "DEF")
-    for name, schema in SCHEMAS.items():
-        lib.define(schema)
+    for name in DEVICE_OPS:
+        lib.define(SCHEMAS[name])
         lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
 
     def linear_relu_setup(ctx, inputs, output):
@@ -108,6 +125,23 @@ def _sgd_step_inplace_fake(params, grads, lr):
     return None
 
 
+def _maml_mlp_meta_grad_fake(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
+                             first_adapted_layer, compute_grad):
+    loss_value = x_query.new_empty(())
+    if not compute_grad:
+        return loss_value, [], []
+    return loss_value, [torch.empty_like(p) for p in params], [torch.empty_like(r) for r in lr]
+
+
+if _extension is not None:
+    torch.library.register_fake("metalearn_fast::maml_mlp_meta_grad")(_maml_mlp_meta_grad_fake)
+    _maml_mlp_meta_grad = torch.ops.metalearn_fast.maml_mlp_meta_grad.default
+else:
+    # The fallback computes the meta-gradient by autograd, which a kernel registered below the
+    # autograd dispatch key could not use: it is called directly instead of as an op.
+    _maml_mlp_meta_grad = reference.maml_mlp_meta_grad
+
+
 _linear_relu = torch.ops.metalearn_fast.linear_relu.default
 _linear_relu_backward = torch.ops.metalearn_fast.linear_relu_backward.default
 _sgd_step = torch.ops.metalearn_fast.sgd_step.default
@@ -176,9 +210,62 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LearningRat
     _sgd_step_inplace(params, list(grads), _rates(params, lr))
 
 
+class _MamlMlpLoss(torch.autograd.Function):
+    """The meta-loss as one autograd node: the op returns the loss with its gradient, which the
+    backward only scales. The inner loop is inside the op, so the node is differentiable once."""
+
+    @staticmethod
+    def forward(ctx, config, count, *tensors):
+        params, lr = list(tensors[:count]), list(tensors[count:-4])
+        x_support, y_support, x_query, y_query = tensors[-4:]
+        compute_grad = any(ctx.needs_input_grad[2 : 2 + len(tensors) - 4])
+        loss, grads, lr_grads = _maml_mlp_meta_grad(
+            params, lr, x_support, y_support, x_query, y_query, *config, compute_grad
+        )
+        ctx.save_for_backward(*grads, *lr_grads)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        grads = [grad_loss * g for g in ctx.saved_tensors]
+        return (None, None, *grads, None, None, None, None)
+
+
+def maml_mlp_loss(
+    params: Sequence[Tensor],
+    lr: Union[float, Tensor, Sequence[Tensor]],
+    x_support: Tensor,
+    y_support: Tensor,
+    x_query: Tensor,
+    y_query: Tensor,
+    *,
+    inner_steps: int = 1,
+    first_order: bool = False,
+    loss: str = "mse",
+    first_adapted_layer: int = 0,
+) -> Tensor:
+    """MAML meta-loss of an MLP (ReLU between layers) over a meta-batch, differentiable w.r.t. params and lr.
+
+    params: [W0 [O,I], b0 [O], W1, b1, ...] shared by the tasks; lr: a number, a tensor (scalar or
+    shaped like every param) or one tensor per param (Meta-SGD); x_*: [T, K, I]; y_*: [T, K, D] for
+    "mse" or [T, K] int64 labels for "cross_entropy". The mean over tasks of the query loss after
+    inner_steps SGD steps on each task's support loss; layers before first_adapted_layer stay fixed
+    in the inner loop (ANIL). Its gradient comes from the op's analytic reverse sweep."""
+    params = list(params)
+    if isinstance(lr, numbers.Real):
+        rates = [torch.tensor(float(lr), dtype=params[0].dtype, device=params[0].device)]
+    elif isinstance(lr, Tensor):
+        rates = [lr]
+    else:
+        rates = list(lr)
+    config = (int(inner_steps), bool(first_order), str(loss), int(first_adapted_layer))
+    return _MamlMlpLoss.apply(config, len(params), *params, *rates, x_support, y_support, x_query, y_query)
+
+
 def _has_kernel(dispatch_key: str) -> bool:
     return all(
-        torch._C._dispatch_has_kernel_for_dispatch_key(f"metalearn_fast::{name}", dispatch_key) for name in SCHEMAS
+        torch._C._dispatch_has_kernel_for_dispatch_key(f"metalearn_fast::{name}", dispatch_key) for name in DEVICE_OPS
     )
 
 

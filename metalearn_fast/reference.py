@@ -17,6 +17,9 @@ __all__ = [
     "linear_relu_backward_backward",
     "sgd_step",
     "sgd_step_",
+    "maml_mlp_meta_grad",
+    "mlp_forward",
+    "task_losses",
 ]
 
 
@@ -192,3 +195,127 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Sequence[Te
             raise ValueError("sgd_step_: lr must not require grad")
     for i, (p, g) in enumerate(zip(params, grads)):
         p.sub_(_lr_for(params, lr, i) * g)
+
+
+def mlp_forward(x: Tensor, params: Sequence[Tensor]) -> Tensor:
+    """An MLP [W0, b0, W1, b1, ...] with ReLU between layers: x [T, K, I] -> [T, K, out].
+
+    Each weight is shared ([O, I]) or one per task ([T, O, I]); biases likewise ([O] or [T, O])."""
+    h = x
+    count = len(params) // 2
+    for layer in range(count):
+        weight, bias = params[2 * layer], params[2 * layer + 1]
+        h = h @ weight.transpose(-1, -2) + bias.unsqueeze(-2)
+        if layer + 1 < count:
+            h = torch.relu(h)
+    return h
+
+
+def task_losses(pred: Tensor, target: Tensor, loss: str) -> Tensor:
+    """Each task's mean loss: pred [T, K, D], target [T, K, D] (mse) or [T, K] labels -> [T]."""
+    if loss == "mse":
+        return (pred - target).square().mean(dim=(1, 2))
+    if loss == "cross_entropy":
+        tasks, rows, width = pred.shape
+        flat = torch.nn.functional.cross_entropy(pred.reshape(tasks * rows, width), target.reshape(-1), reduction="none")
+        return flat.view(tasks, rows).mean(1)
+    raise ValueError(f"maml_mlp_meta_grad: loss must be 'mse' or 'cross_entropy', got {loss!r}")
+
+
+def _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, loss, first_adapted_layer):
+    op = "maml_mlp_meta_grad"
+    if loss not in ("mse", "cross_entropy"):
+        raise ValueError(f"{op}: loss must be 'mse' or 'cross_entropy', got {loss!r}")
+    if len(params) < 2 or len(params) % 2:
+        raise ValueError(f"{op}: params must be [weight_0, bias_0, weight_1, bias_1, ...], got {len(params)} tensors")
+    count = len(params) // 2
+    if inner_steps < 1:
+        raise ValueError(f"{op}: inner_steps must be >= 1, got {inner_steps}")
+    if not 0 <= first_adapted_layer < count:
+        raise ValueError(f"{op}: first_adapted_layer must be in [0, {count}), got {first_adapted_layer}")
+    if len(lr) not in (1, len(params)):
+        raise ValueError(f"{op}: lr must hold one tensor or one per param, got {len(lr)}")
+    dtype, width_in = params[0].dtype, params[0].shape[-1]
+    for name, x in (("x_support", x_support), ("x_query", x_query)):
+        if x.dtype != dtype:
+            raise TypeError(f"{op}: {name} must have the params' dtype {dtype}, got {x.dtype}")
+        if x.dim() != 3 or x.shape[0] != x_support.shape[0] or x.shape[1] == 0 or x.shape[2] != width_in:
+            raise ValueError(
+                f"{op}: {name} must be [T, K, {width_in}] with T = {x_support.shape[0]} and K >= 1, got {list(x.shape)}"
+            )
+        if x.device != params[0].device:
+            raise ValueError(f"{op}: {name} must be on the params' device")
+    if x_support.shape[0] == 0:
+        raise ValueError(f"{op}: the meta-batch is empty (T = 0)")
+    for layer in range(count):
+        weight, bias = params[2 * layer], params[2 * layer + 1]
+        if weight.dim() != 2 or bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(
+                f"{op}: params[{2 * layer}] and params[{2 * layer + 1}] must be a weight [O, I] and a bias [O], "
+                f"got {list(weight.shape)} and {list(bias.shape)}"
+            )
+        if layer and weight.shape[1] != params[2 * layer - 2].shape[0]:
+            raise ValueError(
+                f"{op}: params[{2 * layer}] must take {params[2 * layer - 2].shape[0]} inputs, got shape {list(weight.shape)}"
+            )
+        if weight.dtype != dtype or bias.dtype != dtype:
+            raise TypeError(f"{op}: params must share one dtype")
+    for i, rate in enumerate(lr):
+        if rate.dim() != 0 and rate.shape != params[i].shape:
+            raise ValueError(
+                f"{op}: lr[{i}] must be a scalar or have the shape of params[{i}], got {list(rate.shape)}"
+            )
+    width = params[-2].shape[0]
+    for name, y, x in (("y_support", y_support, x_support), ("y_query", y_query, x_query)):
+        if loss == "mse":
+            if y.dim() != 3 or y.shape[:2] != x.shape[:2] or y.shape[2] != width:
+                raise ValueError(f"{op}: {name} must be [T, K, {width}] for the mse loss, got {list(y.shape)}")
+            if y.dtype != dtype:
+                raise TypeError(f"{op}: {name} must have the params' dtype")
+        else:
+            if y.dim() != 2 or y.shape != x.shape[:2]:
+                raise ValueError(f"{op}: {name} must be [T, K] class labels for cross_entropy, got {list(y.shape)}")
+            if y.dtype != torch.int64:
+                raise TypeError(f"{op}: {name} must be int64 labels, got {y.dtype}")
+
+
+def maml_mlp_meta_grad(
+    params: Sequence[Tensor],
+    lr: Sequence[Tensor],
+    x_support: Tensor,
+    y_support: Tensor,
+    x_query: Tensor,
+    y_query: Tensor,
+    inner_steps: int,
+    first_order: bool,
+    loss: str,
+    first_adapted_layer: int,
+    compute_grad: bool,
+) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+    """The MAML meta-loss of an MLP over a meta-batch, and its gradient, by autograd on batched torch.
+
+    params [W0, b0, W1, b1, ...] (ReLU between layers); lr one tensor (scalar, or shaped like every
+    param) or one per param; x_* [T, K, I]; y_* [T, K, D] (mse) or [T, K] labels (cross_entropy).
+    Layers from first_adapted_layer on adapt in the inner loop (ANIL adapts the last only). The loss
+    is the mean over tasks of each task's query loss after inner_steps SGD steps on its support loss.
+    Returns (loss, grads w.r.t. params, grads w.r.t. lr); the lists are empty unless compute_grad."""
+    _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, loss, first_adapted_layer)
+    tasks = x_support.shape[0]
+    with torch.enable_grad():
+        meta = [p.detach().requires_grad_(compute_grad) for p in params]
+        rates = [r.detach().requires_grad_(compute_grad) for r in lr]
+        first = 2 * first_adapted_layer
+        # per-task copies of the adapted params: the gradient w.r.t. them is each task's own
+        fast = meta[:first] + [p.expand(tasks, *p.shape) for p in meta[first:]]
+        for _ in range(inner_steps):
+            support = task_losses(mlp_forward(x_support, fast), y_support, loss).sum()
+            grads = torch.autograd.grad(support, fast[first:], create_graph=compute_grad and not first_order)
+            fast = fast[:first] + [
+                p - _lr_for(params, rates, first + i) * g for i, (p, g) in enumerate(zip(fast[first:], grads))
+            ]
+        query = task_losses(mlp_forward(x_query, fast), y_query, loss).mean()
+        if not compute_grad:
+            return query.detach(), [], []
+        found = torch.autograd.grad(query, meta + rates, allow_unused=True)
+    found = [torch.zeros_like(t) if g is None else g for g, t in zip(found, meta + rates)]
+    return query.detach(), found[: len(meta)], found[len(meta) :]

@@ -60,7 +60,12 @@ def _make_optimizer(model: nn.Module, optimizer: OptimizerArg, lr: float) -> tor
 
 
 def _epoch_order(n: int, shuffle: bool) -> Optional[Tensor]:
-    """The order DataLoader(shuffle=True) would use, drawn from the global RNG the same way."""
+    """Each epoch's order, drawn from the global RNG exactly as a DataLoader would draw it.
+
+    A DataLoader draws a base seed for its workers at every epoch, then RandomSampler draws the
+    seed of its permutation; doing the same keeps every later random draw (dropout, init) equal to
+    a plain-torch loop's."""
+    torch.empty((), dtype=torch.int64).random_()
     if not shuffle:
         return None
     seed = int(torch.empty((), dtype=torch.int64).random_().item())

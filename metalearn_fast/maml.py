@@ -1,0 +1,502 @@
+"""The MAML engine: MAML and its family (FOMAML, Meta-SGD, ANIL) in class MAML, and Reptile.
+
+Both run a whole meta-batch of T tasks at once on per-task parameters ``[T, ...]`` (the meta
+parameters expanded along a new leading task dimension, then updated per task).
+
+- Fast path: a model that is a stack of Linear(+ReLU) layers (``MLP``, ``SimpleNet``, or an
+  ``nn.Sequential`` of ``nn.Linear``/``nn.ReLU``/``FusedLinearReLU``/``nn.Identity`` with ReLU only
+  between layers) runs as batched matrix products: ``ops.linear_relu`` per hidden layer,
+  ``torch.baddbmm`` for the last, one ``ops.sgd_step`` per inner step. No Python loop over tasks.
+- Generic path: any other ``nn.Module`` runs through ``torch.func.functional_call`` under
+  ``torch.func.vmap`` over tasks (or a loop over tasks when the model cannot run under vmap).
+
+Both paths give the same numbers as a per-task loop with ``torch.autograd.grad``.
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .nn import MLP, FusedLinearReLU, SimpleNet
+from .ops import linear_relu, maml_mlp_loss, sgd_step, sgd_step_
+from .tasks import TaskBatch, check_task_set
+
+__all__ = ["MAML", "Reptile"]
+
+LossArg = Union[str, Callable[[Tensor, Tensor], Tensor]]
+
+
+def _mse_per_task(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error of each task: pred, target [T, K, ...] -> [T]."""
+    return (pred - target).pow(2).flatten(1).mean(1)
+
+
+def _cross_entropy_per_task(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy of each task: logits [T, K, C], labels [T, K] int64 -> [T]."""
+    tasks, examples, classes = logits.shape
+    losses = F.cross_entropy(logits.reshape(tasks * examples, classes), labels.reshape(-1), reduction="none")
+    return losses.view(tasks, examples).mean(1)
+
+
+BUILTIN_LOSSES = {"mse": _mse_per_task, "cross_entropy": _cross_entropy_per_task}
+
+
+def _linear_stack(model: nn.Module) -> Optional[list[tuple[Tensor, Tensor, bool]]]:
+    """[(weight [O, I], bias [O], relu_after)] per layer when the fast path can run ``model``, else None.
+
+    Only exact types qualify: a subclass may override forward and compute something else.
+    """
+    if type(model) is SimpleNet:
+        modules = [model.fc1, model.fc2]
+    elif type(model) in (nn.Sequential, MLP):
+        modules = list(model)
+    else:
+        return None
+    layers: list[list] = []
+    for module in modules:
+        if type(module) in (nn.Linear, FusedLinearReLU):
+            if module.bias is None:
+                return None
+            layers.append([module.weight, module.bias, type(module) is FusedLinearReLU])
+        elif type(module) is nn.ReLU:
+            if not layers or layers[-1][2]:  # a ReLU must follow a layer that has none yet
+                return None
+            layers[-1][2] = True
+        elif type(module) is not nn.Identity:
+            return None
+    if not layers or layers[-1][2]:  # ReLU only between layers: the last layer is plain linear
+        return None
+    stacked = [p for weight, bias, _ in layers for p in (weight, bias)]
+    parameters = list(model.parameters())
+    # a module used twice would be one set of parameters but two layers: leave that to the generic path
+    if len(stacked) != len(parameters) or any(a is not b for a, b in zip(stacked, parameters)):
+        return None
+    return [(weight, bias, relu) for weight, bias, relu in layers]
+
+
+def _head_indices(model: nn.Module, parameters: Sequence[Tensor]) -> list[int]:
+    """Indices in ``parameters`` of the head: the parameters of the last submodule that owns any."""
+    owners = [module for module in model.modules() if next(module.parameters(recurse=False), None) is not None]
+    head = {id(p) for p in owners[-1].parameters(recurse=False)}
+    return [i for i, p in enumerate(parameters) if id(p) in head]
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name} must be a positive finite number, got {value}")
+    return float(value)
+
+
+def _check_steps(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class _TaskBatchedLearner(nn.Module):
+    """What MAML and Reptile share: the model, the loss, and a forward pass on per-task parameters."""
+
+    def __init__(self, model: nn.Module, loss: LossArg) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        named = list(model.named_parameters())
+        if not named:
+            raise ValueError("model has no parameters to meta-learn")
+        if isinstance(loss, str):
+            if loss not in BUILTIN_LOSSES:
+                names = ", ".join(map(repr, BUILTIN_LOSSES))
+                raise ValueError(f"loss must be one of {names} or a callable, got {loss!r}")
+            self._loss_fn = BUILTIN_LOSSES[loss]
+        elif callable(loss):
+            self._loss_fn = loss
+        else:
+            raise TypeError(f"loss must be 'mse', 'cross_entropy' or a callable, got {type(loss).__name__}")
+        self.model = model
+        self.loss = loss
+        self._parameter_names = [name for name, _ in named]
+        layers = _linear_stack(model)
+        # the structure is fixed here; the weights are read from the model on every call
+        self._relu_after = None if layers is None else [relu for _, _, relu in layers]
+        self._generic_uses_vmap = True
+
+    @property
+    def uses_fast_path(self) -> bool:
+        """True when the model is a Linear(+ReLU) stack that runs on the batched fast path."""
+        return self._relu_after is not None
+
+    def _meta_parameters(self) -> list[Tensor]:
+        return list(self.model.parameters())
+
+    # ---- checks ----
+
+    def _check_x(self, x: Tensor, name: str) -> None:
+        """x [T, N, ...] must match the model's dtype and device (and its input size on the fast path)."""
+        first = self._meta_parameters()[0]
+        if x.dtype != first.dtype:
+            raise TypeError(f"{name} must have the model's dtype {first.dtype}, got {x.dtype}")
+        if x.device != first.device:
+            raise ValueError(f"{name} must be on the model's device {first.device}, got {x.device}")
+        if self.uses_fast_path and (x.dim() != 3 or x.shape[-1] != first.shape[1]):
+            raise ValueError(f"{name} must be [T, N, {first.shape[1]}] for this model, got shape {list(x.shape)}")
+
+    def _check_batch(self, batch: TaskBatch) -> None:
+        if not isinstance(batch, TaskBatch):
+            raise TypeError(f"batch must be a metalearn_fast.TaskBatch, got {type(batch).__name__}")
+        self._check_x(batch.x_support, "x_support")
+        self._check_x(batch.x_query, "x_query")
+
+    def _task_losses(self, pred: Tensor, target: Tensor, target_name: str) -> Tensor:
+        """The loss of each task: pred [T, K, out], target [T, K, ...] -> [T]."""
+        self._check_target(pred.shape, target, target_name)
+        losses = self._loss_fn(pred, target)
+        if not isinstance(losses, Tensor) or losses.shape != (pred.shape[0],):
+            got = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+            raise ValueError(f"loss must return one loss per task, shape [{pred.shape[0]}], got {got}")
+        return losses
+
+    def _check_target(self, pred_shape: Sequence[int], target: Tensor, target_name: str) -> None:
+        """The built-in losses' demands on a target, for model outputs of shape pred_shape [T, K, out]."""
+        pred_shape = list(pred_shape)
+        if self._loss_fn is _mse_per_task:
+            if not target.is_floating_point():
+                raise ValueError(
+                    f"loss='mse' needs floating-point targets but {target_name} holds class labels; "
+                    "use loss='cross_entropy'"
+                )
+            if list(target.shape) != pred_shape:
+                raise ValueError(
+                    f"{target_name} must have the shape of the model's output {pred_shape}, got {list(target.shape)}"
+                )
+        elif self._loss_fn is _cross_entropy_per_task:
+            if target.is_floating_point():
+                raise ValueError(f"loss='cross_entropy' needs int64 class labels in {target_name}, got {target.dtype}")
+            if len(pred_shape) != 3:
+                raise ValueError(f"loss='cross_entropy' needs model outputs [T, K, classes], got {pred_shape}")
+            # cross_entropy would index out of bounds (a device-side assert on CUDA)
+            largest = int(target.max())
+            if largest >= pred_shape[-1]:
+                raise ValueError(f"{target_name} holds class label {largest} but the model has {pred_shape[-1]} outputs")
+
+    # ---- forward on per-task parameters ----
+
+    def _fast_layers(self, params: Sequence[Tensor], h: Tensor, first_layer: int = 0) -> Tensor:
+        """Layers first_layer.. of the stack for every task at once.
+
+        params: [weight [T, O, I], bias [T, O]] for each of those layers, flat; h: [T, N, I] -> [T, N, out].
+        """
+        for relu, weight, bias in zip(self._relu_after[first_layer:], params[0::2], params[1::2]):
+            if relu:
+                h = linear_relu(h, weight, bias)
+            else:
+                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
+        return h
+
+    def _generic_forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        """The model on each task's parameters: params [T, ...] in model.parameters() order, x [T, N, ...]."""
+
+        def run_task(task_params, task_x):
+            return torch.func.functional_call(self.model, dict(zip(self._parameter_names, task_params)), (task_x,))
+
+        if self._generic_uses_vmap:
+            try:
+                return torch.func.vmap(run_task)(list(params), x)
+            except Exception as vmap_error:
+                reason = f"{type(vmap_error).__name__}: {vmap_error}"
+        try:
+            out = torch.stack([run_task([p[t] for p in params], x[t]) for t in range(x.shape[0])])
+        except Exception as error:
+            raise TypeError(
+                f"model could not run on per-task parameters through torch.func.functional_call: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+        if self._generic_uses_vmap:
+            # vmap failed where a plain loop works, so the model itself cannot run under vmap
+            self._generic_uses_vmap = False
+            warnings.warn(
+                f"{type(self).__name__}: the model does not run under torch.func.vmap ({reason}); "
+                "running its tasks one by one instead (same results, slower)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return out
+
+    def _forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
+        """The model on each task's parameters: params [T, ...] in model.parameters() order, x [T, N, ...]
+        -> [T, N, out]."""
+        if self.uses_fast_path:
+            return self._fast_layers(params, x)
+        return self._generic_forward(params, x)
+
+
+class MAML(_TaskBatchedLearner):
+    """Model-agnostic meta-learning on a meta-batch of tasks, and its variants:
+
+    - ``first_order=True``: FOMAML (inner gradients taken without create_graph);
+    - ``learn_inner_lr=True``: Meta-SGD (one learned rate per element of every adapted parameter,
+      in ``inner_lrs``, initialised to ``inner_lr``);
+    - ``adapt_head_only=True``: ANIL (the inner loop adapts only the head: the parameters of the
+      model's last submodule that owns parameters, i.e. the last Linear of a stack).
+
+    ``loss`` is "mse", "cross_entropy" or a callable ``loss(pred [T, K, out], target [T, K, ...])``
+    returning the loss of each task, shape [T]. The inner loop minimises each task's own mean support
+    loss; the meta-loss is the mean over tasks of the query losses after adaptation.
+
+    MAML is an nn.Module wrapping the model, so ``torch.optim.Adam(maml.parameters())`` trains the
+    meta parameters and, under Meta-SGD, the learned rates.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        inner_lr: float = 0.01,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        learn_inner_lr: bool = False,
+        adapt_head_only: bool = False,
+        loss: LossArg = "mse",
+    ) -> None:
+        super().__init__(model, loss)
+        self.inner_lr = _check_positive("inner_lr", inner_lr)
+        self.inner_steps = _check_steps("inner_steps", inner_steps, minimum=1)
+        self.first_order = bool(first_order)
+        self.learn_inner_lr = bool(learn_inner_lr)
+        self.adapt_head_only = bool(adapt_head_only)
+        parameters = self._meta_parameters()
+        # indices (in model.parameters() order) of the parameters the inner loop updates
+        self._adapted_indices = (
+            _head_indices(model, parameters) if adapt_head_only else list(range(len(parameters)))
+        )
+        # the fused op covers MLPs with a ReLU after every hidden layer and the built-in losses
+        self._fused = (
+            self.uses_fast_path and all(self._relu_after[:-1]) and isinstance(loss, str)
+        )
+        self.inner_lrs: Optional[nn.ParameterList] = None
+        if learn_inner_lr:
+            self.inner_lrs = nn.ParameterList(
+                [nn.Parameter(torch.full_like(parameters[i].detach(), self.inner_lr)) for i in self._adapted_indices]
+            )
+
+    def extra_repr(self) -> str:
+        return (
+            f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
+            f"learn_inner_lr={self.learn_inner_lr}, adapt_head_only={self.adapt_head_only}, "
+            f"fast_path={self.uses_fast_path}"
+        )
+
+    # ---- public API ----
+
+    def meta_loss(self, batch: TaskBatch) -> Tensor:
+        """Mean over tasks of the query loss after adapting on the support set: a scalar, differentiable
+        w.r.t. the model's parameters (and ``inner_lrs`` under Meta-SGD)."""
+        self._check_batch(batch)
+        if self.uses_fast_path:
+            return self._fast_meta_loss(batch)
+        return self._generic_meta_loss(batch)
+
+    def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
+        """One meta-update: zero_grad, backward of ``meta_loss(batch)``, optimizer.step(). Returns the loss."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        optimizer.zero_grad()
+        loss = self.meta_loss(batch)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    def adapt(self, x_support: Tensor, y_support: Tensor, steps: Optional[int] = None) -> list[Tensor]:
+        """Adapt to each task's support set: ``steps`` (default inner_steps) SGD steps from the meta parameters.
+
+        x_support: [T, K, ...], y_support: [T, K, ...] or [T, K] labels. Returns the adapted parameters of
+        every task, detached: one [T, *p.shape] tensor per p in model.parameters() (under ANIL the body's
+        entries are the meta parameters). Works under torch.no_grad().
+        """
+        steps = self.inner_steps if steps is None else _check_steps("steps", steps, minimum=0)
+        check_task_set(x_support, y_support, "x_support", "y_support")
+        self._check_x(x_support, "x_support")
+        tasks = x_support.shape[0]
+        with torch.enable_grad():
+            # leaves of their own: adapting needs no graph into the meta parameters
+            start = [p.detach().expand(tasks, *p.shape).requires_grad_() for p in self._meta_parameters()]
+            if self.uses_fast_path:
+                adapted = self._fast_adapt(start, x_support, y_support, steps, create_graph=False)
+            else:
+                adapted = self._generic_adapt(start, x_support, y_support, steps, create_graph=False)
+        return [p.detach() for p in adapted]
+
+    def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
+        """The model with each task's adapted parameters (from ``adapt``) on that task's inputs.
+
+        x: [T, Q, ...] -> [T, Q, out]."""
+        adapted = list(adapted)
+        parameters = self._meta_parameters()
+        if len(adapted) != len(parameters) or any(a.shape[1:] != p.shape for a, p in zip(adapted, parameters)):
+            raise ValueError("adapted must be the list returned by adapt(): one [T, *p.shape] tensor per parameter")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        self._check_x(x, "x")
+        if x.dim() < 2 or x.shape[0] != adapted[0].shape[0]:
+            raise ValueError(
+                f"x must be [T, Q, ...] with T = {adapted[0].shape[0]} tasks like adapted, got {list(x.shape)}"
+            )
+        return self._forward(adapted, x)
+
+    # ---- the inner loop ----
+
+    def _inner_loop(
+        self,
+        forward: Callable[[Sequence[Tensor], Tensor], Tensor],
+        params: Sequence[Tensor],
+        adapted_indices: Sequence[int],
+        x_support: Tensor,
+        y_support: Tensor,
+        steps: int,
+        create_graph: bool,
+    ) -> list[Tensor]:
+        """``steps`` SGD steps on each task's support loss, updating params[i] for i in adapted_indices.
+
+        params: per-task tensors [T, ...] that forward(params, x_support) consumes. Returns the new list.
+        """
+        params = list(params)
+        rates = list(self.inner_lrs) if self.inner_lrs is not None else self.inner_lr
+        for _ in range(steps):
+            losses = self._task_losses(forward(params, x_support), y_support, "y_support")
+            adapted = [params[i] for i in adapted_indices]
+            # the sum, not the mean: task t's parameters then get the gradient of task t's own loss
+            grads = torch.autograd.grad(losses.sum(), adapted, create_graph=create_graph)
+            for i, new in zip(adapted_indices, sgd_step(adapted, grads, rates)):
+                params[i] = new
+        return params
+
+    def _fast_adapt(
+        self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int, create_graph: bool
+    ) -> list[Tensor]:
+        """The fast path's inner loop. start: per-task [T, ...] tensors of the meta parameters, flat
+        [weight, bias] per layer; x_support: [T, K, I]. Returns the adapted list, same layout."""
+        if not self.adapt_head_only:
+            return self._inner_loop(
+                self._fast_layers, start, range(len(start)), x_support, y_support, steps, create_graph
+            )
+        # ANIL: the body is not adapted, so its features are the same at every inner step; compute them
+        # once, with the meta weights shared by all tasks (one matrix product per layer for the whole batch)
+        head_layer = len(self._relu_after) - 1
+        tasks, examples = x_support.shape[:2]
+        h = x_support.reshape(tasks * examples, -1)
+        for relu, weight, bias in zip(self._relu_after[:head_layer], start[0::2], start[1::2]):
+            weight, bias = weight[0], bias[0]  # every task holds the meta weights
+            h = linear_relu(h, weight, bias) if relu else torch.addmm(bias, h, weight.t())
+        features = h.reshape(tasks, examples, -1)
+
+        def head(params, h):
+            return self._fast_layers(params, h, first_layer=head_layer)
+
+        adapted_head = self._inner_loop(head, start[2 * head_layer :], (0, 1), features, y_support, steps, create_graph)
+        return start[: 2 * head_layer] + adapted_head
+
+    def _generic_adapt(
+        self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int, create_graph: bool
+    ) -> list[Tensor]:
+        """The generic path's inner loop on per-task [T, ...] tensors in model.parameters() order."""
+        return self._inner_loop(
+            self._generic_forward, start, self._adapted_indices, x_support, y_support, steps, create_graph
+        )
+
+    def _start_parameters(self, tasks: int) -> list[Tensor]:
+        """Every task starts from the meta parameters: views [T, ...] that send gradients back to them."""
+        return [p.expand(tasks, *p.shape) for p in self._meta_parameters()]
+
+    def _fused_meta_loss(self, batch: TaskBatch) -> Tensor:
+        """The whole meta-step as one op (ops.maml_mlp_loss): inner loop and analytic meta-gradient."""
+        parameters = self._meta_parameters()
+        if self.inner_lrs is None:
+            rates: Union[float, list[Tensor]] = self.inner_lr
+        else:  # one rate tensor per parameter; the body's are unused under ANIL
+            rates = [torch.zeros((), dtype=p.dtype, device=p.device) for p in parameters]
+            for i, rate in zip(self._adapted_indices, self.inner_lrs):
+                rates[i] = rate
+        outputs = parameters[-2].shape[0]
+        for x, y, name in ((batch.x_support, batch.y_support, "y_support"), (batch.x_query, batch.y_query, "y_query")):
+            self._check_target((*x.shape[:2], outputs), y, name)
+        return maml_mlp_loss(
+            parameters,
+            rates,
+            batch.x_support,
+            batch.y_support,
+            batch.x_query,
+            batch.y_query,
+            inner_steps=self.inner_steps,
+            first_order=self.first_order,
+            loss=self.loss,
+            first_adapted_layer=len(self._relu_after) - 1 if self.adapt_head_only else 0,
+        )
+
+    def _fast_meta_loss(self, batch: TaskBatch) -> Tensor:
+        """meta_loss on the fast path: every task at once through batched matrix products, or the
+        fused op when the model is an MLP (ReLU between all layers) with a built-in loss."""
+        if self._fused:
+            return self._fused_meta_loss(batch)
+        start = self._start_parameters(batch.num_tasks)
+        adapted = self._fast_adapt(
+            start, batch.x_support, batch.y_support, self.inner_steps, create_graph=not self.first_order
+        )
+        return self._task_losses(self._fast_layers(adapted, batch.x_query), batch.y_query, "y_query").mean()
+
+    def _generic_meta_loss(self, batch: TaskBatch) -> Tensor:
+        """meta_loss on the generic path: torch.func.functional_call under vmap over tasks."""
+        start = self._start_parameters(batch.num_tasks)
+        adapted = self._generic_adapt(
+            start, batch.x_support, batch.y_support, self.inner_steps, create_graph=not self.first_order
+        )
+        return self._task_losses(self._generic_forward(adapted, batch.x_query), batch.y_query, "y_query").mean()
+
+
+class Reptile(_TaskBatchedLearner):
+    """Reptile: adapt a copy of the weights to each task with plain SGD, then move the model toward
+    their mean: theta <- theta + outer_lr * (mean_t theta_t - theta).
+
+    Uses only the support sets of a TaskBatch. ``loss`` is as for MAML.
+    """
+
+    def __init__(
+        self, model: nn.Module, inner_lr: float, inner_steps: int, outer_lr: float, loss: LossArg = "mse"
+    ) -> None:
+        super().__init__(model, loss)
+        self.inner_lr = _check_positive("inner_lr", inner_lr)
+        self.inner_steps = _check_steps("inner_steps", inner_steps, minimum=1)
+        self.outer_lr = _check_positive("outer_lr", outer_lr)
+
+    def extra_repr(self) -> str:
+        return (
+            f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, outer_lr={self.outer_lr}, "
+            f"fast_path={self.uses_fast_path}"
+        )
+
+    def meta_step(self, batch: TaskBatch) -> float:
+        """One Reptile update of the model's weights, in place. Returns the mean over tasks of the support
+        loss at the weights before the update (that is, at the first inner step)."""
+        self._check_batch(batch)
+        meta = self._meta_parameters()
+        tasks = batch.num_tasks
+        # each task's own copy of the weights, updated in place by sgd_step_
+        task_params = [p.detach().expand(tasks, *p.shape).clone().requires_grad_() for p in meta]
+        support_loss = 0.0
+        for step in range(self.inner_steps):
+            with torch.enable_grad():
+                losses = self._task_losses(self._forward(task_params, batch.x_support), batch.y_support, "y_support")
+                # the sum, not the mean: each task's copy gets the gradient of its own loss
+                grads = torch.autograd.grad(losses.sum(), task_params)
+            if step == 0:
+                support_loss = float(losses.detach().mean())
+            with torch.no_grad():
+                sgd_step_(task_params, grads, self.inner_lr)
+        with torch.no_grad():
+            for p, adapted in zip(meta, task_params):
+                p.add_(self.outer_lr * (adapted.mean(0) - p))
+        return support_loss

@@ -1,0 +1,117 @@
+"""Modules on the fused ops: equal to their plain-torch twins, fuse() keeps outputs, compile works."""
+import pytest
+import torch
+from torch import nn
+
+import metalearn_fast as mf
+
+
+class PlainSimpleNet(nn.Module):
+    """The founding example's network in plain torch."""
+
+    def __init__(self, input_size, output_size):
+        super().__init__()
+        self.fc1 = nn.Linear(input_size, 128)
+        self.relu = nn.ReLU()
+        self.fc2 = nn.Linear(128, output_size)
+
+    def forward(self, x):
+        return self.fc2(self.relu(self.fc1(x)))
+
+
+def plain_mlp(sizes):
+    layers = []
+    for a, b in zip(sizes[:-2], sizes[1:-1]):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
+
+
+def test_simplenet_same_init_and_outputs_as_plain():
+    torch.manual_seed(3)
+    plain = PlainSimpleNet(10, 2)
+    torch.manual_seed(3)
+    ours = mf.SimpleNet(10, 2)
+    for (name_a, a), (name_b, b) in zip(plain.state_dict().items(), ours.state_dict().items()):
+        assert name_a == name_b and torch.equal(a, b)
+    x = torch.randn(32, 10)
+    torch.testing.assert_close(ours(x), plain(x))
+    # state_dicts load both ways
+    other = PlainSimpleNet(10, 2)
+    other.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(other(x), ours(x))
+
+
+def test_mlp_matches_plain_sequential_forward_and_backward(device):
+    torch.manual_seed(0)
+    plain = plain_mlp([5, 16, 16, 3]).to(device).double()
+    ours = mf.MLP([5, 16, 16, 3]).to(device).double()
+    for p_ours, p_plain in zip(ours.parameters(), plain.parameters()):
+        with torch.no_grad():
+            p_ours.copy_(p_plain)
+    x = torch.randn(4, 7, 5, dtype=torch.float64, device=device)  # extra leading dims, like nn.Linear
+    out_ours, out_plain = ours(x), plain(x)
+    torch.testing.assert_close(out_ours, out_plain)
+    out_ours.square().sum().backward()
+    out_plain.square().sum().backward()
+    for p_ours, p_plain in zip(ours.parameters(), plain.parameters()):
+        torch.testing.assert_close(p_ours.grad, p_plain.grad)
+    assert isinstance(ours[0], mf.FusedLinearReLU) and type(ours[-1]) is nn.Linear
+
+
+def test_mlp_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="sizes"):
+        mf.MLP([4])
+    with pytest.raises(ValueError, match="sizes"):
+        mf.MLP([4, 0, 2])
+
+
+def test_fused_layer_rejects_wrong_features():
+    layer = mf.FusedLinearReLU(3, 4)
+    with pytest.raises(ValueError, match="x must be"):
+        layer(torch.randn(2, 5, 6))
+    with pytest.raises(ValueError, match="weight must have I"):
+        layer(torch.randn(2, 6))
+
+
+def test_fuse_keeps_outputs_weights_and_keys():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(6, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 2))
+    nested = nn.ModuleDict({"body": model})
+    x = torch.randn(50, 6)
+    before = model(x)
+    keys = list(nested.state_dict())
+    weight = model[0].weight
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert mf.fuse(nested) is nested
+    assert isinstance(model[0], mf.FusedLinearReLU) and isinstance(model[2], mf.FusedLinearReLU)
+    assert isinstance(model[1], nn.Identity) and type(model[4]) is nn.Linear
+    assert model[0].weight is weight  # the same Parameter: the optimizer still updates the model
+    assert list(nested.state_dict()) == keys
+    torch.testing.assert_close(model(x), before, rtol=1e-6, atol=1e-6)
+    model(x).sum().backward()
+    optimizer.step()
+    assert not torch.equal(model(x), before)
+
+
+def test_fuse_leaves_other_pairs_alone():
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), nn.ReLU(), nn.Linear(4, 4), nn.Tanh())
+    mf.fuse(model)
+    assert type(model[0]) is nn.Linear and type(model[2]) is nn.Linear
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compile_fullgraph_gives_eager_result(backend):
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = mf.MLP([5, 16, 16, 3])
+    x = torch.randn(8, 5)
+    eager = model(x)
+    compiled = torch.compile(model, fullgraph=True, backend=backend)
+    torch.testing.assert_close(compiled(x), eager)
+    # and its gradients
+    compiled(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model(x).sum().backward()
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(g, p.grad)
