@@ -1,6 +1,8 @@
 // The op schemas of namespace metalearn_fast, and the Python module that loads them.
 // Kernels live one file per op and device (cpu/, cuda/); autograd lives in autograd/.
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include "metalearn_fast_build_info.h"
@@ -15,17 +17,44 @@ TORCH_LIBRARY(metalearn_fast, m) {
   // new_params[i] = params[i] - lr[i] * grads[i]; lr holds one tensor shared by all, or one per param
   m.def("sgd_step(Tensor[] params, Tensor[] grads, Tensor[] lr) -> Tensor[]");
   m.def("sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] lr) -> ()");
-  // The MAML meta-loss of an MLP over a meta-batch and, when compute_grad, its gradient w.r.t.
-  // params [W0, b0, W1, b1, ...] and lr (one tensor, or one per param): (loss, param_grads, lr_grads)
+  // The MAML meta-loss of an MLP over a meta-batch, its gradient w.r.t. params [W0, b0, W1, b1, ...]
+  // when compute_grad, and w.r.t. lr (one tensor, or one per param) when compute_lr_grad:
+  // (loss, param_grads, lr_grads), a list empty when not asked for.
   m.def(
       "maml_mlp_meta_grad(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
-      " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer, bool compute_grad)"
-      " -> (Tensor, Tensor[], Tensor[])");
+      " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer, bool compute_grad,"
+      " bool compute_lr_grad) -> (Tensor, Tensor[], Tensor[])");
 }
 
-// The module only carries what was built; the ops register themselves when it is loaded.
+namespace {
+
+// linear_relu(x, weight, bias) called straight from Python. torch.ops boxes every argument into
+// an IValue and parses it against the schema, which costs more than a meta-batch layer's
+// arithmetic; this calls the same op through the dispatcher unboxed (autograd included).
+PyObject* linear_relu_unboxed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  if (nargs != 3 || !THPVariable_Check(args[0]) || !THPVariable_Check(args[1]) || !THPVariable_Check(args[2])) {
+    PyErr_SetString(PyExc_TypeError, "linear_relu: expected three tensors (x, weight, bias)");
+    return nullptr;
+  }
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("metalearn_fast::linear_relu", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&)>();
+  return THPVariable_Wrap(op.call(THPVariable_Unpack(args[0]), THPVariable_Unpack(args[1]), THPVariable_Unpack(args[2])));
+  END_HANDLE_TH_ERRORS
+}
+
+PyMethodDef methods[] = {
+    {"linear_relu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(linear_relu_unboxed)), METH_FASTCALL,
+     "linear_relu(x, weight, bias): the op without torch.ops' boxing (eager calls)"},
+    {nullptr, nullptr, 0, nullptr}};
+
+}  // namespace
+
+// The module carries what was built and the unboxed entry points; the ops register themselves
+// when it is loaded.
 extern "C" PyObject* PyInit__C(void) {
-  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "metalearn_fast compiled kernels", -1, nullptr};
+  static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", "metalearn_fast compiled kernels", -1, methods};
   PyObject* module = PyModule_Create(&module_def);
   if (module == nullptr) {
     return nullptr;

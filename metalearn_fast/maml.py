@@ -11,6 +11,10 @@ parameters expanded along a new leading task dimension, then updated per task).
   ``torch.func.vmap`` over tasks (or a loop over tasks when the model cannot run under vmap).
 
 Both paths give the same numbers as a per-task loop with ``torch.autograd.grad``.
+
+Under an initialised torch.distributed process group of more than one process, ``meta_step`` splits the
+meta-batch across ranks: each rank passes its own shard (``metalearn_fast.distributed.shard``) and the
+update equals that of one process on the whole batch (see metalearn_fast/distributed.py).
 """
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import distributed
 from .nn import MLP, FusedLinearReLU, SimpleNet
 from .ops import linear_relu, maml_mlp_loss, sgd_step, sgd_step_
 from .tasks import TaskBatch, check_task_set
@@ -126,6 +131,8 @@ class _TaskBatchedLearner(nn.Module):
         # the structure is fixed here; the weights are read from the model on every call
         self._relu_after = None if layers is None else [relu for _, _, relu in layers]
         self._generic_uses_vmap = True
+        # under torch.distributed, the first meta_step gives every rank rank 0's weights
+        self._weights_broadcast = False
 
     @property
     def uses_fast_path(self) -> bool:
@@ -134,6 +141,12 @@ class _TaskBatchedLearner(nn.Module):
 
     def _meta_parameters(self) -> list[Tensor]:
         return list(self.model.parameters())
+
+    def _broadcast_once(self) -> None:
+        """Rank 0's parameters and buffers on every rank, before the first distributed update."""
+        if not self._weights_broadcast:
+            distributed.broadcast_parameters(self)
+            self._weights_broadcast = True
 
     # ---- checks ----
 
@@ -302,14 +315,51 @@ class MAML(_TaskBatchedLearner):
         return self._generic_meta_loss(batch)
 
     def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
-        """One meta-update: zero_grad, backward of ``meta_loss(batch)``, optimizer.step(). Returns the loss."""
+        """One meta-update: zero_grad, backward of ``meta_loss(batch)``, optimizer.step(). Returns the loss.
+
+        Under a torch.distributed process group of more than one process, ``batch`` is this rank's shard
+        of the meta-batch: the gradients of every parameter the optimizer steps are averaged over the ranks,
+        each weighted by its task count, before the step, and the returned loss is the mean over all tasks.
+        The first call broadcasts rank 0's parameters and buffers. If this step raises on any rank, it
+        raises a RuntimeError naming that rank on every rank, and no rank's weights change.
+        """
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if distributed.is_distributed():
+            return self._distributed_meta_step(batch, optimizer)
         optimizer.zero_grad()
         loss = self.meta_loss(batch)
         loss.backward()
         optimizer.step()
         return float(loss.detach())
+
+    def _distributed_meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
+        """meta_step on this rank's shard, with the gradients averaged over the ranks before the step."""
+        self._broadcast_once()
+        # exactly what the optimizer steps (learned Meta-SGD rates included), in an order every rank shares
+        stepped, seen = [], set()
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    stepped.append(p)
+        optimizer.zero_grad()
+
+        def local_mean_gradients():
+            loss = self.meta_loss(batch)
+            loss.backward()
+            return batch.num_tasks, loss.detach(), [p.grad for p in stepped]
+
+        loss, grads = distributed._weighted_mean_over_ranks(local_mean_gradients, stepped, "MAML.meta_step")
+        for p, grad in zip(stepped, grads):
+            if grad is None:
+                p.grad = None
+            elif p.grad is None:
+                p.grad = grad.clone()
+            else:
+                p.grad.copy_(grad)
+        optimizer.step()
+        return loss
 
     def adapt(self, x_support: Tensor, y_support: Tensor, steps: Optional[int] = None) -> list[Tensor]:
         """Adapt to each task's support set: ``steps`` (default inner_steps) SGD steps from the meta parameters.
@@ -480,23 +530,53 @@ class Reptile(_TaskBatchedLearner):
 
     def meta_step(self, batch: TaskBatch) -> float:
         """One Reptile update of the model's weights, in place. Returns the mean over tasks of the support
-        loss at the weights before the update (that is, at the first inner step)."""
+        loss at the weights before the update (that is, at the first inner step).
+
+        Under a torch.distributed process group of more than one process, ``batch`` is this rank's shard
+        of the meta-batch: the mean of the adapted weights is taken over all ranks' tasks (each rank weighted
+        by its task count), so every rank makes the update of one process on the whole batch, and the
+        returned loss is the mean over all tasks. The first call broadcasts rank 0's parameters and buffers.
+        If this step raises on any rank, it raises a RuntimeError naming that rank on every rank, and no
+        rank's weights change.
+        """
+        if distributed.is_distributed():
+            return self._distributed_meta_step(batch)
+        task_params, support_loss = self._adapt_copies(batch)
+        with torch.no_grad():
+            for p, adapted in zip(self._meta_parameters(), task_params):
+                p.add_(self.outer_lr * (adapted.mean(0) - p))
+        return float(support_loss)
+
+    def _adapt_copies(self, batch: TaskBatch) -> tuple[list[Tensor], Tensor]:
+        """Each task's adapted copy of the weights ([T, ...] per parameter) and the mean support loss at the
+        first inner step (0-dim)."""
         self._check_batch(batch)
-        meta = self._meta_parameters()
         tasks = batch.num_tasks
         # each task's own copy of the weights, updated in place by sgd_step_
-        task_params = [p.detach().expand(tasks, *p.shape).clone().requires_grad_() for p in meta]
-        support_loss = 0.0
+        task_params = [p.detach().expand(tasks, *p.shape).clone().requires_grad_() for p in self._meta_parameters()]
+        support_loss = None
         for step in range(self.inner_steps):
             with torch.enable_grad():
                 losses = self._task_losses(self._forward(task_params, batch.x_support), batch.y_support, "y_support")
                 # the sum, not the mean: each task's copy gets the gradient of its own loss
                 grads = torch.autograd.grad(losses.sum(), task_params)
             if step == 0:
-                support_loss = float(losses.detach().mean())
+                support_loss = losses.detach().mean()
             with torch.no_grad():
                 sgd_step_(task_params, grads, self.inner_lr)
+        return task_params, support_loss
+
+    def _distributed_meta_step(self, batch: TaskBatch) -> float:
+        """meta_step on this rank's shard, moving toward the mean adapted weights over all ranks' tasks."""
+        self._broadcast_once()
+        meta = self._meta_parameters()
+
+        def local_mean_weights():
+            task_params, support_loss = self._adapt_copies(batch)
+            return batch.num_tasks, support_loss, [adapted.mean(0) for adapted in task_params]
+
+        loss, means = distributed._weighted_mean_over_ranks(local_mean_weights, meta, "Reptile.meta_step")
         with torch.no_grad():
-            for p, adapted in zip(meta, task_params):
-                p.add_(self.outer_lr * (adapted.mean(0) - p))
-        return support_loss
+            for p, mean in zip(meta, means):
+                p.add_(self.outer_lr * (mean - p))
+        return loss

@@ -36,8 +36,8 @@ SCHEMAS = {
     "sgd_step_": "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] lr) -> ()",
     "maml_mlp_meta_grad": (
         "maml_mlp_meta_grad(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
-        " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer, bool compute_grad)"
-        " -> (Tensor, Tensor[], Tensor[])"
+        " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer, bool compute_grad,"
+        " bool compute_lr_grad) -> (Tensor, Tensor[], Tensor[])"
     ),
 }
 
@@ -126,11 +126,10 @@ def _sgd_step_inplace_fake(params, grads, lr):
 
 
 def _maml_mlp_meta_grad_fake(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
-                             first_adapted_layer, compute_grad):
-    loss_value = x_query.new_empty(())
-    if not compute_grad:
-        return loss_value, [], []
-    return loss_value, [torch.empty_like(p) for p in params], [torch.empty_like(r) for r in lr]
+                             first_adapted_layer, compute_grad, compute_lr_grad):
+    grads = [torch.empty_like(p) for p in params] if compute_grad else []
+    lr_grads = [torch.empty_like(r) for r in lr] if compute_lr_grad else []
+    return x_query.new_empty(()), grads, lr_grads
 
 
 if _extension is not None:
@@ -148,12 +147,19 @@ _sgd_step = torch.ops.metalearn_fast.sgd_step.default
 _sgd_step_inplace = torch.ops.metalearn_fast.sgd_step_.default
 
 
+# Eager calls take the extension's unboxed entry point; torch.compile traces the registered op.
+_linear_relu_eager = _extension.linear_relu if _extension is not None else _linear_relu
+_is_compiling = torch.compiler.is_compiling
+
+
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     """relu(x @ weight^T + bias) in one pass, differentiable twice.
 
     x: [T, N, I] or [N, I]; weight: [T, O, I] or [O, I]; bias: [T, O] or [O] -> [T, N, O] or [N, O].
     """
-    return _linear_relu(x, weight, bias)
+    if _is_compiling():
+        return _linear_relu(x, weight, bias)
+    return _linear_relu_eager(x, weight, bias)
 
 
 def linear_relu_backward(
@@ -218,18 +224,23 @@ class _MamlMlpLoss(torch.autograd.Function):
     def forward(ctx, config, count, *tensors):
         params, lr = list(tensors[:count]), list(tensors[count:-4])
         x_support, y_support, x_query, y_query = tensors[-4:]
-        compute_grad = any(ctx.needs_input_grad[2 : 2 + len(tensors) - 4])
+        needs = ctx.needs_input_grad[2:]
+        compute_grad, compute_lr_grad = any(needs[:count]), any(needs[count : len(tensors) - 4])
         loss, grads, lr_grads = _maml_mlp_meta_grad(
-            params, lr, x_support, y_support, x_query, y_query, *config, compute_grad
+            params, lr, x_support, y_support, x_query, y_query, *config, compute_grad, compute_lr_grad
         )
+        ctx.count, ctx.lr_count = count, len(lr)
+        ctx.has = (compute_grad, compute_lr_grad)
         ctx.save_for_backward(*grads, *lr_grads)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        grads = [grad_loss * g for g in ctx.saved_tensors]
-        return (None, None, *grads, None, None, None, None)
+        saved = iter(ctx.saved_tensors)
+        grads = [grad_loss * next(saved) for _ in range(ctx.count)] if ctx.has[0] else [None] * ctx.count
+        lr_grads = [grad_loss * next(saved) for _ in range(ctx.lr_count)] if ctx.has[1] else [None] * ctx.lr_count
+        return (None, None, *grads, *lr_grads, None, None, None, None)
 
 
 def maml_mlp_loss(

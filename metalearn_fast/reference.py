@@ -291,6 +291,7 @@ def maml_mlp_meta_grad(
     loss: str,
     first_adapted_layer: int,
     compute_grad: bool,
+    compute_lr_grad: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """The MAML meta-loss of an MLP over a meta-batch, and its gradient, by autograd on batched torch.
 
@@ -298,24 +299,27 @@ def maml_mlp_meta_grad(
     param) or one per param; x_* [T, K, I]; y_* [T, K, D] (mse) or [T, K] labels (cross_entropy).
     Layers from first_adapted_layer on adapt in the inner loop (ANIL adapts the last only). The loss
     is the mean over tasks of each task's query loss after inner_steps SGD steps on its support loss.
-    Returns (loss, grads w.r.t. params, grads w.r.t. lr); the lists are empty unless compute_grad."""
+    Returns (loss, grads w.r.t. params, grads w.r.t. lr); each list is empty unless asked for
+    (compute_grad, compute_lr_grad)."""
     _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, loss, first_adapted_layer)
     tasks = x_support.shape[0]
     with torch.enable_grad():
-        meta = [p.detach().requires_grad_(compute_grad) for p in params]
-        rates = [r.detach().requires_grad_(compute_grad) for r in lr]
+        meta = [p.detach().requires_grad_() for p in params]  # the inner loop differentiates w.r.t. them
+        rates = [r.detach().requires_grad_(compute_lr_grad) for r in lr]
+        # the inner loop must be differentiable when either gradient is asked for
+        differentiable = (compute_grad or compute_lr_grad) and not first_order
         first = 2 * first_adapted_layer
         # per-task copies of the adapted params: the gradient w.r.t. them is each task's own
         fast = meta[:first] + [p.expand(tasks, *p.shape) for p in meta[first:]]
         for _ in range(inner_steps):
             support = task_losses(mlp_forward(x_support, fast), y_support, loss).sum()
-            grads = torch.autograd.grad(support, fast[first:], create_graph=compute_grad and not first_order)
+            grads = torch.autograd.grad(support, fast[first:], create_graph=differentiable)
             fast = fast[:first] + [
                 p - _lr_for(params, rates, first + i) * g for i, (p, g) in enumerate(zip(fast[first:], grads))
             ]
         query = task_losses(mlp_forward(x_query, fast), y_query, loss).mean()
-        if not compute_grad:
-            return query.detach(), [], []
-        found = torch.autograd.grad(query, meta + rates, allow_unused=True)
-    found = [torch.zeros_like(t) if g is None else g for g, t in zip(found, meta + rates)]
-    return query.detach(), found[: len(meta)], found[len(meta) :]
+        wanted = (meta if compute_grad else []) + (rates if compute_lr_grad else [])
+        found = torch.autograd.grad(query, wanted, allow_unused=True) if wanted else []
+    found = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(found, wanted)]
+    count = len(meta) if compute_grad else 0
+    return query.detach(), found[:count], found[count:]

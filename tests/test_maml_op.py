@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.autograd import gradcheck
 
 import metalearn_fast as mf
 from metalearn_fast import reference
@@ -109,7 +110,7 @@ def test_first_order_gradient_differs_from_second_order(anil, device):
 def test_reference_equals_the_compiled_op(device):
     params, xs, ys, xq, yq = make_problem("cross_entropy", device)
     rates = [torch.full_like(p, 0.1) for p in params]
-    args = (params, rates, xs, ys, xq, yq, 3, False, "cross_entropy", 1, True)
+    args = (params, rates, xs, ys, xq, yq, 3, False, "cross_entropy", 1, True, True)
     loss, grads, lr_grads = mf.ops._maml_mlp_meta_grad(*args)
     ref_loss, ref_grads, ref_lr_grads = reference.maml_mlp_meta_grad(*args)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-9, atol=1e-12)
@@ -133,7 +134,7 @@ def test_opcheck_maml_mlp_meta_grad(device):
     params = [p.detach() for p in params]
     rate = [torch.tensor(0.1, dtype=torch.float64, device=device)]
     torch.library.opcheck(torch.ops.metalearn_fast.maml_mlp_meta_grad.default,
-                          (params, rate, xs, ys, xq, yq, 2, False, "mse", 0, True))
+                          (params, rate, xs, ys, xq, yq, 2, False, "mse", 0, True, True))
 
 
 @pytest.mark.parametrize("impl", ["op", "reference"])
@@ -143,7 +144,7 @@ def test_bad_arguments_are_named(impl, device):
     rate = [torch.tensor(0.1, dtype=torch.float64, device=device)]
     # "op" is what the engine calls: the compiled op, or the reference on the fallback
     fn = mf.ops._maml_mlp_meta_grad if impl == "op" else reference.maml_mlp_meta_grad
-    good = (params, rate, xs, ys, xq, yq, 1, False, "mse", 0, True)
+    good = (params, rate, xs, ys, xq, yq, 1, False, "mse", 0, True, True)
     cases = [
         ({6: 0}, ValueError, "inner_steps"),
         ({8: "hinge"}, ValueError, "loss must be"),
@@ -162,3 +163,43 @@ def test_bad_arguments_are_named(impl, device):
             args[index] = value
         with pytest.raises(error, match=message):
             fn(*args)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("wanted", ["params", "lr"])
+def test_each_gradient_alone_equals_the_loop(first_order, wanted, device):
+    """Asking for one gradient only takes shorter routes through the op; they must agree too."""
+    params, xs, ys, xq, yq = make_problem("mse", device)
+    rate = torch.tensor(0.15, dtype=torch.float64, device=device, requires_grad=wanted == "lr")
+    if wanted == "lr":
+        params = [p.detach() for p in params]
+    targets = params if wanted == "params" else [rate]
+    ours = torch.autograd.grad(maml_mlp_loss(params, rate, xs, ys, xq, yq, inner_steps=2, first_order=first_order),
+                               targets)
+    loop_params = [p.detach().requires_grad_() for p in params]  # the loop's inner gradients need them
+    expected = per_task_loop(loop_params, [rate], xs, ys, xq, yq, 2, first_order, "mse", 0)
+    expected_grads = torch.autograd.grad(expected, loop_params if wanted == "params" else [rate])
+    for got, want in zip(ours, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_gradcheck_maml_mlp_loss(loss, first_order, device):
+    """float64 finite differences of the meta-loss against its analytic gradient (params and rates)."""
+    params, xs, ys, xq, yq = make_problem(loss, device, tasks=2, support=3, query=3)
+    rates = [torch.full(p.shape, 0.1, dtype=torch.float64, device=device, requires_grad=True) for p in params]
+    count = len(params)
+
+    # FOMAML's gradient is not the meta-loss's gradient, except w.r.t. the rates with one inner step
+    steps = 1 if first_order else 2
+
+    def fn(*tensors):
+        return maml_mlp_loss(list(tensors[:count]), list(tensors[count:]), xs, ys, xq, yq, inner_steps=steps,
+                             first_order=first_order, loss=loss)
+
+    if first_order:
+        params = [p.detach() for p in params]
+        assert gradcheck(lambda *r: fn(*params, *r), tuple(rates), eps=1e-6, atol=1e-6)
+    else:
+        assert gradcheck(fn, (*params, *rates), eps=1e-6, atol=1e-6)

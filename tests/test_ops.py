@@ -338,3 +338,42 @@ def test_backend_info_reports_the_build():
     if torch.version.cuda and not info["why_no_cuda_kernels"]:
         assert info["compiled_cuda"] and info["cuda_arch_list"]
     assert info["compiled_cuda"] or info["why_no_cuda_kernels"]
+
+
+SWEEP = [(T, N, width_in, width_out)
+         for T in (1, 3, 25) for N in (1, 7, 64) for width_in, width_out in ((1, 13), (13, 40), (40, 128), (128, 1))]
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_linear_relu_sweep_float32(batched, device):
+    """Forward and backward equal reference.py to 1e-6 over a seeded sweep of shapes."""
+    for index, (T, N, I, O) in enumerate(SWEEP):
+        x, w, b = make_linear(T if batched else 0, N, I, O, torch.float32, device, seed=index)
+        out = mf.linear_relu(x, w, b)
+        torch.testing.assert_close(out, reference.linear_relu(x, w, b), rtol=1e-6, atol=1e-6)
+        grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(index)).to(device)
+        got = mf.linear_relu_backward(grad_out, x, w, out)
+        expected = reference.linear_relu_backward(grad_out, x, w, out, (True, True, True))
+        for g, e in zip(got, expected):
+            torch.testing.assert_close(g, e, rtol=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_exact_zero_pre_activation_follows_relu_convention(batched, device):
+    """Where x @ W^T + b is exactly 0 the ReLU passes no gradient, as torch.relu's backward does;
+    gradcheck w.r.t. the weight holds there because those pre-activations stay 0 under perturbation."""
+    x, w, b = make_linear(3 if batched else 0, 5, 4, 6, torch.float64, device, seed=4)
+    with torch.no_grad():
+        x[..., 1, :] = 0  # an all-zero row ...
+        b[..., ::2] = 0   # ... meets zero biases: exact-zero pre-activations
+    out = mf.linear_relu(x, w, b)
+    z = x @ w.transpose(-1, -2) + b.unsqueeze(-2)
+    assert (z == 0).sum() >= 3 and (out[..., 1, ::2] == 0).all()
+    grad_out = torch.ones_like(out)
+    xr, wr, br = (t.clone().requires_grad_() for t in (x, w, b))
+    torch.relu(xr @ wr.transpose(-1, -2) + br.unsqueeze(-2)).backward(grad_out)
+    for got, expected in zip(mf.linear_relu_backward(grad_out, x, w, out), (xr.grad, wr.grad, br.grad)):
+        torch.testing.assert_close(got, expected)
+    w.requires_grad_()
+    assert gradcheck(lambda w: mf.linear_relu(x, w, b), (w,), eps=1e-6, atol=1e-7)
+    assert gradgradcheck(lambda w: mf.linear_relu(x, w, b), (w,), eps=1e-6, atol=1e-7)

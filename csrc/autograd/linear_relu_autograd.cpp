@@ -34,6 +34,8 @@ std::tuple<OptionalTensor, OptionalTensor, OptionalTensor> call_linear_relu_back
   return op.call(grad_out, x, weight, out, mask);
 }
 
+at::Tensor value_or_undefined(const OptionalTensor& t) { return t.has_value() ? *t : at::Tensor(); }
+
 // The requested gradients, in (x, weight, bias) order with undefined tensors where not requested.
 variable_list unpack(const variable_list& outputs, std::array<bool, 3> mask) {
   variable_list all(3);
@@ -113,6 +115,12 @@ class LinearReLUFunction : public torch::autograd::Function<LinearReLUFunction> 
     const auto saved = ctx->get_saved_variables();
     const std::array<bool, 3> mask = {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)};
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!at::GradMode::is_enabled()) {
+      // a first-order backward records nothing: call the kernel without the autograd wrapper
+      at::AutoDispatchBelowADInplaceOrView guard;
+      auto [grad_x, grad_weight, grad_bias] = call_linear_relu_backward(grads[0], saved[0], saved[1], saved[2], mask);
+      return {value_or_undefined(grad_x), value_or_undefined(grad_weight), value_or_undefined(grad_bias)};
+    }
     auto result = LinearReLUBackwardFunction::apply(grads[0], saved[0], saved[1], saved[2], mask);
     return unpack(result, mask);
   }

@@ -49,6 +49,24 @@ Tensor times_weight(const Tensor& e, const Tensor& weight) {
   return at::bmm(e, weight);
 }
 
+// acc += a W^T, in place (acc fresh and contiguous)
+void add_affine_(Tensor& acc, const Tensor& a, const Tensor& weight) {
+  if (weight.dim() == 2) {
+    acc.view({acc.size(0) * acc.size(1), acc.size(2)}).addmm_(a.reshape({a.size(0) * a.size(1), a.size(2)}), weight.t());
+  } else {
+    acc.baddbmm_(a, weight.transpose(1, 2));
+  }
+}
+
+// acc += e W, in place (acc fresh and contiguous)
+void add_times_weight_(Tensor& acc, const Tensor& e, const Tensor& weight) {
+  if (weight.dim() == 2) {
+    acc.view({acc.size(0) * acc.size(1), acc.size(2)}).addmm_(e.reshape({e.size(0) * e.size(1), e.size(2)}), weight);
+  } else {
+    acc.baddbmm_(e, weight);
+  }
+}
+
 // Gradient of a layer's weight and bias from d [T,K,O] and a [T,K,I]: one per task, or summed over tasks.
 std::pair<Tensor, Tensor> layer_grads(const Tensor& d, const Tensor& a, bool per_task) {
   if (per_task) return {at::bmm(d.transpose(1, 2), a), d.sum(1)};
@@ -62,18 +80,19 @@ struct Loss {
   double scale;   // 1 in the inner loop (each task's own loss), 1/T for the meta-loss (mean over tasks)
   Tensor probs;   // softmax of the logits, kept for the Hessian (cross-entropy)
 
-  // Sum over tasks of each task's mean loss, times scale; fills d = dLoss/dz.
-  Tensor value_and_grad(const Tensor& z, Tensor& d) {
+  // Sum over tasks of each task's mean loss, times scale (when need_value); fills d = dLoss/dz.
+  Tensor value_and_grad(const Tensor& z, Tensor& d, bool need_value) {
     const int64_t rows = z.size(1), width = z.size(2);
     if (kind == LossKind::kMse) {
       Tensor diff = z - target;
-      Tensor value = diff.square().sum() * (scale / static_cast<double>(rows * width));
+      Tensor value = need_value ? diff.square().sum() * (scale / static_cast<double>(rows * width)) : Tensor();
       d = diff.mul_(2.0 * scale / static_cast<double>(rows * width));
       return value;
     }
     Tensor log_probs = at::log_softmax(z, -1);
     Tensor index = target.unsqueeze(-1);
-    Tensor value = log_probs.gather(-1, index).sum() * (-scale / static_cast<double>(rows));
+    Tensor value =
+        need_value ? log_probs.gather(-1, index).sum() * (-scale / static_cast<double>(rows)) : Tensor();
     probs = log_probs.exp();
     d = probs.scatter_add(-1, index, at::full(index.sizes(), -1.0, probs.options()))
             .mul_(scale / static_cast<double>(rows));
@@ -96,10 +115,12 @@ struct Pass {
   Tensor loss;
 };
 
-// Forward from layer `from` (inputs[from] must be set), loss, and backward down to layer `stop`,
-// returning the per-layer gradients (per task for layers >= first_adapted, else summed over tasks).
+// Forward from layer `from` (inputs[from] must be set), loss (its value when need_value), and
+// backward down to layer `stop`, returning the per-layer gradients: per task for layers >= per_task_from,
+// summed over tasks below.
 std::vector<std::pair<Tensor, Tensor>> forward_backward(Pass& pass, const std::vector<Layer>& layers, Loss& loss,
-                                                         int64_t from, int64_t stop, int64_t first_adapted) {
+                                                         int64_t from, int64_t stop, int64_t per_task_from,
+                                                         bool need_value) {
   const int64_t count = static_cast<int64_t>(layers.size());
   Tensor z;
   for (int64_t l = from; l < count; ++l) {
@@ -107,11 +128,11 @@ std::vector<std::pair<Tensor, Tensor>> forward_backward(Pass& pass, const std::v
     if (l + 1 < count) pass.inputs[l + 1] = z.relu_();
   }
   Tensor d;
-  pass.loss = loss.value_and_grad(z, d);
+  pass.loss = loss.value_and_grad(z, d, need_value);
   std::vector<std::pair<Tensor, Tensor>> grads(count);
   for (int64_t l = count - 1; l >= stop; --l) {
     pass.deltas[l] = d;
-    grads[l] = layer_grads(d, pass.inputs[l], l >= first_adapted);
+    grads[l] = layer_grads(d, pass.inputs[l], l >= per_task_from);
     if (l > stop) d = at::threshold_backward(times_weight(d, layers[l].weight), pass.inputs[l], 0);
   }
   return grads;
@@ -127,7 +148,7 @@ std::vector<std::pair<Tensor, Tensor>> hessian_times(const Pass& pass, const std
   Tensor rz;
   for (int64_t l = first_adapted; l < count; ++l) {
     rz = affine(pass.inputs[l], dir[l].first, dir[l].second);
-    if (tangent_inputs[l].defined()) rz = rz + affine(tangent_inputs[l], layers[l].weight, Tensor());
+    if (tangent_inputs[l].defined()) add_affine_(rz, tangent_inputs[l], layers[l].weight);
     if (l + 1 < count) tangent_inputs[l + 1] = at::threshold_backward(rz, pass.inputs[l + 1], 0);
   }
   Tensor rd = loss.hessian_times(rz);
@@ -135,10 +156,10 @@ std::vector<std::pair<Tensor, Tensor>> hessian_times(const Pass& pass, const std
   for (int64_t l = count - 1; l >= stop; --l) {
     const bool adapted = l >= first_adapted;
     out[l] = layer_grads(rd, pass.inputs[l], adapted);
-    if (tangent_inputs[l].defined()) out[l].first = out[l].first + at::bmm(pass.deltas[l].transpose(1, 2), tangent_inputs[l]);
+    if (tangent_inputs[l].defined()) out[l].first.baddbmm_(pass.deltas[l].transpose(1, 2), tangent_inputs[l]);
     if (l > stop) {
       Tensor re = times_weight(rd, layers[l].weight);
-      if (adapted) re = re + times_weight(pass.deltas[l], dir[l].first);
+      if (adapted) add_times_weight_(re, pass.deltas[l], dir[l].first);
       rd = at::threshold_backward(re, pass.inputs[l], 0);
     }
   }
@@ -200,7 +221,7 @@ void check_args(at::TensorList params, at::TensorList lr, const Tensor& xs, cons
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> maml_mlp_meta_grad(
     at::TensorList params, at::TensorList lr_in, const Tensor& x_support, const Tensor& y_support,
     const Tensor& x_query, const Tensor& y_query, int64_t inner_steps, bool first_order, c10::string_view loss_name,
-    int64_t first_adapted, bool compute_grad) {
+    int64_t first_adapted, bool compute_grad, bool compute_lr_grad) {
   TORCH_CHECK_VALUE(loss_name == "mse" || loss_name == "cross_entropy",
                     "maml_mlp_meta_grad: loss must be 'mse' or 'cross_entropy', got '", std::string(loss_name), "'");
   const LossKind kind = loss_name == "mse" ? LossKind::kMse : LossKind::kCrossEntropy;
@@ -219,7 +240,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> maml_mlp_meta_grad(
   // The body (layers before the first adapted one) never changes in the inner loop: run it once.
   // Second-order ANIL still differentiates through it, so its backward goes all the way down then.
   const int64_t inner_stop = first_adapted;
-  const int64_t hessian_stop = (compute_grad && !first_order) ? 0 : first_adapted;
+  const int64_t hessian_stop = compute_grad ? 0 : first_adapted;
   for (int64_t s = 0; s < inner_steps; ++s) {
     Pass& pass = passes[s];
     pass.inputs.resize(count);
@@ -230,7 +251,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> maml_mlp_meta_grad(
       for (int64_t l = 0; l <= first_adapted; ++l) pass.inputs[l] = passes[0].inputs[l];
     }
     const int64_t from = s == 0 ? 0 : first_adapted;
-    inner_grads[s] = forward_backward(pass, steps[s], support_loss, from, inner_stop, first_adapted);
+    inner_grads[s] = forward_backward(pass, steps[s], support_loss, from, inner_stop, first_adapted, false);
     support_probs[s] = support_loss.probs;
     std::vector<Layer> next = steps[s];
     for (int64_t l = first_adapted; l < count; ++l) {
@@ -246,8 +267,20 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> maml_mlp_meta_grad(
   query.deltas.resize(count);
   query.inputs[0] = x_query;
   Loss query_loss{kind, y_query, 1.0 / static_cast<double>(tasks), Tensor()};
-  auto query_grads = forward_backward(query, steps[inner_steps], query_loss, 0, compute_grad ? 0 : count, first_adapted);
-  if (!compute_grad) return {query.loss, {}, {}};
+  // First order without rate gradients needs only the task-summed query gradient.
+  const bool sweep = !first_order || compute_lr_grad;
+  const int64_t query_stop = compute_grad ? 0 : (compute_lr_grad ? first_adapted : count);
+  auto query_grads = forward_backward(query, steps[inner_steps], query_loss, 0, query_stop,
+                                      sweep ? first_adapted : count, true);
+  if (!compute_grad && !compute_lr_grad) return {query.loss, {}, {}};
+  if (!sweep) {
+    std::vector<Tensor> grads;
+    for (const auto& [weight, bias] : query_grads) {
+      grads.push_back(weight);
+      grads.push_back(bias);
+    }
+    return {query.loss, grads, {}};
+  }
 
   // Reverse sweep over the inner steps. v holds the per-task gradient w.r.t. the adapted
   // parameters at step s; body_grads collects the (task-summed) body gradient.
@@ -257,11 +290,12 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> maml_mlp_meta_grad(
     target[2 * l] = query_grads[l].first;
     target[2 * l + 1] = query_grads[l].second;
   }
+  const bool scalar_lr = lr.size() == 1 && lr[0].dim() == 0;
   // d lr = -sum over steps and tasks of g_s * v_{s+1} (reduced to lr's shape).
   std::vector<Tensor> lr_grads(lr.size());
   for (int64_t s = inner_steps - 1; s >= 0; --s) {
     const auto& g = inner_grads[s];
-    for (int64_t l = first_adapted; l < count; ++l) {
+    for (int64_t l = first_adapted; l < count && compute_lr_grad; ++l) {
       for (int64_t which = 0; which < 2; ++which) {
         const size_t i = 2 * l + which;
         const Tensor& gi = which == 0 ? g[l].first : g[l].second;
@@ -270,25 +304,37 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> maml_mlp_meta_grad(
         lr_grads[slot] = lr_grads[slot].defined() ? lr_grads[slot] + term : term;
       }
     }
-    if (first_order) continue;
+    // the Hessian term at step 0 only feeds the parameters' gradient
+    if (first_order || (s == 0 && !compute_grad)) continue;
+    // v_s = v_{s+1} - H_s (lr * v_{s+1}). With one scalar rate, H is applied to v itself and the
+    // rate scales the result, which saves a product per parameter.
     std::vector<std::pair<Tensor, Tensor>> direction(count);
     for (int64_t l = first_adapted; l < count; ++l) {
-      direction[l] = {-(rate(lr, 2 * l) * v[2 * l]), -(rate(lr, 2 * l + 1) * v[2 * l + 1])};
+      direction[l] = scalar_lr ? std::make_pair(v[2 * l], v[2 * l + 1])
+                               : std::make_pair(rate(lr, 2 * l) * v[2 * l], rate(lr, 2 * l + 1) * v[2 * l + 1]);
     }
     Loss at_step{kind, y_support, 1.0, support_probs[s]};
     auto hv = hessian_times(passes[s], steps[s], at_step, direction, first_adapted, hessian_stop);
     for (int64_t l = hessian_stop; l < count; ++l) {
       auto& target = l >= first_adapted ? v : body_grads;
-      target[2 * l] = target[2 * l].add_(hv[l].first);
-      target[2 * l + 1] = target[2 * l + 1].add_(hv[l].second);
+      for (int64_t which = 0; which < 2; ++which) {
+        const Tensor& term = which == 0 ? hv[l].first : hv[l].second;
+        Tensor& into = target[2 * l + which];
+        if (scalar_lr) {
+          into.addcmul_(term, lr[0], -1);
+        } else {
+          into.sub_(term);
+        }
+      }
     }
   }
-  std::vector<Tensor> grads(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    grads[i] = static_cast<int64_t>(i / 2) >= first_adapted ? v[i].sum(0) : body_grads[i];
+  std::vector<Tensor> grads;
+  for (size_t i = 0; i < params.size() && compute_grad; ++i) {
+    grads.push_back(static_cast<int64_t>(i / 2) >= first_adapted ? v[i].sum(0) : body_grads[i]);
   }
-  for (size_t i = 0; i < lr.size(); ++i) {
-    if (!lr_grads[i].defined()) lr_grads[i] = at::zeros_like(lr[i]);
+  if (!compute_lr_grad) lr_grads.clear();
+  for (auto& t : lr_grads) {
+    if (!t.defined()) t = at::zeros_like(lr[&t - lr_grads.data()]);
   }
   return {query.loss, grads, lr_grads};
 }

@@ -11,6 +11,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "kernel_common.h"
 
 namespace metalearn_fast {
 namespace {
@@ -77,9 +78,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
                                       gz.mutable_data_ptr<scalar_t>(),
                                       grad_bias ? grad_bias->mutable_data_ptr<scalar_t>() : nullptr, tasks, rows, cols);
   });
-  std::optional<at::Tensor> grad_x, grad_weight;
-  if (output_mask[0]) grad_x = batched ? at::bmm(gz, weight) : at::mm(gz, weight);
-  if (output_mask[1]) grad_weight = batched ? at::bmm(gz.transpose(1, 2), x) : at::mm(gz.t(), x);
+  auto [grad_x, grad_weight] = input_and_weight_grads(gz, x, weight, output_mask);
   return {grad_x, grad_weight, grad_bias};
 }
 

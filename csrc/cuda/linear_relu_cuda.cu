@@ -22,6 +22,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "kernel_common.h"
 
 // Hands a failed cuBLASLt status back to the caller, which then takes the ATen fallback.
 #define METALEARN_LT_TRY(expr)                        \
@@ -379,8 +380,8 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
   const int64_t cols = out.size(-1);
 
   const bool need_gz = output_mask[0] || output_mask[1];
-  std::optional<at::Tensor> grad_x, grad_weight, grad_bias;
-  if (!need_gz && !output_mask[2]) return {grad_x, grad_weight, grad_bias};
+  std::optional<at::Tensor> grad_bias;
+  if (!need_gz && !output_mask[2]) return {std::nullopt, std::nullopt, std::nullopt};
 
   at::Tensor gz;
   if (need_gz) gz = at::empty_like(out, at::MemoryFormat::Contiguous);
@@ -391,8 +392,7 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     relu_mask_and_bias_grad<scalar_t>(grad_out, out, need_gz ? &gz : nullptr, grad_bias ? &*grad_bias : nullptr,
                                       tasks, rows, cols);
   });
-  if (output_mask[0]) grad_x = batched ? at::bmm(gz, weight) : at::mm(gz, weight);
-  if (output_mask[1]) grad_weight = batched ? at::bmm(gz.transpose(1, 2), x) : at::mm(gz.t(), x);
+  auto [grad_x, grad_weight] = input_and_weight_grads(gz, x, weight, output_mask);
   return {grad_x, grad_weight, grad_bias};
 }
 

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "kernel_common.h"
 
 namespace metalearn_fast {
 namespace {
@@ -136,13 +137,7 @@ std::vector<at::Tensor> sgd_step_cuda(at::TensorList params, at::TensorList grad
 
 void sgd_step_inplace_cuda(at::TensorList params, at::TensorList grads, at::TensorList lr) {
   check_sgd_step_args(params, grads, lr);
-  std::vector<at::Tensor> staged;  // a non-contiguous param is updated through a contiguous copy
-  staged.reserve(params.size());
-  for (const auto& p : params) staged.push_back(p.is_contiguous() ? p : at::empty_like(p, at::MemoryFormat::Contiguous));
-  sgd_step_into(params, grads, lr, staged);
-  for (size_t i = 0; i < params.size(); ++i) {
-    if (!staged[i].is_same(params[i])) params[i].copy_(staged[i]);
-  }
+  update_in_place(params, [&](at::TensorList current, at::TensorList outs) { sgd_step_into(current, grads, lr, outs); });
 }
 
 }  // namespace

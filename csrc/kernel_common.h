@@ -1,0 +1,36 @@
+// Pieces the CPU and CUDA kernels share around their device-specific loops.
+#pragma once
+#include <ATen/ATen.h>
+
+#include <array>
+#include <optional>
+#include <utility>
+#include <vector>
+
+namespace metalearn_fast {
+
+// linear_relu_backward's GEMMs from gz = grad_out * (out > 0): grad_x = gz @ weight and
+// grad_weight = gz^T @ x, each only where output_mask asks for it.
+inline std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> input_and_weight_grads(
+    const at::Tensor& gz, const at::Tensor& x, const at::Tensor& weight, std::array<bool, 3> output_mask) {
+  const bool batched = x.dim() == 3;
+  std::optional<at::Tensor> grad_x, grad_weight;
+  if (output_mask[0]) grad_x = batched ? at::bmm(gz, weight) : at::mm(gz, weight);
+  if (output_mask[1]) grad_weight = batched ? at::bmm(gz.transpose(1, 2), x) : at::mm(gz.t(), x);
+  return {grad_x, grad_weight};
+}
+
+// sgd_step_: `step_into(params, outs)` writes the new values into outs. A non-contiguous param is
+// updated through a contiguous copy that is copied back; a contiguous one is updated in place.
+template <typename StepInto>
+void update_in_place(at::TensorList params, StepInto&& step_into) {
+  std::vector<at::Tensor> staged;
+  staged.reserve(params.size());
+  for (const auto& p : params) staged.push_back(p.is_contiguous() ? p : at::empty_like(p, at::MemoryFormat::Contiguous));
+  step_into(params, at::TensorList(staged));
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (!staged[i].is_same(params[i])) params[i].copy_(staged[i]);
+  }
+}
+
+}  // namespace metalearn_fast
