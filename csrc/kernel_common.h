@@ -9,6 +9,17 @@
 
 namespace metalearn_fast {
 
+// d^T @ a per task ([T, K, O], [T, K, I] -> [T, O, I]; also unbatched). ATen's CPU GEMM paths for
+// small matrices run several times faster on (a^T @ d)^T when O >= I (measured on the meta-batch and
+// founding-example shapes), so that orientation is used there and the result is a transposed view.
+inline at::Tensor weight_grad(const at::Tensor& d, const at::Tensor& a) {
+  const bool batched = d.dim() == 3;
+  if (d.is_cpu() && d.size(-1) >= a.size(-1)) {
+    return batched ? at::bmm(a.transpose(1, 2), d).transpose(1, 2) : at::mm(a.t(), d).t();
+  }
+  return batched ? at::bmm(d.transpose(1, 2), a) : at::mm(d.t(), a);
+}
+
 // linear_relu_backward's GEMMs from gz = grad_out * (out > 0): grad_x = gz @ weight and
 // grad_weight = gz^T @ x, each only where output_mask asks for it.
 inline std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> input_and_weight_grads(
@@ -16,7 +27,7 @@ inline std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> input_and
   const bool batched = x.dim() == 3;
   std::optional<at::Tensor> grad_x, grad_weight;
   if (output_mask[0]) grad_x = batched ? at::bmm(gz, weight) : at::mm(gz, weight);
-  if (output_mask[1]) grad_weight = batched ? at::bmm(gz.transpose(1, 2), x) : at::mm(gz.t(), x);
+  if (output_mask[1]) grad_weight = weight_grad(gz, x).contiguous();  // the op's outputs are contiguous
   return {grad_x, grad_weight};
 }
 

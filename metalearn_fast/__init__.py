@@ -7,17 +7,19 @@ from . import nn, ops, reference, tasks
 from .maml import MAML, Reptile
 from .nn import MLP, FusedLinearReLU, SimpleNet, fuse
 from .ops import backend_info, linear_relu, linear_relu_backward, sgd_step, sgd_step_
-from .tasks import TaskBatch
+from .tasks import FewShotTasks, SinusoidTasks, TaskBatch
 from .train import adapt, pretrain
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "FewShotTasks",
     "FusedLinearReLU",
     "MAML",
     "MLP",
     "Reptile",
     "SimpleNet",
+    "SinusoidTasks",
     "TaskBatch",
     "adapt",
     "backend_info",

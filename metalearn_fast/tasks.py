@@ -1,13 +1,18 @@
-"""TaskBatch: a meta-batch of T few-shot tasks, each with a support set and a query set."""
+"""TaskBatch: a meta-batch of T few-shot tasks, each with a support set and a query set; and the task
+samplers that make them: SinusoidTasks (the sinusoid regression family) and FewShotTasks (N-way
+K-shot classification from any labelled examples)."""
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass
-from typing import Union
+from typing import Optional, Union
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["TaskBatch", "check_task_set"]
+__all__ = ["TaskBatch", "check_task_set", "SinusoidTasks", "SinusoidTaskBatch", "FewShotTasks"]
 
 
 def check_task_set(x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
@@ -107,3 +112,245 @@ class TaskBatch:
     def to(self, device: Union[str, torch.device]) -> "TaskBatch":
         """The same batch on ``device``."""
         return TaskBatch(*(t.to(device) for t in (self.x_support, self.y_support, self.x_query, self.y_query)))
+
+
+def _check_count(name: str, value, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _check_interval(name: str, value) -> tuple[float, float]:
+    """(low, high) with low <= high, both finite numbers."""
+    try:
+        low, high = value
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a pair (low, high), got {value!r}") from None
+    for bound in (low, high):
+        if isinstance(bound, bool) or not isinstance(bound, numbers.Real) or not math.isfinite(bound):
+            raise ValueError(f"{name} must hold two finite numbers, got {value!r}")
+    if low > high:
+        raise ValueError(f"{name} must be (low, high) with low <= high, got {value!r}")
+    return float(low), float(high)
+
+
+def _check_seed(seed) -> int:
+    """The seed of a sampler's generators; None draws one from torch's global generator, so that
+    torch.manual_seed upstream still makes the sampler reproducible."""
+    if seed is None:
+        return int(torch.randint(0, 2**62, (), dtype=torch.int64))
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative integer or None, got {seed!r}")
+    return int(seed)
+
+
+class _SeededSampler:
+    """One generator per device, each seeded with the sampler's seed on first use: tasks are drawn on
+    the device that will use them, and a sampler replays the same batches on the same device."""
+
+    def __init__(self, seed) -> None:
+        self.seed = _check_seed(seed)
+        self._generators: dict[torch.device, torch.Generator] = {}
+
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+        if device not in self._generators:
+            self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
+        return self._generators[device]
+
+
+@dataclass(frozen=True, eq=False)
+class SinusoidTaskBatch(TaskBatch):
+    """A TaskBatch of sinusoid tasks that keeps each task's parameters, so its true curve can be drawn.
+
+    amplitude, phase: [T]; task t is y = amplitude[t] * sin(x - phase[t]).
+    """
+
+    amplitude: Tensor
+    phase: Tensor
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("amplitude", "phase"):
+            value = getattr(self, name)
+            if not isinstance(value, Tensor) or value.shape != (self.num_tasks,):
+                got = list(value.shape) if isinstance(value, Tensor) else type(value).__name__
+                raise ValueError(f"{name} must be a tensor of shape [{self.num_tasks}] (one per task), got {got}")
+
+    def true_function(self, x: Tensor) -> Tensor:
+        """Each task's true curve at x: [T, N, 1] -> [T, N, 1]."""
+        return self.amplitude.view(-1, 1, 1) * torch.sin(x - self.phase.view(-1, 1, 1))
+
+    def to(self, device: Union[str, torch.device]) -> "SinusoidTaskBatch":
+        """The same batch, task parameters included, on ``device``."""
+        tensors = (self.x_support, self.y_support, self.x_query, self.y_query, self.amplitude, self.phase)
+        return SinusoidTaskBatch(*(t.to(device) for t in tensors))
+
+
+class SinusoidTasks(_SeededSampler):
+    """The sinusoid regression family of the MAML paper (Finn et al. 2017, section 5.1).
+
+    Task: y = A * sin(x - phi) with A ~ U[amplitude], phi ~ U[phase]; its support and query inputs are
+    drawn independently from x ~ U[x_range]. ``sample(T)`` gives a SinusoidTaskBatch with x_support,
+    y_support [T, k_support, 1] and x_query, y_query [T, k_query, 1], and the tasks' amplitude and phase.
+
+    Every quantity of a batch is drawn in a fixed order (amplitudes, phases, support x, query x), so two
+    samplers with the same seed and different k_support give the same tasks, and the same device replays
+    the same batches. Different devices have different random streams.
+    """
+
+    def __init__(
+        self,
+        amplitude: tuple[float, float] = (0.1, 5.0),
+        phase: tuple[float, float] = (0.0, math.pi),
+        x_range: tuple[float, float] = (-5.0, 5.0),
+        k_support: int = 10,
+        k_query: int = 10,
+        seed: Optional[int] = None,
+    ) -> None:
+        super().__init__(seed)
+        self.amplitude = _check_interval("amplitude", amplitude)
+        self.phase = _check_interval("phase", phase)
+        self.x_range = _check_interval("x_range", x_range)
+        self.k_support = _check_count("k_support", k_support, minimum=1)
+        self.k_query = _check_count("k_query", k_query, minimum=1)
+
+    def __repr__(self) -> str:
+        return (
+            f"SinusoidTasks(amplitude={self.amplitude}, phase={self.phase}, x_range={self.x_range}, "
+            f"k_support={self.k_support}, k_query={self.k_query}, seed={self.seed})"
+        )
+
+    def sample(
+        self, num_tasks: int, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32
+    ) -> SinusoidTaskBatch:
+        """num_tasks fresh tasks, generated on ``device`` in ``dtype``."""
+        num_tasks = _check_count("num_tasks", num_tasks, minimum=1)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
+        device = torch.device(device)
+        generator = self._generator(device)
+
+        def uniform(shape, interval):
+            low, high = interval
+            return low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=dtype)
+
+        amplitude = uniform((num_tasks,), self.amplitude)
+        phase = uniform((num_tasks,), self.phase)
+        x_support = uniform((num_tasks, self.k_support, 1), self.x_range)
+        x_query = uniform((num_tasks, self.k_query, 1), self.x_range)
+        a, p = amplitude.view(-1, 1, 1), phase.view(-1, 1, 1)
+        return SinusoidTaskBatch(x_support, a * torch.sin(x_support - p), x_query, a * torch.sin(x_query - p),
+                                 amplitude, phase)
+
+
+def _as_tensor(name: str, data) -> Tensor:
+    if isinstance(data, Tensor):
+        return data
+    try:
+        array = np.asarray(data)
+    except Exception as error:
+        raise TypeError(f"{name} must be an array of numbers, got {type(data).__name__}") from error
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
+        raise TypeError(f"{name} must be an array of numbers, got dtype {array.dtype}")
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+class FewShotTasks(_SeededSampler):
+    """N-way K-shot classification tasks drawn from any labelled examples.
+
+    x: [N, ...] examples (numpy array or tensor; integer data becomes float32, unscaled), y: [N] integer
+    class labels. Each task draws ``ways`` distinct classes and relabels them 0..ways-1 in a random
+    order, then draws ``shots`` support and ``query_shots`` query examples of each, all distinct.
+    ``sample(T)`` gives a TaskBatch with x_support [T, ways*shots, ...], y_support [T, ways*shots]
+    and x_query [T, ways*query_shots, ...], y_query [T, ways*query_shots], grouped by label
+    (label 0's examples first). Every class needs at least shots + query_shots examples.
+    """
+
+    def __init__(self, x, y, ways: int, shots: int, query_shots: int, seed: Optional[int] = None) -> None:
+        super().__init__(seed)
+        self.ways = _check_count("ways", ways, minimum=1)
+        self.shots = _check_count("shots", shots, minimum=1)
+        self.query_shots = _check_count("query_shots", query_shots, minimum=1)
+        x, y = _as_tensor("x", x), _as_tensor("y", y)
+        if x.is_complex() or x.dtype == torch.bool:
+            raise TypeError(f"x must hold real numbers, got dtype {x.dtype}")
+        if not x.is_floating_point():
+            x = x.to(torch.float32)
+        if y.is_floating_point() or y.is_complex() or y.dtype == torch.bool:
+            raise TypeError(f"y must hold integer class labels, got dtype {y.dtype}")
+        if y.dim() != 1:
+            raise ValueError(f"y must be [N], one class label per example, got shape {list(y.shape)}")
+        if x.dim() < 1 or x.shape[0] != y.shape[0]:
+            raise ValueError(f"x must be [N, ...] with N = {y.shape[0]} examples like y, got shape {list(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError("x and y hold no examples")
+        if y.device != x.device:
+            raise ValueError(f"y must be on x's device {x.device}, got {y.device}")
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or infinite values")
+        classes, counts = torch.unique(y.cpu().to(torch.int64), return_counts=True)
+        if len(classes) < self.ways:
+            raise ValueError(f"ways = {self.ways} needs at least {self.ways} classes, but y holds {len(classes)}")
+        needed = self.shots + self.query_shots
+        short = counts < needed
+        if short.any():
+            listed = ", ".join(f"class {int(c)} has {int(n)}" for c, n in zip(classes[short][:5], counts[short][:5]))
+            more = f" (and {int(short.sum()) - 5} more classes)" if int(short.sum()) > 5 else ""
+            raise ValueError(
+                f"every class needs shots + query_shots = {needed} examples, but {listed}{more}; "
+                "drop those classes or lower shots/query_shots"
+            )
+        self.x = x
+        self.classes = classes  # the original labels, sorted
+        # the examples of class c are x[by_class[start[c] : start[c] + counts[c]]]
+        self._by_class = torch.argsort(y.cpu().to(torch.int64), stable=True)
+        self._counts = counts
+        self._starts = torch.cumsum(counts, 0) - counts
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __repr__(self) -> str:
+        return (
+            f"FewShotTasks({self.x.shape[0]} examples of {self.num_classes} classes, ways={self.ways}, "
+            f"shots={self.shots}, query_shots={self.query_shots}, seed={self.seed})"
+        )
+
+    def sample(self, num_tasks: int, device: Union[None, str, torch.device] = None) -> TaskBatch:
+        """num_tasks fresh tasks on ``device`` (default: x's device). The draws are made on the CPU,
+        so a seed gives the same tasks on every device."""
+        num_tasks = _check_count("num_tasks", num_tasks, minimum=1)
+        generator = self._generator(torch.device("cpu"))
+        ways, shots, queries = self.ways, self.shots, self.query_shots
+        # the first `ways` classes of a random permutation: distinct, and their order is the relabelling
+        chosen = torch.rand(num_tasks, self.num_classes, generator=generator).argsort(1)[:, :ways]  # [T, ways]
+        counts = self._counts[chosen]  # [T, ways]
+        # shots + queries distinct examples of each chosen class, by Floyd's algorithm (a uniform subset
+        # in as many draws, whatever the class size), then shuffled so the support/query split is uniform
+        picked = shots + queries
+        picks = torch.empty(num_tasks, ways, picked, dtype=torch.int64)
+        for i in range(picked):
+            last = counts - picked + i  # draw from 0..last; `last` itself is never taken yet
+            draw = (torch.rand(num_tasks, ways, generator=generator, dtype=torch.float64) * (last + 1)).long()
+            draw = torch.minimum(draw, last)
+            taken = (picks[:, :, :i] == draw.unsqueeze(-1)).any(-1)
+            picks[:, :, i] = torch.where(taken, last, draw)
+        shuffle = torch.rand(num_tasks, ways, picked, generator=generator).argsort(-1)
+        picks = picks.gather(-1, shuffle)
+        index = self._by_class[self._starts[chosen].unsqueeze(-1) + picks]  # [T, ways, s + q] into x
+        support_index = index[:, :, :shots].reshape(num_tasks, ways * shots)
+        query_index = index[:, :, shots:].reshape(num_tasks, ways * queries)
+        labels = torch.arange(ways)
+        y_support = labels.repeat_interleave(shots).expand(num_tasks, -1)
+        y_query = labels.repeat_interleave(queries).expand(num_tasks, -1)
+        device = self.x.device if device is None else torch.device(device)
+        x = self.x
+        return TaskBatch(
+            x[support_index.to(x.device)].to(device),
+            y_support.contiguous().to(device),
+            x[query_index.to(x.device)].to(device),
+            y_query.contiguous().to(device),
+        )

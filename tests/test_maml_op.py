@@ -203,3 +203,25 @@ def test_gradcheck_maml_mlp_loss(loss, first_order, device):
         assert gradcheck(lambda *r: fn(*params, *r), tuple(rates), eps=1e-6, atol=1e-6)
     else:
         assert gradcheck(fn, (*params, *rates), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+def test_large_layers_run_in_task_chunks_with_the_same_result(first_order, device):
+    """Per-task weights over the CPU chunk budget (1 MiB) split the meta-batch; the shares must add up."""
+    g = torch.Generator().manual_seed(5)
+    sizes = [6, 256, 300, 3]  # ~0.7 MiB of float64 weights per task: one task per chunk on the CPU
+    params = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        params += [(torch.randn(fan_out, fan_in, generator=g, dtype=torch.float64) / fan_in**0.5).to(device),
+                   (torch.randn(fan_out, generator=g, dtype=torch.float64) * 0.1).to(device)]
+    params = [p.requires_grad_() for p in params]
+    xs, xq = (torch.randn(3, 4, 6, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    ys, yq = (torch.randn(3, 4, 3, generator=g, dtype=torch.float64).to(device) for _ in range(2))
+    rate = torch.tensor(0.05, dtype=torch.float64, device=device, requires_grad=True)
+    ours = maml_mlp_loss(params, rate, xs, ys, xq, yq, inner_steps=2, first_order=first_order)
+    got = torch.autograd.grad(ours, params + [rate])
+    expected = per_task_loop(params, [rate], xs, ys, xq, yq, 2, first_order, "mse", 0)
+    want = torch.autograd.grad(expected, params + [rate])
+    torch.testing.assert_close(ours, expected, rtol=1e-9, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)

@@ -14,6 +14,8 @@
 #include <torch/library.h>
 
 #include <string>
+
+#include "kernel_common.h"
 #include <vector>
 
 namespace metalearn_fast {
@@ -69,9 +71,9 @@ void add_times_weight_(Tensor& acc, const Tensor& e, const Tensor& weight) {
 
 // Gradient of a layer's weight and bias from d [T,K,O] and a [T,K,I]: one per task, or summed over tasks.
 std::pair<Tensor, Tensor> layer_grads(const Tensor& d, const Tensor& a, bool per_task) {
-  if (per_task) return {at::bmm(d.transpose(1, 2), a), d.sum(1)};
+  if (per_task) return {weight_grad(d, a), d.sum(1)};
   const int64_t n = d.size(0) * d.size(1);
-  return {at::mm(d.reshape({n, d.size(2)}).t(), a.reshape({n, a.size(2)})), d.sum({0, 1})};
+  return {weight_grad(d.reshape({n, d.size(2)}), a.reshape({n, a.size(2)})), d.sum({0, 1})};
 }
 
 struct Loss {
@@ -156,7 +158,7 @@ std::vector<std::pair<Tensor, Tensor>> hessian_times(const Pass& pass, const std
   for (int64_t l = count - 1; l >= stop; --l) {
     const bool adapted = l >= first_adapted;
     out[l] = layer_grads(rd, pass.inputs[l], adapted);
-    if (tangent_inputs[l].defined()) out[l].first.baddbmm_(pass.deltas[l].transpose(1, 2), tangent_inputs[l]);
+    if (tangent_inputs[l].defined()) out[l].first.add_(weight_grad(pass.deltas[l], tangent_inputs[l]));
     if (l > stop) {
       Tensor re = times_weight(rd, layers[l].weight);
       if (adapted) add_times_weight_(re, pass.deltas[l], dir[l].first);
@@ -218,17 +220,15 @@ void check_args(at::TensorList params, at::TensorList lr, const Tensor& xs, cons
   }
 }
 
-std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> maml_mlp_meta_grad(
-    at::TensorList params, at::TensorList lr_in, const Tensor& x_support, const Tensor& y_support,
-    const Tensor& x_query, const Tensor& y_query, int64_t inner_steps, bool first_order, c10::string_view loss_name,
-    int64_t first_adapted, bool compute_grad, bool compute_lr_grad) {
-  TORCH_CHECK_VALUE(loss_name == "mse" || loss_name == "cross_entropy",
-                    "maml_mlp_meta_grad: loss must be 'mse' or 'cross_entropy', got '", std::string(loss_name), "'");
-  const LossKind kind = loss_name == "mse" ? LossKind::kMse : LossKind::kCrossEntropy;
-  check_args(params, lr_in, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted);
+using MetaGrad = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
+
+// The meta-step for the tasks of x_support..y_query, which are part of a meta-batch of total_tasks:
+// the loss and gradients returned are their share of the meta-batch's (mean over all its tasks).
+MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr, const Tensor& x_support,
+                            const Tensor& y_support, const Tensor& x_query, const Tensor& y_query, int64_t inner_steps,
+                            bool first_order, LossKind kind, int64_t first_adapted, bool compute_grad,
+                            bool compute_lr_grad, int64_t total_tasks) {
   const int64_t count = static_cast<int64_t>(params.size() / 2);
-  const int64_t tasks = x_support.size(0);
-  const std::vector<Tensor> lr(lr_in.begin(), lr_in.end());
 
   // Inner loop. steps[s] holds the layers at step s; passes[s] the support pass there.
   std::vector<std::vector<Layer>> steps(1);
@@ -266,7 +266,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> maml_mlp_meta_grad(
   query.inputs.resize(count);
   query.deltas.resize(count);
   query.inputs[0] = x_query;
-  Loss query_loss{kind, y_query, 1.0 / static_cast<double>(tasks), Tensor()};
+  Loss query_loss{kind, y_query, 1.0 / static_cast<double>(total_tasks), Tensor()};
   // First order without rate gradients needs only the task-summed query gradient.
   const bool sweep = !first_order || compute_lr_grad;
   const int64_t query_stop = compute_grad ? 0 : (compute_lr_grad ? first_adapted : count);
@@ -276,7 +276,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> maml_mlp_meta_grad(
   if (!sweep) {
     std::vector<Tensor> grads;
     for (const auto& [weight, bias] : query_grads) {
-      grads.push_back(weight);
+      grads.push_back(weight.contiguous());
       grads.push_back(bias);
     }
     return {query.loss, grads, {}};
@@ -330,13 +330,49 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> maml_mlp_meta_grad(
   }
   std::vector<Tensor> grads;
   for (size_t i = 0; i < params.size() && compute_grad; ++i) {
-    grads.push_back(static_cast<int64_t>(i / 2) >= first_adapted ? v[i].sum(0) : body_grads[i]);
+    // contiguous outputs, whatever layout the GEMMs above left
+    grads.push_back((static_cast<int64_t>(i / 2) >= first_adapted ? v[i].sum(0) : body_grads[i]).contiguous());
   }
   if (!compute_lr_grad) lr_grads.clear();
   for (auto& t : lr_grads) {
-    if (!t.defined()) t = at::zeros_like(lr[&t - lr_grads.data()]);
+    t = t.defined() ? t.contiguous() : at::zeros_like(lr[&t - lr_grads.data()]);
   }
   return {query.loss, grads, lr_grads};
+}
+
+// On the CPU, per-task weights of a large MLP do not fit in cache for a whole meta-batch, and every
+// pass of the meta-step would stream them from memory: tasks then run in chunks whose per-task
+// weights stay within kCpuChunkBytes (a core's L2 cache, about), and the chunks' shares add up.
+// The GPU takes the whole meta-batch at once.
+constexpr int64_t kCpuChunkBytes = 1 << 20;
+
+MetaGrad maml_mlp_meta_grad(at::TensorList params, at::TensorList lr_in, const Tensor& x_support,
+                            const Tensor& y_support, const Tensor& x_query, const Tensor& y_query, int64_t inner_steps,
+                            bool first_order, c10::string_view loss_name, int64_t first_adapted, bool compute_grad,
+                            bool compute_lr_grad) {
+  TORCH_CHECK_VALUE(loss_name == "mse" || loss_name == "cross_entropy",
+                    "maml_mlp_meta_grad: loss must be 'mse' or 'cross_entropy', got '", std::string(loss_name), "'");
+  const LossKind kind = loss_name == "mse" ? LossKind::kMse : LossKind::kCrossEntropy;
+  check_args(params, lr_in, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted);
+  const std::vector<Tensor> lr(lr_in.begin(), lr_in.end());
+  const int64_t tasks = x_support.size(0);
+  int64_t bytes_per_task = 0;
+  for (const auto& p : params) bytes_per_task += p.numel() * p.element_size();
+  const int64_t chunk = x_support.is_cpu() ? std::clamp<int64_t>(kCpuChunkBytes / bytes_per_task, 1, tasks) : tasks;
+  auto share = [&](int64_t start) {
+    const int64_t n = std::min(chunk, tasks - start);
+    return meta_grad_of_tasks(params, lr, x_support.narrow(0, start, n), y_support.narrow(0, start, n),
+                              x_query.narrow(0, start, n), y_query.narrow(0, start, n), inner_steps, first_order, kind,
+                              first_adapted, compute_grad, compute_lr_grad, tasks);
+  };
+  MetaGrad total = share(0);
+  for (int64_t start = chunk; start < tasks; start += chunk) {
+    auto [loss, grads, lr_grads] = share(start);
+    std::get<0>(total).add_(loss);
+    for (size_t i = 0; i < grads.size(); ++i) std::get<1>(total)[i].add_(grads[i]);
+    for (size_t i = 0; i < lr_grads.size(); ++i) std::get<2>(total)[i].add_(lr_grads[i]);
+  }
+  return total;
 }
 
 }  // namespace

@@ -1,0 +1,11 @@
+"""Entry names, the same in every group of every suite; the report divides by PLAIN_TORCH's median."""
+
+OURS = "metalearn_fast"
+FALLBACK = "metalearn_fast fallback"
+PLAIN_TORCH = "plain torch"
+TORCH_FUNC = "torch.func"
+PER_TASK_LOOP = "per-task loop"
+HIGHER = "higher"
+LEARN2LEARN = "learn2learn"
+# the order of the rows in each table of the report; other entries follow
+ENTRY_ORDER = [OURS, FALLBACK, PLAIN_TORCH, TORCH_FUNC, PER_TASK_LOOP, HIGHER, LEARN2LEARN]

@@ -1,0 +1,325 @@
+"""MAML meta-steps: the sinusoid setup, an Omniglot-sized MLP and a wide one, second and first order.
+
+Timed: one meta-step = the meta-loss over the meta-batch, its gradient w.r.t. the meta-parameters,
+and an Adam step. Every entry starts from the same weights (mf.MLP, seed 0) and the same data; the
+peers' models are nn.Sequential(nn.Linear, nn.ReLU, ...) holding those same Parameters.
+
+Entries of each group:
+- metalearn_fast: ``mf.MAML(model, ...).meta_loss(TaskBatch)`` then ``backward()`` (for an MLP the
+  whole meta-step is the compiled maml_mlp_meta_grad op when the extension is active);
+- metalearn_fast fallback: what METALEARN_FAST_BACKEND=torch runs for it, called directly in this
+  process (the backend is chosen once per process): reference.maml_mlp_meta_grad;
+- plain torch: every task at once in plain torch, per-task weights [T, O, I] and autograd.grad;
+- torch.func: ``vmap`` over tasks of an inner loop written with ``grad`` and ``functional_call``;
+- per-task loop: one task at a time with autograd.grad, as most MAML code is written;
+- higher: ``higher.innerloop_ctx`` per task (skipped when higher is not installed);
+- learn2learn: ``l2l.algorithms.MAML``, ``clone()`` and ``adapt()`` per task (skipped when absent).
+
+Run: pytest bench/test_maml.py --benchmark-only (see the README's Benchmarks section).
+"""
+from dataclasses import dataclass
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import metalearn_fast as mf
+from metalearn_fast import reference
+from metalearn_fast.benchmarks.entries import (
+    FALLBACK,
+    HIGHER,
+    LEARN2LEARN,
+    OURS,
+    PER_TASK_LOOP,
+    PLAIN_TORCH,
+    TORCH_FUNC,
+)
+from metalearn_fast.benchmarks.plugin import PEERS, assert_same, plain_torch_result, require_peer, time_once
+
+
+@dataclass(frozen=True)
+class Workload:
+    setting: str  # the model and meta-batch, for the group's title
+    id: str
+    sizes: tuple
+    tasks: int
+    support: int  # examples per task in the support set
+    query: int
+    inner_lr: float
+    loss: str  # "mse" or "cross_entropy"
+    inner_steps: int
+    first_order: bool
+
+    @property
+    def group(self) -> str:
+        steps = f"{self.inner_steps} inner step{'s' if self.inner_steps > 1 else ''}"
+        return f"MAML {self.setting}: {steps}, {'first' if self.first_order else 'second'} order"
+
+
+SINUSOID = dict(setting="sinusoid, MLP 1-40-40-1, 25 tasks x 10+10 points", sizes=(1, 40, 40, 1), tasks=25,
+                support=10, query=10, inner_lr=0.01, loss="mse")
+# the MAML paper's Omniglot setup on an MLP: 5-way 1-shot (one query per class), meta-batch 32, inner lr 0.4
+OMNIGLOT = dict(setting="Omniglot-sized, MLP 784-256-128-64-64-5, 32 tasks 5-way 1-shot",
+                sizes=(784, 256, 128, 64, 64, 5), tasks=32, support=5, query=5, inner_lr=0.4, loss="cross_entropy")
+WIDE = dict(setting="wide, MLP 512-512-512-10, 8 tasks x 64+64 examples", sizes=(512, 512, 512, 10), tasks=8,
+            support=64, query=64, inner_lr=0.01, loss="cross_entropy")
+
+WORKLOADS = [
+    Workload(id=f"{prefix}-{steps}step-{'first' if first_order else 'second'}", inner_steps=steps,
+             first_order=first_order, **setting)
+    for prefix, setting, step_counts in (
+        ("sinusoid", SINUSOID, (1, 5)), ("omniglot", OMNIGLOT, (1,)), ("wide", WIDE, (1,))
+    )
+    for steps in step_counts
+    for first_order in (False, True)
+]
+
+
+def make_batch(workload: Workload, device):
+    """(x_support, y_support, x_query, y_query): sinusoid tasks, or random inputs with balanced labels."""
+    generator = torch.Generator().manual_seed(0)
+    T, K, Q = workload.tasks, workload.support, workload.query
+    if workload.loss == "mse":
+        amplitude = 0.1 + 4.9 * torch.rand(T, 1, 1, generator=generator)
+        phase = torch.pi * torch.rand(T, 1, 1, generator=generator)
+        xs = -5 + 10 * torch.rand(T, K, 1, generator=generator)
+        xq = -5 + 10 * torch.rand(T, Q, 1, generator=generator)
+        batch = [xs, amplitude * torch.sin(xs - phase), xq, amplitude * torch.sin(xq - phase)]
+    else:
+        inputs, classes = workload.sizes[0], workload.sizes[-1]
+
+        def labels(count):  # every class equally often, as an N-way K-shot sampler draws them
+            return (torch.arange(count) % classes).expand(T, count).contiguous()
+
+        batch = [torch.rand(T, K, inputs, generator=generator), labels(K),
+                 torch.rand(T, Q, inputs, generator=generator), labels(Q)]
+    return [t.to(device) for t in batch]
+
+
+def make_model(workload: Workload, device) -> mf.MLP:
+    torch.manual_seed(0)
+    return mf.MLP(list(workload.sizes)).to(device)
+
+
+def plain_twin(model: mf.MLP) -> nn.Sequential:
+    """nn.Sequential(nn.Linear, nn.ReLU, ..., nn.Linear) holding ``model``'s own Parameters."""
+    layers = []
+    for module in model:
+        linear = nn.Linear(module.in_features, module.out_features, device="meta")
+        linear.weight, linear.bias = module.weight, module.bias
+        layers.append(linear)
+        if isinstance(module, mf.FusedLinearReLU):
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def task_loss(workload: Workload):
+    """The loss of one task: pred [K, C], target [K, C] or [K] labels -> scalar."""
+    return F.mse_loss if workload.loss == "mse" else F.cross_entropy
+
+
+def accumulate(params, grads) -> None:
+    for p, g in zip(params, grads):
+        p.grad = g if p.grad is None else p.grad + g
+
+
+# ---- the entries: each returns meta_backward(), which puts the meta-gradient in .grad and returns the meta-loss ----
+
+
+def ours(workload, model, batch):
+    maml = mf.MAML(model, inner_lr=workload.inner_lr, inner_steps=workload.inner_steps,
+                   first_order=workload.first_order, loss=workload.loss)
+    assert maml.uses_fast_path
+    tasks = mf.TaskBatch(*batch)
+
+    def meta_backward():
+        loss = maml.meta_loss(tasks)
+        loss.backward()
+        return loss.detach()
+
+    return meta_backward
+
+
+def fallback(workload, model, batch):
+    params = list(model.parameters())
+    rate = [torch.tensor(workload.inner_lr, dtype=params[0].dtype, device=params[0].device)]
+
+    def meta_backward():
+        loss, grads, _ = reference.maml_mlp_meta_grad(
+            params, rate, *batch, inner_steps=workload.inner_steps, first_order=workload.first_order,
+            loss=workload.loss, first_adapted_layer=0, compute_grad=True, compute_lr_grad=False,
+        )
+        accumulate(params, grads)
+        return loss
+
+    return meta_backward
+
+
+def plain_torch(workload, model, batch):
+    params = list(model.parameters())
+    x_support, y_support, x_query, y_query = batch
+    tasks = workload.tasks
+
+    def forward(x, fast):  # x [T, K, I], fast: weight [T, O, I], bias [T, O] per layer
+        h = x
+        for layer in range(0, len(fast), 2):
+            h = h @ fast[layer].transpose(1, 2) + fast[layer + 1].unsqueeze(1)
+            if layer + 2 < len(fast):
+                h = torch.relu(h)
+        return h
+
+    def task_losses(pred, target):  # each task's own mean loss: [T]
+        if workload.loss == "mse":
+            return (pred - target).square().mean(dim=(1, 2))
+        return F.cross_entropy(pred.flatten(0, 1), target.flatten(), reduction="none").view(tasks, -1).mean(1)
+
+    def meta_backward():
+        fast = [p.expand(tasks, *p.shape) for p in params]
+        for _ in range(workload.inner_steps):
+            # the sum, so that each task's weights get the gradient of that task's loss
+            support = task_losses(forward(x_support, fast), y_support).sum()
+            grads = torch.autograd.grad(support, fast, create_graph=not workload.first_order)
+            fast = [p - workload.inner_lr * g for p, g in zip(fast, grads)]
+        loss = task_losses(forward(x_query, fast), y_query).mean()
+        loss.backward()
+        return loss.detach()
+
+    return meta_backward
+
+
+def torch_func(workload, model, batch):
+    net = plain_twin(model)
+    params = dict(net.named_parameters())
+    loss_fn = task_loss(workload)
+
+    def loss_of(weights, x, y):
+        return loss_fn(torch.func.functional_call(net, weights, (x,)), y)
+
+    def adapted_query_loss(weights, x_support, y_support, x_query, y_query):
+        for _ in range(workload.inner_steps):
+            grads = torch.func.grad(loss_of)(weights, x_support, y_support)
+            if workload.first_order:
+                grads = {name: g.detach() for name, g in grads.items()}
+            weights = {name: w - workload.inner_lr * grads[name] for name, w in weights.items()}
+        return loss_of(weights, x_query, y_query)
+
+    per_task = torch.func.vmap(adapted_query_loss, in_dims=(None, 0, 0, 0, 0))
+
+    def meta_backward():
+        loss = per_task(params, *batch).mean()
+        loss.backward()
+        return loss.detach()
+
+    return meta_backward
+
+
+def per_task_loop(workload, model, batch):
+    params = list(model.parameters())
+    loss_fn = task_loss(workload)
+
+    def forward(x, weights):
+        h = x
+        for layer in range(0, len(weights), 2):
+            h = F.linear(h, weights[layer], weights[layer + 1])
+            if layer + 2 < len(weights):
+                h = torch.relu(h)
+        return h
+
+    def meta_backward():
+        total = 0
+        for x_support, y_support, x_query, y_query in zip(*batch):
+            fast = params
+            for _ in range(workload.inner_steps):
+                grads = torch.autograd.grad(loss_fn(forward(x_support, fast), y_support), fast,
+                                            create_graph=not workload.first_order)
+                fast = [p - workload.inner_lr * g for p, g in zip(fast, grads)]
+            total = total + loss_fn(forward(x_query, fast), y_query)
+        loss = total / workload.tasks
+        loss.backward()
+        return loss.detach()
+
+    return meta_backward
+
+
+def with_higher(workload, model, batch):
+    import higher
+
+    net = plain_twin(model)
+    params = list(net.parameters())
+    inner_optimizer = torch.optim.SGD(params, lr=workload.inner_lr)
+    loss_fn = task_loss(workload)
+
+    def meta_backward():
+        total = 0
+        for x_support, y_support, x_query, y_query in zip(*batch):
+            with higher.innerloop_ctx(net, inner_optimizer, copy_initial_weights=False,
+                                      track_higher_grads=not workload.first_order) as (fnet, diffopt):
+                for _ in range(workload.inner_steps):
+                    diffopt.step(loss_fn(fnet(x_support), y_support))
+                loss = loss_fn(fnet(x_query), y_query) / workload.tasks
+                if workload.first_order:  # the adapted weights are leaves: their gradient is the meta-gradient
+                    accumulate(params, torch.autograd.grad(loss, list(fnet.parameters())))
+                else:
+                    loss.backward()
+            total = total + loss.detach()
+        return total
+
+    return meta_backward
+
+
+def with_learn2learn(workload, model, batch):
+    import learn2learn
+
+    maml = learn2learn.algorithms.MAML(plain_twin(model), lr=workload.inner_lr, first_order=workload.first_order)
+    loss_fn = task_loss(workload)
+
+    def meta_backward():
+        total = 0
+        for x_support, y_support, x_query, y_query in zip(*batch):
+            learner = maml.clone()
+            for _ in range(workload.inner_steps):
+                learner.adapt(loss_fn(learner(x_support), y_support))
+            loss = loss_fn(learner(x_query), y_query) / workload.tasks
+            loss.backward()
+            total = total + loss.detach()
+        return total
+
+    return meta_backward
+
+
+ENTRIES = {
+    OURS: ours,
+    FALLBACK: fallback,
+    PLAIN_TORCH: plain_torch,
+    TORCH_FUNC: torch_func,
+    PER_TASK_LOOP: per_task_loop,
+    HIGHER: with_higher,
+    LEARN2LEARN: with_learn2learn,
+}
+
+
+def meta_gradient(entry, workload, device):
+    """(seconds, [meta-loss, *meta-gradient], model, meta_backward) of one call of ``entry`` from fresh weights."""
+    model = make_model(workload, device)
+    meta_backward = ENTRIES[entry](workload, model, make_batch(workload, device))
+    seconds, loss = time_once(meta_backward, device)
+    return seconds, [loss, *(p.grad for p in model.parameters())], model, meta_backward
+
+
+@pytest.mark.parametrize("impl", list(ENTRIES))
+@pytest.mark.parametrize("workload", WORKLOADS, ids=[w.id for w in WORKLOADS])
+def test_maml_meta_step(measure, device, impl, workload):
+    if impl in PEERS:
+        require_peer(impl)
+    seconds, result, model, meta_backward = meta_gradient(impl, workload, device)
+    expected = plain_torch_result((workload, device), lambda: meta_gradient(PLAIN_TORCH, workload, device)[1])
+    assert_same(result, expected, f"{workload.group}, {impl}", rtol=1e-3, atol=1e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def meta_step():
+        optimizer.zero_grad()
+        meta_backward()
+        optimizer.step()
+
+    measure(workload.group, impl, meta_step, seconds)
