@@ -31,6 +31,16 @@ inline std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> input_and
   return {grad_x, grad_weight};
 }
 
+// sgd_step: `step_into(params, outs)` writes the new values into fresh contiguous outputs.
+template <typename StepInto>
+std::vector<at::Tensor> update_out_of_place(at::TensorList params, StepInto&& step_into) {
+  std::vector<at::Tensor> outs;
+  outs.reserve(params.size());
+  for (const auto& p : params) outs.push_back(at::empty_like(p, at::MemoryFormat::Contiguous));
+  step_into(params, at::TensorList(outs));
+  return outs;
+}
+
 // sgd_step_: `step_into(params, outs)` writes the new values into outs. A non-contiguous param is
 // updated through a contiguous copy that is copied back; a contiguous one is updated in place.
 template <typename StepInto>

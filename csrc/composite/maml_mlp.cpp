@@ -11,12 +11,15 @@
 // Notation, layer l = 0..L-1: a_l its input (a_0 = x), z_l = a_l W_l^T + b_l,
 // a_{l+1} = relu(z_l), the output is z_{L-1}; d_l = dLoss/dz_l.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
+#include <vector>
 
 #include "kernel_common.h"
-#include <vector>
 
 namespace metalearn_fast {
 namespace {
@@ -340,10 +343,12 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
   return {query.loss, grads, lr_grads};
 }
 
-// On the CPU, per-task weights of a large MLP do not fit in cache for a whole meta-batch, and every
-// pass of the meta-step would stream them from memory: tasks then run in chunks whose per-task
-// weights stay within kCpuChunkBytes (a core's L2 cache, about), and the chunks' shares add up.
-// The GPU takes the whole meta-batch at once.
+// On the CPU the meta-batch runs in chunks of tasks, one thread per chunk, each chunk's ops single-
+// threaded: per-task weights of a large MLP would not fit in cache for a whole meta-batch (every
+// pass would stream them from memory), and a meta-batch's ops are too small to split across threads
+// one by one (a fork and join per op). A chunk's per-task weights stay within kCpuChunkBytes (a
+// core's L2 cache, about), and there are at least as many chunks as threads. The chunks' shares of
+// the loss and gradients add up to the meta-batch's. The GPU takes the whole meta-batch at once.
 constexpr int64_t kCpuChunkBytes = 1 << 20;
 
 MetaGrad maml_mlp_meta_grad(at::TensorList params, at::TensorList lr_in, const Tensor& x_support,
@@ -358,16 +363,26 @@ MetaGrad maml_mlp_meta_grad(at::TensorList params, at::TensorList lr_in, const T
   const int64_t tasks = x_support.size(0);
   int64_t bytes_per_task = 0;
   for (const auto& p : params) bytes_per_task += p.numel() * p.element_size();
-  const int64_t chunk = x_support.is_cpu() ? std::clamp<int64_t>(kCpuChunkBytes / bytes_per_task, 1, tasks) : tasks;
-  auto share = [&](int64_t start) {
-    const int64_t n = std::min(chunk, tasks - start);
+  auto share = [&](int64_t start, int64_t n) {
     return meta_grad_of_tasks(params, lr, x_support.narrow(0, start, n), y_support.narrow(0, start, n),
                               x_query.narrow(0, start, n), y_query.narrow(0, start, n), inner_steps, first_order, kind,
                               first_adapted, compute_grad, compute_lr_grad, tasks);
   };
-  MetaGrad total = share(0);
-  for (int64_t start = chunk; start < tasks; start += chunk) {
-    auto [loss, grads, lr_grads] = share(start);
+  if (!x_support.is_cpu()) return share(0, tasks);
+  const int64_t threads = at::get_num_threads();
+  const int64_t by_cache = std::max<int64_t>(1, kCpuChunkBytes / bytes_per_task);
+  const int64_t chunk = std::min(by_cache, (tasks + threads - 1) / threads);
+  const int64_t chunks = (tasks + chunk - 1) / chunk;
+  std::vector<MetaGrad> shares(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    // worker threads start with autograd on: the kernel's ATen calls must not record a graph
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    c10::AutoGradMode no_grad(false);
+    for (int64_t c = begin; c < end; ++c) shares[c] = share(c * chunk, std::min(chunk, tasks - c * chunk));
+  });
+  MetaGrad total = std::move(shares[0]);
+  for (int64_t c = 1; c < chunks; ++c) {
+    auto& [loss, grads, lr_grads] = shares[c];
     std::get<0>(total).add_(loss);
     for (size_t i = 0; i < grads.size(); ++i) std::get<1>(total)[i].add_(grads[i]);
     for (size_t i = 0; i < lr_grads.size(); ++i) std::get<2>(total)[i].add_(lr_grads[i]);

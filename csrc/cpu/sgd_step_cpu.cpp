@@ -79,11 +79,9 @@ void sgd_step_into(at::TensorList params, at::TensorList grads, at::TensorList l
 
 std::vector<at::Tensor> sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList lr) {
   check_sgd_step_args(params, grads, lr);
-  std::vector<at::Tensor> outs;
-  outs.reserve(params.size());
-  for (const auto& p : params) outs.push_back(at::empty_like(p, at::MemoryFormat::Contiguous));
-  sgd_step_into(params, grads, lr, outs);
-  return outs;
+  return update_out_of_place(params, [&](at::TensorList current, at::TensorList outs) {
+    sgd_step_into(current, grads, lr, outs);
+  });
 }
 
 void sgd_step_inplace_cpu(at::TensorList params, at::TensorList grads, at::TensorList lr) {
