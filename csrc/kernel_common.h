@@ -12,9 +12,13 @@ namespace metalearn_fast {
 // d^T @ a per task ([T, K, O], [T, K, I] -> [T, O, I]; also unbatched). ATen's CPU GEMM paths for
 // small matrices run several times faster on (a^T @ d)^T when O >= I (measured on the meta-batch and
 // founding-example shapes), so that orientation is used there and the result is a transposed view.
+// Large GEMMs run as fast either way, and the transposed result would cost a copy.
+constexpr int64_t kSmallGemm = 1 << 18;  // K * O * I
+
 inline at::Tensor weight_grad(const at::Tensor& d, const at::Tensor& a) {
   const bool batched = d.dim() == 3;
-  if (d.is_cpu() && d.size(-1) >= a.size(-1)) {
+  const int64_t size = d.size(-2) * d.size(-1) * a.size(-1);
+  if (d.is_cpu() && d.size(-1) >= a.size(-1) && size <= kSmallGemm) {
     return batched ? at::bmm(a.transpose(1, 2), d).transpose(1, 2) : at::mm(a.t(), d).t();
   }
   return batched ? at::bmm(d.transpose(1, 2), a) : at::mm(d.t(), a);

@@ -40,19 +40,9 @@ def as_tensor(name: str, data, dtype: torch.dtype, device: torch.device) -> Tens
     return tensor
 
 
-def default_adam(params, lr: float) -> torch.optim.Adam:
-    """Adam with torch's fused kernel where it exists (one kernel for all parameters instead of a
-    dozen small ops each: the optimizer step dominates a small model's training step), else plain."""
-    params = list(params)
-    try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
-    except (RuntimeError, TypeError, ValueError):  # a torch, device or dtype without the fused kernel
-        return torch.optim.Adam(params, lr=lr)
-
-
 def _make_optimizer(model: nn.Module, optimizer: OptimizerArg, lr: float) -> torch.optim.Optimizer:
     if optimizer is None:
-        return default_adam(model.parameters(), lr)
+        return torch.optim.Adam(model.parameters(), lr=lr)
     if isinstance(optimizer, torch.optim.Optimizer):
         own = {id(p) for p in model.parameters()}
         for group in optimizer.param_groups:
