@@ -229,75 +229,70 @@ def _inner_learner(model, args):
     return MAML(model, inner_lr=args.inner_lr, inner_steps=args.inner_steps)
 
 
-def _train_maml(maml, args, validate, progress):
-    """Meta-trains maml in place: meta_steps Adam steps on fresh meta-batches. ``validate()`` scores it on
-    held-out tasks at a few checkpoints, off the clock. Returns (meta-loss of every step [meta_steps],
-    validation [(step, mse)], seconds spent training)."""
+def _train(step_fn, steps, args, validate, progress, desc, label, budget_per_step=1):
+    """``steps`` calls of ``step_fn(batch) -> loss`` on fresh batches of the task stream MAML draws, with a
+    progress bar showing the loss and steps/s. ``validate()`` scores the network on held-out tasks at a few
+    checkpoints, off the clock, at x = step * budget_per_step (in MAML meta-steps). Returns (loss of every
+    step [steps], validation [(x, mse)], seconds spent training)."""
     import torch
 
     from .tasks import SinusoidTasks
 
     sampler = SinusoidTasks(k_support=args.k_support, k_query=args.k_query, seed=args.seed)
-    optimizer = torch.optim.Adam(maml.parameters(), lr=args.meta_lr)
-    losses = torch.zeros(args.meta_steps, device=args.device)
-    checkpoints = _checkpoints(args.meta_steps)
+    losses = torch.zeros(steps, device=args.device)
+    checkpoints = _checkpoints(steps)
     validation = [(0, validate())]
     elapsed = 0.0
-    with progress(total=args.meta_steps, desc="meta-training MAML", unit="step") as bar:
+    with progress(total=steps, desc=desc, unit="step") as bar:
         started = time.perf_counter()
-        for step in range(args.meta_steps):
-            batch = sampler.sample(args.meta_batch, device=args.device)
-            optimizer.zero_grad(set_to_none=True)
-            loss = maml.meta_loss(batch)
-            loss.backward()
-            optimizer.step()
-            losses[step] = loss.detach()
+        for step in range(steps):
+            losses[step] = step_fn(sampler.sample(args.meta_batch, device=args.device))
             bar.update()
             if (step + 1) % args.log_every == 0:
                 recent = losses[step + 1 - args.log_every : step + 1].mean()
-                bar.set_postfix_str(f"meta-loss {float(recent):.3f}", refresh=False)
+                bar.set_postfix_str(f"{label} {float(recent):.3f}", refresh=False)
             if (step + 1) in checkpoints:
                 elapsed += time.perf_counter() - started
-                validation.append((step + 1, validate()))
+                validation.append(((step + 1) * budget_per_step, validate()))
                 started = time.perf_counter()
     return losses.cpu(), validation, elapsed
+
+
+def _train_maml(maml, args, validate, progress):
+    """Meta-trains maml in place: meta_steps Adam steps on fresh meta-batches (see _train)."""
+    import torch
+
+    optimizer = torch.optim.Adam(maml.parameters(), lr=args.meta_lr)
+
+    def meta_step(batch):
+        optimizer.zero_grad(set_to_none=True)
+        loss = maml.meta_loss(batch)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return _train(meta_step, args.meta_steps, args, validate, progress, "meta-training MAML", "meta-loss")
 
 
 def _train_pretrained(model, args, steps, validate, progress):
     """The joint baseline: ``steps`` Adam steps on the MSE of one network over all points of meta_batch fresh
-    tasks (support and query alike), the same task stream MAML draws. Returns (loss of every step,
-    validation [(meta-step equivalent, mse)], seconds)."""
+    tasks (support and query alike), the same task stream MAML draws (see _train)."""
     import torch
     import torch.nn.functional as F
 
-    from .tasks import SinusoidTasks
-
-    sampler = SinusoidTasks(k_support=args.k_support, k_query=args.k_query, seed=args.seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.meta_lr)
-    losses = torch.zeros(steps, device=args.device)
-    checkpoints = _checkpoints(steps)
-    validation = [(0.0, validate())]
-    elapsed = 0.0
-    with progress(total=steps, desc="pretraining the baseline", unit="step") as bar:
-        started = time.perf_counter()
-        for step in range(steps):
-            batch = sampler.sample(args.meta_batch, device=args.device)
-            x = torch.cat([batch.x_support, batch.x_query], 1).reshape(-1, 1)
-            y = torch.cat([batch.y_support, batch.y_query], 1).reshape(-1, 1)
-            optimizer.zero_grad(set_to_none=True)
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            optimizer.step()
-            losses[step] = loss.detach()
-            bar.update()
-            if (step + 1) % args.log_every == 0:
-                recent = losses[step + 1 - args.log_every : step + 1].mean()
-                bar.set_postfix_str(f"loss {float(recent):.3f}", refresh=False)
-            if (step + 1) in checkpoints:
-                elapsed += time.perf_counter() - started
-                validation.append(((step + 1) * args.meta_steps / steps, validate()))
-                started = time.perf_counter()
-    return losses.cpu(), validation, elapsed
+
+    def joint_step(batch):
+        x = torch.cat([batch.x_support, batch.x_query], 1).reshape(-1, 1)
+        y = torch.cat([batch.y_support, batch.y_query], 1).reshape(-1, 1)
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    return _train(joint_step, steps, args, validate, progress, "pretraining the baseline", "loss",
+                  budget_per_step=args.meta_steps / steps)
 
 
 def _checkpoints(steps: int) -> set[int]:
