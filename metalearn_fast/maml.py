@@ -152,7 +152,7 @@ class _TaskBatchedLearner(nn.Module):
 
     def _check_x(self, x: Tensor, name: str) -> None:
         """x [T, N, ...] must match the model's dtype and device (and its input size on the fast path)."""
-        first = self._meta_parameters()[0]
+        first = next(self.model.parameters())
         if x.dtype != first.dtype:
             raise TypeError(f"{name} must have the model's dtype {first.dtype}, got {x.dtype}")
         if x.device != first.device:
@@ -462,11 +462,19 @@ class MAML(_TaskBatchedLearner):
         """Every task starts from the meta parameters: views [T, ...] that send gradients back to them."""
         return [p.expand(tasks, *p.shape) for p in self._meta_parameters()]
 
+    def _inner_lr_tensor(self, like: Tensor) -> Tensor:
+        """inner_lr as a 0-dim tensor of like's dtype and device, made once rather than every step."""
+        key = (self.inner_lr, like.dtype, like.device)
+        cached = getattr(self, "_inner_lr_cache", None)
+        if cached is None or cached[0] != key:
+            cached = self._inner_lr_cache = (key, torch.tensor(self.inner_lr, dtype=like.dtype, device=like.device))
+        return cached[1]
+
     def _fused_meta_loss(self, batch: TaskBatch) -> Tensor:
         """The whole meta-step as one op (ops.maml_mlp_loss): inner loop and analytic meta-gradient."""
         parameters = self._meta_parameters()
         if self.inner_lrs is None:
-            rates: Union[float, list[Tensor]] = self.inner_lr
+            rates: Union[Tensor, list[Tensor]] = self._inner_lr_tensor(parameters[0])
         else:  # one rate tensor per parameter; the body's are unused under ANIL
             rates = [torch.zeros((), dtype=p.dtype, device=p.device) for p in parameters]
             for i, rate in zip(self._adapted_indices, self.inner_lrs):

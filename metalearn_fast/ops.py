@@ -237,9 +237,9 @@ class _MamlMlpLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        saved = iter(ctx.saved_tensors)
-        grads = [grad_loss * next(saved) for _ in range(ctx.count)] if ctx.has[0] else [None] * ctx.count
-        lr_grads = [grad_loss * next(saved) for _ in range(ctx.lr_count)] if ctx.has[1] else [None] * ctx.lr_count
+        scaled = iter(torch._foreach_mul(list(ctx.saved_tensors), grad_loss))  # one call for every gradient
+        grads = [next(scaled) for _ in range(ctx.count)] if ctx.has[0] else [None] * ctx.count
+        lr_grads = [next(scaled) for _ in range(ctx.lr_count)] if ctx.has[1] else [None] * ctx.lr_count
         return (None, None, *grads, *lr_grads, None, None, None, None)
 
 
