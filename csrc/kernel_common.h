@@ -24,6 +24,33 @@ inline at::Tensor weight_grad(const at::Tensor& d, const at::Tensor& a) {
   return batched ? at::bmm(d.transpose(1, 2), a) : at::mm(d.t(), a);
 }
 
+// linear_relu_backward around the device's fused pass (gz = grad_out * (out > 0), grad_bias = sum_N gz):
+// grad_out and out made contiguous and seen as [tasks, rows, cols]; gz allocated where a GEMM needs it,
+// grad_bias where output_mask asks for it.
+struct ReluBackwardPass {
+  at::Tensor grad_out;
+  at::Tensor out;
+  at::Tensor gz;
+  std::optional<at::Tensor> grad_bias;
+  int64_t tasks;
+  int64_t rows;
+  int64_t cols;
+
+  bool has_work() const { return gz.defined() || grad_bias.has_value(); }
+};
+
+inline ReluBackwardPass prepare_relu_backward(const at::Tensor& grad_out, const at::Tensor& out,
+                                              std::array<bool, 3> output_mask) {
+  const bool batched = out.dim() == 3;
+  ReluBackwardPass pass{grad_out.contiguous(), out.contiguous(), at::Tensor(), std::nullopt,
+                        batched ? out.size(0) : 1, out.size(-2), out.size(-1)};
+  if (output_mask[0] || output_mask[1]) pass.gz = at::empty_like(pass.out, at::MemoryFormat::Contiguous);
+  if (output_mask[2]) {
+    pass.grad_bias = batched ? at::empty({pass.tasks, pass.cols}, out.options()) : at::empty({pass.cols}, out.options());
+  }
+  return pass;
+}
+
 // linear_relu_backward's GEMMs from gz = grad_out * (out > 0): grad_x = gz @ weight and
 // grad_weight = gz^T @ x, each only where output_mask asks for it.
 inline std::pair<std::optional<at::Tensor>, std::optional<at::Tensor>> input_and_weight_grads(

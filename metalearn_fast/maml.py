@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from .nn import MLP, FusedLinearReLU, SimpleNet
-from .ops import linear_relu, maml_mlp_loss, sgd_step, sgd_step_
+from .ops import _number_as_rate, linear_relu, maml_mlp_loss, sgd_step, sgd_step_
 from .tasks import TaskBatch, check_task_set
 
 __all__ = ["MAML", "Reptile"]
@@ -467,7 +467,7 @@ class MAML(_TaskBatchedLearner):
         key = (self.inner_lr, like.dtype, like.device)
         cached = getattr(self, "_inner_lr_cache", None)
         if cached is None or cached[0] != key:
-            cached = self._inner_lr_cache = (key, torch.tensor(self.inner_lr, dtype=like.dtype, device=like.device))
+            cached = self._inner_lr_cache = (key, _number_as_rate(self.inner_lr, like))
         return cached[1]
 
     def _fused_meta_loss(self, batch: TaskBatch) -> Tensor:

@@ -172,6 +172,11 @@ def linear_relu_backward(
 LearningRate = Union[float, Tensor, Sequence[Tensor]]
 
 
+def _number_as_rate(lr: float, like: Tensor) -> Tensor:
+    """A learning rate given as a number, as the 0-dim tensor the ops take (like's dtype and device)."""
+    return torch.tensor(float(lr), dtype=like.dtype, device=like.device)
+
+
 def _rates(params: Sequence[Tensor], lr: LearningRate) -> list[Tensor]:
     """Normalise lr to the op's form: one tensor shared by all params, or one per param.
 
@@ -181,7 +186,7 @@ def _rates(params: Sequence[Tensor], lr: LearningRate) -> list[Tensor]:
     if len(params) == 0:
         raise ValueError("sgd_step: params is empty")
     if isinstance(lr, numbers.Real):
-        return [torch.tensor(float(lr), dtype=params[0].dtype, device=params[0].device)]
+        return [_number_as_rate(lr, params[0])]
     if isinstance(lr, Tensor):
         if lr.dim() == 0:
             return [lr]
@@ -265,7 +270,7 @@ def maml_mlp_loss(
     in the inner loop (ANIL). Its gradient comes from the op's analytic reverse sweep."""
     params = list(params)
     if isinstance(lr, numbers.Real):
-        rates = [torch.tensor(float(lr), dtype=params[0].dtype, device=params[0].device)]
+        rates = [_number_as_rate(lr, params[0])]
     elif isinstance(lr, Tensor):
         rates = [lr]
     else:

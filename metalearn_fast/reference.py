@@ -124,7 +124,8 @@ def linear_relu_backward_backward(
     return d_grad_out, d_x, d_weight
 
 
-def _lr_for(params: Sequence[Tensor], lr: Sequence[Tensor], i: int) -> Tensor:
+def _lr_for(lr: Sequence[Tensor], i: int) -> Tensor:
+    """The rate of params[i]: lr holds one tensor for all params, or one per param."""
     return lr[0] if len(lr) == 1 else lr[i]
 
 
@@ -136,7 +137,7 @@ def _check_sgd_step_args(params: Sequence[Tensor], grads: Sequence[Tensor], lr: 
     if len(lr) not in (1, len(params)):
         raise ValueError(f"sgd_step: lr must hold one tensor or one per param ({len(params)}), got {len(lr)}")
     for i, (p, g) in enumerate(zip(params, grads)):
-        rate = _lr_for(params, lr, i)
+        rate = _lr_for(lr, i)
         if not p.is_floating_point():
             raise TypeError(f"sgd_step: params[{i}] must be floating-point, got {p.dtype}")
         if p.dtype != params[0].dtype:
@@ -177,7 +178,7 @@ def _check_lr_layout(param: Tensor, lr: Tensor, i: int) -> None:
 def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Sequence[Tensor]) -> list[Tensor]:
     """[p - lr_i * g for each param]; lr holds one tensor for all params or one per param."""
     _check_sgd_step_args(params, grads, lr)
-    return [p - _lr_for(params, lr, i) * g for i, (p, g) in enumerate(zip(params, grads))]
+    return [p - _lr_for(lr, i) * g for i, (p, g) in enumerate(zip(params, grads))]
 
 
 def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Sequence[Tensor]) -> None:
@@ -194,7 +195,7 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: Sequence[Te
         if any(t.requires_grad for t in lr):
             raise ValueError("sgd_step_: lr must not require grad")
     for i, (p, g) in enumerate(zip(params, grads)):
-        p.sub_(_lr_for(params, lr, i) * g)
+        p.sub_(_lr_for(lr, i) * g)
 
 
 def mlp_forward(x: Tensor, params: Sequence[Tensor]) -> Tensor:
@@ -315,7 +316,7 @@ def maml_mlp_meta_grad(
             support = task_losses(mlp_forward(x_support, fast), y_support, loss).sum()
             grads = torch.autograd.grad(support, fast[first:], create_graph=differentiable)
             fast = fast[:first] + [
-                p - _lr_for(params, rates, first + i) * g for i, (p, g) in enumerate(zip(fast[first:], grads))
+                p - _lr_for(rates, first + i) * g for i, (p, g) in enumerate(zip(fast[first:], grads))
             ]
         query = task_losses(mlp_forward(x_query, fast), y_query, loss).mean()
         wanted = (meta if compute_grad else []) + (rates if compute_lr_grad else [])

@@ -1,5 +1,4 @@
 """Each op against reference.py, gradcheck/gradgradcheck in float64, opcheck, and bad input."""
-import itertools
 
 import pytest
 import torch

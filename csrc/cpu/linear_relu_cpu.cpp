@@ -26,7 +26,8 @@ at::Tensor linear_relu_cpu(const at::Tensor& x, const at::Tensor& weight, const 
 // gz[t,n,o] = out[t,n,o] > 0 ? grad_out[t,n,o] : 0 and grad_bias[t,o] = sum_n gz[t,n,o], in one pass.
 // Work is split over (task, block of columns) so that each thread owns its grad_bias entries and the
 // inner loop over a row's columns is contiguous (the compiler vectorises the select and the add).
-template <typename scalar_t>
+// gz is written only when kWriteGz (a GEMM needs it), grad_bias only when not null.
+template <typename scalar_t, bool kWriteGz>
 void relu_mask_and_bias_grad(const scalar_t* grad_out, const scalar_t* out, scalar_t* gz, scalar_t* grad_bias,
                              int64_t tasks, int64_t rows, int64_t cols) {
   using acc_t = at::opmath_type<scalar_t>;
@@ -44,10 +45,9 @@ void relu_mask_and_bias_grad(const scalar_t* grad_out, const scalar_t* out, scal
         const int64_t base = (t * rows + n) * cols + c0;
         const scalar_t* g = grad_out + base;
         const scalar_t* o = out + base;
-        scalar_t* z = gz + base;
         for (int64_t c = 0; c < width; ++c) {
           const scalar_t v = o[c] > scalar_t(0) ? g[c] : scalar_t(0);
-          z[c] = v;
+          if constexpr (kWriteGz) gz[base + c] = v;
           acc[c] += static_cast<acc_t>(v);
         }
       }
@@ -62,24 +62,21 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     const at::Tensor& grad_out_in, const at::Tensor& x, const at::Tensor& weight, const at::Tensor& out_in,
     std::array<bool, 3> output_mask) {
   check_linear_relu_backward_args(grad_out_in, x, weight, out_in);
-  const bool batched = x.dim() == 3;
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  const at::Tensor out = out_in.contiguous();
-  const int64_t tasks = batched ? out.size(0) : 1;
-  const int64_t rows = out.size(-2);
-  const int64_t cols = out.size(-1);
-  at::Tensor gz = at::empty_like(out, at::MemoryFormat::Contiguous);
-  std::optional<at::Tensor> grad_bias;
-  if (output_mask[2]) {
-    grad_bias = batched ? at::empty({tasks, cols}, out.options()) : at::empty({cols}, out.options());
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_relu_backward_cpu", [&] {
-    relu_mask_and_bias_grad<scalar_t>(grad_out.const_data_ptr<scalar_t>(), out.const_data_ptr<scalar_t>(),
-                                      gz.mutable_data_ptr<scalar_t>(),
-                                      grad_bias ? grad_bias->mutable_data_ptr<scalar_t>() : nullptr, tasks, rows, cols);
+  ReluBackwardPass pass = prepare_relu_backward(grad_out_in, out_in, output_mask);
+  if (!pass.has_work()) return {std::nullopt, std::nullopt, std::nullopt};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pass.out.scalar_type(), "linear_relu_backward_cpu", [&] {
+    const scalar_t* grad_out = pass.grad_out.const_data_ptr<scalar_t>();
+    const scalar_t* out = pass.out.const_data_ptr<scalar_t>();
+    scalar_t* grad_bias = pass.grad_bias ? pass.grad_bias->mutable_data_ptr<scalar_t>() : nullptr;
+    if (pass.gz.defined()) {
+      relu_mask_and_bias_grad<scalar_t, true>(grad_out, out, pass.gz.mutable_data_ptr<scalar_t>(), grad_bias,
+                                              pass.tasks, pass.rows, pass.cols);
+    } else {
+      relu_mask_and_bias_grad<scalar_t, false>(grad_out, out, nullptr, grad_bias, pass.tasks, pass.rows, pass.cols);
+    }
   });
-  auto [grad_x, grad_weight] = input_and_weight_grads(gz, x, weight, output_mask);
-  return {grad_x, grad_weight, grad_bias};
+  auto [grad_x, grad_weight] = input_and_weight_grads(pass.gz, x, weight, output_mask);
+  return {grad_x, grad_weight, pass.grad_bias};
 }
 
 }  // namespace

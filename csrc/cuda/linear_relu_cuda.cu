@@ -372,28 +372,14 @@ std::tuple<std::optional<at::Tensor>, std::optional<at::Tensor>, std::optional<a
     std::array<bool, 3> output_mask) {
   check_linear_relu_backward_args(grad_out_in, x, weight, out_in);
   const c10::cuda::CUDAGuard device_guard(x.device());
-  const bool batched = x.dim() == 3;
-  const at::Tensor grad_out = grad_out_in.contiguous();
-  const at::Tensor out = out_in.contiguous();
-  const int64_t tasks = batched ? out.size(0) : 1;
-  const int64_t rows = out.size(-2);
-  const int64_t cols = out.size(-1);
-
-  const bool need_gz = output_mask[0] || output_mask[1];
-  std::optional<at::Tensor> grad_bias;
-  if (!need_gz && !output_mask[2]) return {std::nullopt, std::nullopt, std::nullopt};
-
-  at::Tensor gz;
-  if (need_gz) gz = at::empty_like(out, at::MemoryFormat::Contiguous);
-  if (output_mask[2]) {
-    grad_bias = batched ? at::empty({tasks, cols}, out.options()) : at::empty({cols}, out.options());
-  }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "linear_relu_backward_cuda", [&] {
-    relu_mask_and_bias_grad<scalar_t>(grad_out, out, need_gz ? &gz : nullptr, grad_bias ? &*grad_bias : nullptr,
-                                      tasks, rows, cols);
+  ReluBackwardPass pass = prepare_relu_backward(grad_out_in, out_in, output_mask);
+  if (!pass.has_work()) return {std::nullopt, std::nullopt, std::nullopt};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, pass.out.scalar_type(), "linear_relu_backward_cuda", [&] {
+    relu_mask_and_bias_grad<scalar_t>(pass.grad_out, pass.out, pass.gz.defined() ? &pass.gz : nullptr,
+                                      pass.grad_bias ? &*pass.grad_bias : nullptr, pass.tasks, pass.rows, pass.cols);
   });
-  auto [grad_x, grad_weight] = input_and_weight_grads(gz, x, weight, output_mask);
-  return {grad_x, grad_weight, grad_bias};
+  auto [grad_x, grad_weight] = input_and_weight_grads(pass.gz, x, weight, output_mask);
+  return {grad_x, grad_weight, pass.grad_bias};
 }
 
 }  // namespace
