@@ -5,6 +5,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include "composite/maml_mlp.h"
 #include "metalearn_fast_build_info.h"
 
 TORCH_LIBRARY(metalearn_fast, m) {
@@ -24,6 +25,11 @@ TORCH_LIBRARY(metalearn_fast, m) {
       "maml_mlp_meta_grad(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
       " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer, bool compute_grad,"
       " bool compute_lr_grad) -> (Tensor, Tensor[], Tensor[])");
+  // The same meta-loss as one autograd node, differentiable once w.r.t. params and lr: its forward
+  // runs maml_mlp_meta_grad for the gradients the inputs need, its backward scales them.
+  m.def(
+      "maml_mlp_loss(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
+      " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer) -> Tensor");
 }
 
 namespace {
@@ -64,5 +70,7 @@ extern "C" PyObject* PyInit__C(void) {
   PyModule_AddStringConstant(module, "TORCH_VERSION", METALEARN_FAST_TORCH_VERSION);
   PyModule_AddStringConstant(module, "CUDA_VERSION", METALEARN_FAST_CUDA_VERSION);
   PyModule_AddStringConstant(module, "NO_CUDA_REASON", METALEARN_FAST_NO_CUDA_REASON);
+  PyModule_AddIntConstant(module, "CPU_TASK_KERNEL", metalearn_fast::cpu_task_kernel_available());
+  PyModule_AddIntConstant(module, "CPU_TASK_KERNEL_MAX_LAYER", metalearn_fast::kMaxTaskLayer);
   return module;
 }

@@ -39,13 +39,18 @@ SCHEMAS = {
         " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer, bool compute_grad,"
         " bool compute_lr_grad) -> (Tensor, Tensor[], Tensor[])"
     ),
+    "maml_mlp_loss": (
+        "maml_mlp_loss(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
+        " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer) -> Tensor"
+    ),
 }
 
 _extension = _ext.load()
 
 
-# Ops with one kernel per device; maml_mlp_meta_grad is a composite of ATen ops (any device).
+# Ops with one kernel per device; the MAML ops are composites of ATen ops (any device).
 DEVICE_OPS = ("linear_relu", "linear_relu_backward", "sgd_step", "sgd_step_")
+MAML_OPS = ("maml_mlp_meta_grad", "maml_mlp_loss")
 
 
 def _register_fallback() -> torch.library.Library:
@@ -53,6 +58,10 @@ def _register_fallback() -> torch.library.Library:
     for name in DEVICE_OPS:
         lib.define(SCHEMAS[name])
         lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
+    # The reference MAML ops differentiate by autograd, so they run above the autograd key.
+    for name in MAML_OPS:
+        lib.define(SCHEMAS[name])
+        lib.impl(name, getattr(reference, name), "CompositeImplicitAutograd")
 
     def linear_relu_setup(ctx, inputs, output):
         x, weight, _ = inputs
@@ -132,15 +141,18 @@ def _maml_mlp_meta_grad_fake(params, lr, x_support, y_support, x_query, y_query,
     return x_query.new_empty(()), grads, lr_grads
 
 
-if _extension is not None:
+def _maml_mlp_loss_fake(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
+                        first_adapted_layer):
+    return x_query.new_empty(())
+
+
+if _extension is not None:  # the fallback's composites trace themselves
     torch.library.register_fake("metalearn_fast::maml_mlp_meta_grad")(_maml_mlp_meta_grad_fake)
-    _maml_mlp_meta_grad = torch.ops.metalearn_fast.maml_mlp_meta_grad.default
-else:
-    # The fallback computes the meta-gradient by autograd, which a kernel registered below the
-    # autograd dispatch key could not use: it is called directly instead of as an op.
-    _maml_mlp_meta_grad = reference.maml_mlp_meta_grad
+    torch.library.register_fake("metalearn_fast::maml_mlp_loss")(_maml_mlp_loss_fake)
 
 
+_maml_mlp_meta_grad = torch.ops.metalearn_fast.maml_mlp_meta_grad.default
+_maml_mlp_loss = torch.ops.metalearn_fast.maml_mlp_loss.default
 _linear_relu = torch.ops.metalearn_fast.linear_relu.default
 _linear_relu_backward = torch.ops.metalearn_fast.linear_relu_backward.default
 _sgd_step = torch.ops.metalearn_fast.sgd_step.default
@@ -221,33 +233,6 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LearningRat
     _sgd_step_inplace(params, list(grads), _rates(params, lr))
 
 
-class _MamlMlpLoss(torch.autograd.Function):
-    """The meta-loss as one autograd node: the op returns the loss with its gradient, which the
-    backward only scales. The inner loop is inside the op, so the node is differentiable once."""
-
-    @staticmethod
-    def forward(ctx, config, count, *tensors):
-        params, lr = list(tensors[:count]), list(tensors[count:-4])
-        x_support, y_support, x_query, y_query = tensors[-4:]
-        needs = ctx.needs_input_grad[2:]
-        compute_grad, compute_lr_grad = any(needs[:count]), any(needs[count : len(tensors) - 4])
-        loss, grads, lr_grads = _maml_mlp_meta_grad(
-            params, lr, x_support, y_support, x_query, y_query, *config, compute_grad, compute_lr_grad
-        )
-        ctx.count, ctx.lr_count = count, len(lr)
-        ctx.has = (compute_grad, compute_lr_grad)
-        ctx.save_for_backward(*grads, *lr_grads)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        scaled = iter(torch._foreach_mul(list(ctx.saved_tensors), grad_loss))  # one call for every gradient
-        grads = [next(scaled) for _ in range(ctx.count)] if ctx.has[0] else [None] * ctx.count
-        lr_grads = [next(scaled) for _ in range(ctx.lr_count)] if ctx.has[1] else [None] * ctx.lr_count
-        return (None, None, *grads, *lr_grads, None, None, None, None)
-
-
 def maml_mlp_loss(
     params: Sequence[Tensor],
     lr: Union[float, Tensor, Sequence[Tensor]],
@@ -267,7 +252,8 @@ def maml_mlp_loss(
     shaped like every param) or one tensor per param (Meta-SGD); x_*: [T, K, I]; y_*: [T, K, D] for
     "mse" or [T, K] int64 labels for "cross_entropy". The mean over tasks of the query loss after
     inner_steps SGD steps on each task's support loss; layers before first_adapted_layer stay fixed
-    in the inner loop (ANIL). Its gradient comes from the op's analytic reverse sweep."""
+    in the inner loop (ANIL). Differentiable once: with the extension, its gradient comes from the
+    op's analytic reverse sweep (one autograd node, in C++); on the fallback, from autograd."""
     params = list(params)
     if isinstance(lr, numbers.Real):
         rates = [_number_as_rate(lr, params[0])]
@@ -275,8 +261,8 @@ def maml_mlp_loss(
         rates = [lr]
     else:
         rates = list(lr)
-    config = (int(inner_steps), bool(first_order), str(loss), int(first_adapted_layer))
-    return _MamlMlpLoss.apply(config, len(params), *params, *rates, x_support, y_support, x_query, y_query)
+    return _maml_mlp_loss(params, rates, x_support, y_support, x_query, y_query, int(inner_steps), bool(first_order),
+                          str(loss), int(first_adapted_layer))
 
 
 def _has_kernel(dispatch_key: str) -> bool:
@@ -297,6 +283,9 @@ def backend_info() -> dict:
         "built_against_torch": module.TORCH_VERSION if module is not None else "",
         "built_against_cuda": module.CUDA_VERSION if module is not None else "",
         "why_no_cuda_kernels": module.NO_CUDA_REASON if module is not None else "",
+        # the MAML op on the CPU: a per-task kernel for MLPs up to this weight size (AVX2 CPUs)
+        "cpu_maml_task_kernel": bool(module.CPU_TASK_KERNEL) if module is not None else False,
+        "cpu_maml_task_kernel_max_layer": module.CPU_TASK_KERNEL_MAX_LAYER if module is not None else 0,
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda or "",
         "cuda_available": torch.cuda.is_available(),

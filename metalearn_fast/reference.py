@@ -17,6 +17,7 @@ __all__ = [
     "linear_relu_backward_backward",
     "sgd_step",
     "sgd_step_",
+    "maml_mlp_loss",
     "maml_mlp_meta_grad",
     "mlp_forward",
     "task_losses",
@@ -278,6 +279,53 @@ def _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_s
                 raise ValueError(f"{op}: {name} must be [T, K] class labels for cross_entropy, got {list(y.shape)}")
             if y.dtype != torch.int64:
                 raise TypeError(f"{op}: {name} must be int64 labels, got {y.dtype}")
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= width:
+                raise ValueError(f"{op}: {name} must hold class labels in [0, {width}), got labels from {low} to {high}")
+
+
+def maml_mlp_loss(
+    params: Sequence[Tensor],
+    lr: Sequence[Tensor],
+    x_support: Tensor,
+    y_support: Tensor,
+    x_query: Tensor,
+    y_query: Tensor,
+    inner_steps: int,
+    first_order: bool,
+    loss: str,
+    first_adapted_layer: int,
+) -> Tensor:
+    """The MAML meta-loss of an MLP over a meta-batch in batched torch, differentiable by autograd.
+
+    params [W0, b0, W1, b1, ...] (ReLU between layers); lr one tensor (scalar, or shaped like every
+    param) or one per param; x_* [T, K, I]; y_* [T, K, D] (mse) or [T, K] labels (cross_entropy).
+    Layers from first_adapted_layer on adapt in the inner loop (ANIL adapts the last only). The loss
+    is the mean over tasks of each task's query loss after inner_steps SGD steps on its support loss;
+    its gradient w.r.t. params and lr is MAML's (FOMAML's when first_order: the inner gradients are
+    constants)."""
+    _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, loss, first_adapted_layer)
+    for name, data in (("x_support", x_support), ("y_support", y_support), ("x_query", x_query), ("y_query", y_query)):
+        if torch.is_grad_enabled() and data.requires_grad:
+            raise ValueError(
+                f"maml_mlp_loss: {name} requires grad, but the op differentiates w.r.t. params and lr only; detach it"
+            )
+    tasks = x_support.shape[0]
+    outer = torch.is_grad_enabled() and any(t.requires_grad for t in (*params, *lr))
+    first = 2 * first_adapted_layer
+    with torch.enable_grad():
+        # the inner loop differentiates w.r.t. the adapted params: those the caller does not
+        # differentiate become leaves of their own; per-task copies so that each task gets its own gradient
+        start = [p if outer and p.requires_grad else p.detach().requires_grad_() for p in params[first:]]
+        fast = list(params[:first]) + [p.expand(tasks, *p.shape) for p in start]
+        for _ in range(inner_steps):
+            support = task_losses(mlp_forward(x_support, fast), y_support, loss).sum()
+            grads = torch.autograd.grad(support, fast[first:], create_graph=outer and not first_order)
+            fast = fast[:first] + [
+                p - _lr_for(lr, first + i) * g for i, (p, g) in enumerate(zip(fast[first:], grads))
+            ]
+    with torch.set_grad_enabled(outer):
+        return task_losses(mlp_forward(x_query, fast), y_query, loss).mean()
 
 
 def maml_mlp_meta_grad(
@@ -294,32 +342,15 @@ def maml_mlp_meta_grad(
     compute_grad: bool,
     compute_lr_grad: bool,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """The MAML meta-loss of an MLP over a meta-batch, and its gradient, by autograd on batched torch.
-
-    params [W0, b0, W1, b1, ...] (ReLU between layers); lr one tensor (scalar, or shaped like every
-    param) or one per param; x_* [T, K, I]; y_* [T, K, D] (mse) or [T, K] labels (cross_entropy).
-    Layers from first_adapted_layer on adapt in the inner loop (ANIL adapts the last only). The loss
-    is the mean over tasks of each task's query loss after inner_steps SGD steps on its support loss.
-    Returns (loss, grads w.r.t. params, grads w.r.t. lr); each list is empty unless asked for
-    (compute_grad, compute_lr_grad)."""
-    _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, loss, first_adapted_layer)
-    tasks = x_support.shape[0]
+    """maml_mlp_loss and, by autograd, its gradient w.r.t. params (when compute_grad) and lr (when
+    compute_lr_grad): (loss, param grads, lr grads), each list empty unless asked for."""
+    meta = [p.detach().requires_grad_(compute_grad) for p in params]
+    rates = [r.detach().requires_grad_(compute_lr_grad) for r in lr]
+    wanted = (meta if compute_grad else []) + (rates if compute_lr_grad else [])
     with torch.enable_grad():
-        meta = [p.detach().requires_grad_() for p in params]  # the inner loop differentiates w.r.t. them
-        rates = [r.detach().requires_grad_(compute_lr_grad) for r in lr]
-        # the inner loop must be differentiable when either gradient is asked for
-        differentiable = (compute_grad or compute_lr_grad) and not first_order
-        first = 2 * first_adapted_layer
-        # per-task copies of the adapted params: the gradient w.r.t. them is each task's own
-        fast = meta[:first] + [p.expand(tasks, *p.shape) for p in meta[first:]]
-        for _ in range(inner_steps):
-            support = task_losses(mlp_forward(x_support, fast), y_support, loss).sum()
-            grads = torch.autograd.grad(support, fast[first:], create_graph=differentiable)
-            fast = fast[:first] + [
-                p - _lr_for(rates, first + i) * g for i, (p, g) in enumerate(zip(fast[first:], grads))
-            ]
-        query = task_losses(mlp_forward(x_query, fast), y_query, loss).mean()
-        wanted = (meta if compute_grad else []) + (rates if compute_lr_grad else [])
+        query = maml_mlp_loss(
+            meta, rates, x_support, y_support, x_query, y_query, inner_steps, first_order, loss, first_adapted_layer
+        )
         found = torch.autograd.grad(query, wanted, allow_unused=True) if wanted else []
     found = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(found, wanted)]
     count = len(meta) if compute_grad else 0

@@ -1,4 +1,6 @@
 """maml_mlp_loss (the fused meta-step) against an explicit per-task loop with torch.autograd.grad."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,21 +13,30 @@ from metalearn_fast.ops import maml_mlp_loss
 SIZES = [3, 8, 7, 4]
 
 
-def make_problem(loss, device, tasks=4, support=5, query=6, seed=0):
+def kernel_sizes(kernel):
+    """Layer sizes for each of the op's CPU kernels: small layers take the per-task kernel, and a
+    weight over its limit sends the MLP to the batched composite (which CUDA always runs)."""
+    if kernel == "per-task":
+        return SIZES
+    width = math.isqrt(mf.backend_info()["cpu_maml_task_kernel_max_layer"] or 128 * 128) + 1
+    return [3, width, width, 4]
+
+
+def make_problem(loss, device, tasks=4, support=5, query=6, seed=0, sizes=SIZES):
     g = torch.Generator().manual_seed(seed)
     params = []
-    for fan_in, fan_out in zip(SIZES[:-1], SIZES[1:]):
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
         params += [torch.randn(fan_out, fan_in, generator=g, dtype=torch.float64) / fan_in**0.5,
                    torch.randn(fan_out, generator=g, dtype=torch.float64) * 0.1]
     params = [p.to(device).requires_grad_() for p in params]
-    xs = torch.randn(tasks, support, SIZES[0], generator=g, dtype=torch.float64).to(device)
-    xq = torch.randn(tasks, query, SIZES[0], generator=g, dtype=torch.float64).to(device)
+    xs = torch.randn(tasks, support, sizes[0], generator=g, dtype=torch.float64).to(device)
+    xq = torch.randn(tasks, query, sizes[0], generator=g, dtype=torch.float64).to(device)
     if loss == "mse":
-        ys = torch.randn(tasks, support, SIZES[-1], generator=g, dtype=torch.float64).to(device)
-        yq = torch.randn(tasks, query, SIZES[-1], generator=g, dtype=torch.float64).to(device)
+        ys = torch.randn(tasks, support, sizes[-1], generator=g, dtype=torch.float64).to(device)
+        yq = torch.randn(tasks, query, sizes[-1], generator=g, dtype=torch.float64).to(device)
     else:
-        ys = torch.randint(0, SIZES[-1], (tasks, support), generator=g).to(device)
-        yq = torch.randint(0, SIZES[-1], (tasks, query), generator=g).to(device)
+        ys = torch.randint(0, sizes[-1], (tasks, support), generator=g).to(device)
+        yq = torch.randint(0, sizes[-1], (tasks, query), generator=g).to(device)
     return params, xs, ys, xq, yq
 
 
@@ -71,9 +82,10 @@ VARIANTS = [
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
 @pytest.mark.parametrize("steps", [1, 2, 5])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-def test_meta_loss_and_gradient_equal_the_per_task_loop(variant, steps, loss, device):
+@pytest.mark.parametrize("kernel", ["per-task", "batched"])
+def test_meta_loss_and_gradient_equal_the_per_task_loop(variant, steps, loss, kernel, device):
     _, first_order, meta_sgd, anil = variant
-    params, xs, ys, xq, yq = make_problem(loss, device)
+    params, xs, ys, xq, yq = make_problem(loss, device, sizes=kernel_sizes(kernel))
     g = torch.Generator().manual_seed(1)
     if meta_sgd:
         rates = [(0.05 + 0.1 * torch.rand(p.shape, generator=g, dtype=torch.float64)).to(device).requires_grad_()
@@ -127,14 +139,34 @@ def test_no_grad_returns_the_loss_only(device):
                                                    2, False, "mse", 0).detach())
 
 
-def test_opcheck_maml_mlp_meta_grad(device):
-    if mf.backend_info()["active"] != "extension":
-        pytest.skip("the fallback computes the meta-gradient by autograd, not as a registered op")
+def test_opcheck_maml_ops(device):
     params, xs, ys, xq, yq = make_problem("mse", device)
     params = [p.detach() for p in params]
     rate = [torch.tensor(0.1, dtype=torch.float64, device=device)]
-    torch.library.opcheck(torch.ops.metalearn_fast.maml_mlp_meta_grad.default,
-                          (params, rate, xs, ys, xq, yq, 2, False, "mse", 0, True, True))
+    args = (params, rate, xs, ys, xq, yq, 2, False, "mse", 0)
+    torch.library.opcheck(torch.ops.metalearn_fast.maml_mlp_meta_grad.default, (*args, True, True))
+    torch.library.opcheck(torch.ops.metalearn_fast.maml_mlp_loss.default, args)
+    # and with the inputs requiring grad, so that the autograd registration is exercised
+    torch.library.opcheck(torch.ops.metalearn_fast.maml_mlp_loss.default,
+                          ([p.requires_grad_() for p in params], [rate[0].requires_grad_()], *args[2:]))
+
+
+def test_data_requiring_grad_is_refused(device):
+    params, xs, ys, xq, yq = make_problem("mse", device)
+    with pytest.raises(ValueError, match="x_query requires grad"):
+        maml_mlp_loss(params, 0.1, xs, ys, xq.requires_grad_(), yq)
+
+
+def test_the_meta_gradient_is_differentiable_once_with_the_extension(device):
+    params, xs, ys, xq, yq = make_problem("mse", device)
+    loss = maml_mlp_loss(params, 0.1, xs, ys, xq, yq)
+    if mf.backend_info()["active"] != "extension":
+        # the fallback's loss is a plain autograd graph: its gradient is differentiable again
+        grads = torch.autograd.grad(loss, params, create_graph=True)
+        assert grads[0].requires_grad
+        return
+    with pytest.raises(RuntimeError, match="differentiable once"):
+        torch.autograd.grad(loss, params, create_graph=True)
 
 
 @pytest.mark.parametrize("impl", ["op", "reference"])
@@ -163,6 +195,22 @@ def test_bad_arguments_are_named(impl, device):
             args[index] = value
         with pytest.raises(error, match=message):
             fn(*args)
+
+
+@pytest.mark.parametrize("impl", ["op", "reference"])
+@pytest.mark.parametrize("kernel", ["per-task", "batched"])
+def test_class_labels_out_of_range_are_named(impl, kernel, device):
+    params, xs, ys, xq, yq = make_problem("cross_entropy", device, sizes=kernel_sizes(kernel))
+    params = [p.detach() for p in params]
+    rate = [torch.tensor(0.1, dtype=torch.float64, device=device)]
+    fn = mf.ops._maml_mlp_meta_grad if impl == "op" else reference.maml_mlp_meta_grad
+    too_high, negative = yq.clone(), ys.clone()
+    too_high[1, 2] = 4
+    negative[0, 0] = -1
+    with pytest.raises(ValueError, match=r"y_query must hold class labels in \[0, 4\), got labels from 0 to 4"):
+        fn(params, rate, xs, ys, xq, too_high, 1, False, "cross_entropy", 0, True, True)
+    with pytest.raises(ValueError, match=r"y_support must hold class labels in \[0, 4\), got labels from -1"):
+        fn(params, rate, xs, negative, xq, yq, 1, False, "cross_entropy", 0, True, True)
 
 
 @pytest.mark.parametrize("first_order", [False, True])

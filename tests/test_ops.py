@@ -252,10 +252,8 @@ def test_opcheck_sgd_step(device):
 
 
 def test_schemas_match_the_compiled_library():
-    # the fallback defines the per-device ops only; maml_mlp_meta_grad runs as reference code there
-    names = SCHEMAS if mf.backend_info()["active"] == "extension" else mf.ops.DEVICE_OPS
-    assert set(mf.ops.DEVICE_OPS) <= set(names)
-    for name in names:
+    assert set(mf.ops.DEVICE_OPS + mf.ops.MAML_OPS) == set(SCHEMAS)
+    for name in SCHEMAS:
         op = getattr(torch.ops.metalearn_fast, name).default
         assert str(op._schema) == "metalearn_fast::" + SCHEMAS[name], name
 

@@ -19,14 +19,13 @@
 #include <string>
 #include <vector>
 
+#include "composite/maml_mlp.h"
 #include "kernel_common.h"
 
 namespace metalearn_fast {
 namespace {
 
 using at::Tensor;
-
-enum class LossKind { kMse, kCrossEntropy };
 
 // A layer's parameters: shared by all tasks ([O,I], [O]) or one set per task ([T,O,I], [T,O]).
 struct Layer {
@@ -72,11 +71,16 @@ void add_times_weight_(Tensor& acc, const Tensor& e, const Tensor& weight) {
   }
 }
 
+// d^T a for d [T,K,O] and a [T,K,I]: one [O,I] per task, or their sum over tasks (one GEMM over T*K rows).
+Tensor task_weight_grad(const Tensor& d, const Tensor& a, bool per_task) {
+  if (per_task) return weight_grad(d, a);
+  const int64_t n = d.size(0) * d.size(1);
+  return weight_grad(d.reshape({n, d.size(2)}), a.reshape({n, a.size(2)}));
+}
+
 // Gradient of a layer's weight and bias from d [T,K,O] and a [T,K,I]: one per task, or summed over tasks.
 std::pair<Tensor, Tensor> layer_grads(const Tensor& d, const Tensor& a, bool per_task) {
-  if (per_task) return {weight_grad(d, a), d.sum(1)};
-  const int64_t n = d.size(0) * d.size(1);
-  return {weight_grad(d.reshape({n, d.size(2)}), a.reshape({n, a.size(2)})), d.sum({0, 1})};
+  return {task_weight_grad(d, a, per_task), per_task ? d.sum(1) : d.sum({0, 1})};
 }
 
 struct Loss {
@@ -116,8 +120,13 @@ struct Loss {
 // One pass through the network on one set of inputs, and what its backward passes need.
 struct Pass {
   std::vector<Tensor> inputs;  // a_l for every layer (the body's are computed once and shared)
+  // relu'(z_{l-1}) for l >= 1: 1 where a_l > 0, else 0. A support pass's masks serve its backward and
+  // both sweeps of every Hessian product; a multiply by them is cheaper than threshold_backward.
+  std::vector<Tensor> masks;
   std::vector<Tensor> deltas;  // d_l for the layers the backward reached
   Tensor loss;
+
+  explicit Pass(int64_t layers) : inputs(layers), masks(layers), deltas(layers) {}
 };
 
 // Forward from layer `from` (inputs[from] must be set), loss (its value when need_value), and
@@ -130,7 +139,10 @@ std::vector<std::pair<Tensor, Tensor>> forward_backward(Pass& pass, const std::v
   Tensor z;
   for (int64_t l = from; l < count; ++l) {
     z = affine(pass.inputs[l], layers[l].weight, layers[l].bias);
-    if (l + 1 < count) pass.inputs[l + 1] = z.relu_();
+    if (l + 1 < count) {
+      pass.inputs[l + 1] = z.relu_();
+      pass.masks[l + 1] = at::sign(pass.inputs[l + 1]);  // a >= 0, so its sign is the mask
+    }
   }
   Tensor d;
   pass.loss = loss.value_and_grad(z, d, need_value);
@@ -138,34 +150,37 @@ std::vector<std::pair<Tensor, Tensor>> forward_backward(Pass& pass, const std::v
   for (int64_t l = count - 1; l >= stop; --l) {
     pass.deltas[l] = d;
     grads[l] = layer_grads(d, pass.inputs[l], l >= per_task_from);
-    if (l > stop) d = at::threshold_backward(times_weight(d, layers[l].weight), pass.inputs[l], 0);
+    if (l > stop) d = times_weight(d, layers[l].weight).mul_(pass.masks[l]);
   }
   return grads;
 }
 
 // Hessian of the support loss at a step applied to a direction (dW, db) on the adapted layers:
-// a forward tangent pass, then the backward pass of the tangent, down to layer `stop`.
+// a forward tangent pass, then the backward pass of the tangent, down to layer `stop`. The result
+// is per task on the adapted layers, or summed over tasks everywhere when per_task is false.
 std::vector<std::pair<Tensor, Tensor>> hessian_times(const Pass& pass, const std::vector<Layer>& layers,
                                                      const Loss& loss, const std::vector<std::pair<Tensor, Tensor>>& dir,
-                                                     int64_t first_adapted, int64_t stop) {
+                                                     int64_t first_adapted, int64_t stop, bool per_task) {
   const int64_t count = static_cast<int64_t>(layers.size());
   std::vector<Tensor> tangent_inputs(count);  // R a_l; zero (undefined) up to the first adapted layer
   Tensor rz;
   for (int64_t l = first_adapted; l < count; ++l) {
     rz = affine(pass.inputs[l], dir[l].first, dir[l].second);
     if (tangent_inputs[l].defined()) add_affine_(rz, tangent_inputs[l], layers[l].weight);
-    if (l + 1 < count) tangent_inputs[l + 1] = at::threshold_backward(rz, pass.inputs[l + 1], 0);
+    if (l + 1 < count) tangent_inputs[l + 1] = rz.mul_(pass.masks[l + 1]);
   }
   Tensor rd = loss.hessian_times(rz);
   std::vector<std::pair<Tensor, Tensor>> out(count);
   for (int64_t l = count - 1; l >= stop; --l) {
     const bool adapted = l >= first_adapted;
-    out[l] = layer_grads(rd, pass.inputs[l], adapted);
-    if (tangent_inputs[l].defined()) out[l].first.add_(weight_grad(pass.deltas[l], tangent_inputs[l]));
+    out[l] = layer_grads(rd, pass.inputs[l], adapted && per_task);
+    if (tangent_inputs[l].defined()) {
+      out[l].first.add_(task_weight_grad(pass.deltas[l], tangent_inputs[l], adapted && per_task));
+    }
     if (l > stop) {
       Tensor re = times_weight(rd, layers[l].weight);
       if (adapted) add_times_weight_(re, pass.deltas[l], dir[l].first);
-      rd = at::threshold_backward(re, pass.inputs[l], 0);
+      rd = re.mul_(pass.masks[l]);
     }
   }
   return out;
@@ -174,8 +189,10 @@ std::vector<std::pair<Tensor, Tensor>> hessian_times(const Pass& pass, const std
 // lr for a parameter, shaped to broadcast against its per-task gradient [T, ...].
 const Tensor& rate(const std::vector<Tensor>& lr, size_t param) { return lr.size() == 1 ? lr[0] : lr[param]; }
 
-void check_args(at::TensorList params, at::TensorList lr, const Tensor& xs, const Tensor& ys, const Tensor& xq,
-                const Tensor& yq, int64_t inner_steps, LossKind kind, int64_t first_adapted) {
+}  // namespace
+
+void check_maml_args(at::TensorList params, at::TensorList lr, const Tensor& xs, const Tensor& ys, const Tensor& xq,
+                     const Tensor& yq, int64_t inner_steps, LossKind kind, int64_t first_adapted) {
   const char* op = "maml_mlp_meta_grad";
   TORCH_CHECK_VALUE(params.size() >= 2 && params.size() % 2 == 0, op,
                     ": params must be [weight_0, bias_0, weight_1, bias_1, ...], got ", params.size(), " tensors");
@@ -219,11 +236,16 @@ void check_args(at::TensorList params, at::TensorList lr, const Tensor& xs, cons
       TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1), op, ": ", name,
                         " must be [T, K] class labels for cross_entropy, got ", y.sizes());
       TORCH_CHECK_TYPE(y.scalar_type() == at::kLong, op, ": ", name, " must be int64 labels, got ", y.scalar_type());
+      // out-of-range labels would index past the logits (a device-side assert on a GPU)
+      const auto [low, high] = at::aminmax(y);
+      const int64_t lowest = low.item<int64_t>(), highest = high.item<int64_t>();
+      TORCH_CHECK_VALUE(lowest >= 0 && highest < width, op, ": ", name, " must hold class labels in [0, ", width,
+                        "), got labels from ", lowest, " to ", highest);
     }
   }
 }
 
-using MetaGrad = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
+namespace {
 
 // The meta-step for the tasks of x_support..y_query, which are part of a meta-batch of total_tasks:
 // the loss and gradients returned are their share of the meta-batch's (mean over all its tasks).
@@ -236,7 +258,7 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
   // Inner loop. steps[s] holds the layers at step s; passes[s] the support pass there.
   std::vector<std::vector<Layer>> steps(1);
   for (int64_t l = 0; l < count; ++l) steps[0].push_back({params[2 * l], params[2 * l + 1]});
-  std::vector<Pass> passes(inner_steps);
+  std::vector<Pass> passes(inner_steps, Pass(count));
   std::vector<std::vector<std::pair<Tensor, Tensor>>> inner_grads(inner_steps);
   Loss support_loss{kind, y_support, 1.0, Tensor()};
   std::vector<Tensor> support_probs(inner_steps);
@@ -246,12 +268,13 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
   const int64_t hessian_stop = compute_grad ? 0 : first_adapted;
   for (int64_t s = 0; s < inner_steps; ++s) {
     Pass& pass = passes[s];
-    pass.inputs.resize(count);
-    pass.deltas.resize(count);
     if (s == 0) {
       pass.inputs[0] = x_support;
     } else {
-      for (int64_t l = 0; l <= first_adapted; ++l) pass.inputs[l] = passes[0].inputs[l];
+      for (int64_t l = 0; l <= first_adapted; ++l) {
+        pass.inputs[l] = passes[0].inputs[l];
+        pass.masks[l] = passes[0].masks[l];
+      }
     }
     const int64_t from = s == 0 ? 0 : first_adapted;
     inner_grads[s] = forward_backward(pass, steps[s], support_loss, from, inner_stop, first_adapted, false);
@@ -265,9 +288,7 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
   }
 
   // Query loss at the adapted weights, mean over tasks, and its gradient.
-  Pass query;
-  query.inputs.resize(count);
-  query.deltas.resize(count);
+  Pass query(count);
   query.inputs[0] = x_query;
   Loss query_loss{kind, y_query, 1.0 / static_cast<double>(total_tasks), Tensor()};
   // First order without rate gradients needs only the task-summed query gradient.
@@ -296,6 +317,7 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
   const bool scalar_lr = lr.size() == 1 && lr[0].dim() == 0;
   // d lr = -sum over steps and tasks of g_s * v_{s+1} (reduced to lr's shape).
   std::vector<Tensor> lr_grads(lr.size());
+  bool v_summed = false;  // whether v holds task sums (after the last Hessian) or per-task gradients
   for (int64_t s = inner_steps - 1; s >= 0; --s) {
     const auto& g = inner_grads[s];
     for (int64_t l = first_adapted; l < count && compute_lr_grad; ++l) {
@@ -316,8 +338,13 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
       direction[l] = scalar_lr ? std::make_pair(v[2 * l], v[2 * l + 1])
                                : std::make_pair(rate(lr, 2 * l) * v[2 * l], rate(lr, 2 * l + 1) * v[2 * l + 1]);
     }
+    // v_0 only feeds the parameters' gradient, its sum over tasks: the last Hessian is taken summed
+    if (s == 0) {
+      for (int64_t i = 2 * first_adapted; i < static_cast<int64_t>(v.size()); ++i) v[i] = v[i].sum(0);
+      v_summed = true;
+    }
     Loss at_step{kind, y_support, 1.0, support_probs[s]};
-    auto hv = hessian_times(passes[s], steps[s], at_step, direction, first_adapted, hessian_stop);
+    auto hv = hessian_times(passes[s], steps[s], at_step, direction, first_adapted, hessian_stop, s > 0);
     for (int64_t l = hessian_stop; l < count; ++l) {
       auto& target = l >= first_adapted ? v : body_grads;
       for (int64_t which = 0; which < 2; ++which) {
@@ -334,7 +361,8 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
   std::vector<Tensor> grads;
   for (size_t i = 0; i < params.size() && compute_grad; ++i) {
     // contiguous outputs, whatever layout the GEMMs above left
-    grads.push_back((static_cast<int64_t>(i / 2) >= first_adapted ? v[i].sum(0) : body_grads[i]).contiguous());
+    const bool adapted = static_cast<int64_t>(i / 2) >= first_adapted;
+    grads.push_back((adapted ? (v_summed ? v[i] : v[i].sum(0)) : body_grads[i]).contiguous());
   }
   if (!compute_lr_grad) lr_grads.clear();
   for (auto& t : lr_grads) {
@@ -351,14 +379,18 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
 // the loss and gradients add up to the meta-batch's. The GPU takes the whole meta-batch at once.
 constexpr int64_t kCpuChunkBytes = 1 << 20;
 
-MetaGrad maml_mlp_meta_grad(at::TensorList params, at::TensorList lr_in, const Tensor& x_support,
-                            const Tensor& y_support, const Tensor& x_query, const Tensor& y_query, int64_t inner_steps,
-                            bool first_order, c10::string_view loss_name, int64_t first_adapted, bool compute_grad,
-                            bool compute_lr_grad) {
+}  // namespace
+
+LossKind maml_loss_kind(c10::string_view loss_name) {
   TORCH_CHECK_VALUE(loss_name == "mse" || loss_name == "cross_entropy",
                     "maml_mlp_meta_grad: loss must be 'mse' or 'cross_entropy', got '", std::string(loss_name), "'");
-  const LossKind kind = loss_name == "mse" ? LossKind::kMse : LossKind::kCrossEntropy;
-  check_args(params, lr_in, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted);
+  return loss_name == "mse" ? LossKind::kMse : LossKind::kCrossEntropy;
+}
+
+MetaGrad maml_mlp_meta_grad_aten(at::TensorList params, at::TensorList lr_in, const Tensor& x_support,
+                                 const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
+                                 int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
+                                 bool compute_grad, bool compute_lr_grad) {
   const std::vector<Tensor> lr(lr_in.begin(), lr_in.end());
   const int64_t tasks = x_support.size(0);
   int64_t bytes_per_task = 0;
@@ -390,10 +422,36 @@ MetaGrad maml_mlp_meta_grad(at::TensorList params, at::TensorList lr_in, const T
   return total;
 }
 
+namespace {
+
+MetaGrad maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const Tensor& x_support, const Tensor& y_support,
+                            const Tensor& x_query, const Tensor& y_query, int64_t inner_steps, bool first_order,
+                            c10::string_view loss_name, int64_t first_adapted, bool compute_grad,
+                            bool compute_lr_grad) {
+  const LossKind kind = maml_loss_kind(loss_name);
+  check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted);
+  return maml_mlp_meta_grad_aten(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, kind,
+                                 first_adapted, compute_grad, compute_lr_grad);
+}
+
+// maml_mlp_loss below autograd (no gradient wanted): the loss alone, from the device's
+// maml_mlp_meta_grad kernel.
+Tensor maml_mlp_loss(at::TensorList params, at::TensorList lr, const Tensor& x_support, const Tensor& y_support,
+                     const Tensor& x_query, const Tensor& y_query, int64_t inner_steps, bool first_order,
+                     c10::string_view loss_name, int64_t first_adapted) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("metalearn_fast::maml_mlp_meta_grad", "")
+                       .typed<MetaGrad(at::TensorList, at::TensorList, const Tensor&, const Tensor&, const Tensor&,
+                                       const Tensor&, int64_t, bool, c10::string_view, int64_t, bool, bool)>();
+  return std::get<0>(op.call(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss_name,
+                             first_adapted, false, false));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metalearn_fast, CompositeExplicitAutograd, m) {
   m.impl("maml_mlp_meta_grad", &maml_mlp_meta_grad);
+  m.impl("maml_mlp_loss", &maml_mlp_loss);
 }
 
 }  // namespace metalearn_fast

@@ -1,0 +1,654 @@
+// maml_mlp_meta_grad on the CPU: small MLPs one task at a time, in loops written here.
+//
+// The composite kernel (composite/maml_mlp.cpp) runs a meta-batch as about a hundred batched ATen
+// calls. With small layers (the sinusoid's 40x40) each call's arithmetic takes a microsecond or
+// two, and dispatch, allocation and a pass over memory cost as much again. Here a thread takes its
+// tasks one by one and runs each task's whole meta-step (inner loop, query pass, reverse sweep with
+// Hessian-vector products) in a workspace of a few kilobytes that stays in the core's L1 cache,
+// with no ATen call between the first and the last. The algorithm and its notation are the
+// composite's (see there): a_l the input of layer l, z_l = a_l W_l^T + b_l, d_l = dLoss/dz_l, v the
+// per-task gradient carried back by the reverse sweep v_s = v_{s+1} - H_s (lr * v_{s+1}).
+//
+// Each thread sums its tasks' shares of the loss and gradients; the shares are added in a fixed
+// order, so results do not depend on scheduling. The loops are compiled for AVX2 and FMA, used
+// when the CPU has them (checked at run time). Larger layers, where the composite's batched GEMMs
+// share the weights across tasks, other dtypes, and CPUs without AVX2 take the composite.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#include "composite/maml_mlp.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define METALEARN_FAST_TASK_KERNEL 1
+#endif
+
+namespace metalearn_fast {
+namespace {
+
+using at::Tensor;
+
+#ifdef METALEARN_FAST_TASK_KERNEL
+// Everything from here to the matching pop is compiled for AVX2 + FMA and runs only on CPUs that
+// have them. Its loops work on raw pointers and call no ATen code (run_tasks only hands ranges of
+// tasks to at::parallel_for).
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#endif
+
+// How a GEMM's output starts: zero, a row vector repeated on every row (a bias), or as it is.
+enum class Start { kZero, kRow, kKeep };
+
+// One AVX2 register of T (GCC/Clang vector extension), loaded and stored unaligned.
+template <typename T>
+struct Lanes {
+  typedef T type __attribute__((vector_size(32)));
+  static constexpr int kCount = 32 / sizeof(T);
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
+};
+
+// Columns [n0, n0 + R * lanes) of c [M,N] = start + A B, for A [M,K] with element (m,k) at
+// a[m * am + k * ak] and B [K,N] row-major. Two rows at a time, their sums held in registers over
+// the whole k loop: each piece of B loaded serves both rows.
+template <typename T, int R>
+void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
+                  int64_t K, int64_t N, int64_t n0, Start start, const T* __restrict row) {
+  using V = typename Lanes<T>::type;
+  constexpr int kLanes = Lanes<T>::kCount;
+  auto begin = [&](V* acc, const T* cm) {
+    for (int i = 0; i < R; ++i) {
+      acc[i] = start == Start::kZero ? V{}
+               : start == Start::kRow ? Lanes<T>::load(row + n0 + i * kLanes)
+                                      : Lanes<T>::load(cm + i * kLanes);
+    }
+  };
+  int64_t m = 0;
+  for (; m + 2 <= M; m += 2) {
+    T* c0 = c + m * N + n0;
+    T* c1 = c0 + N;
+    V acc0[R], acc1[R];
+    begin(acc0, c0);
+    begin(acc1, c1);
+    const T* a0 = a + m * am;
+    const T* a1 = a0 + am;
+    for (int64_t k = 0; k < K; ++k) {
+      const V x0 = V{} + a0[k * ak], x1 = V{} + a1[k * ak];
+      const T* bk = b + k * N + n0;
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const V y = Lanes<T>::load(bk + i * kLanes);
+        acc0[i] += x0 * y;
+        acc1[i] += x1 * y;
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      Lanes<T>::store(c0 + i * kLanes, acc0[i]);
+      Lanes<T>::store(c1 + i * kLanes, acc1[i]);
+    }
+  }
+  for (; m < M; ++m) {
+    T* c0 = c + m * N + n0;
+    V acc0[R];
+    begin(acc0, c0);
+    const T* a0 = a + m * am;
+    for (int64_t k = 0; k < K; ++k) {
+      const V x0 = V{} + a0[k * ak];
+      const T* bk = b + k * N + n0;
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) acc0[i] += x0 * Lanes<T>::load(bk + i * kLanes);
+    }
+    for (int i = 0; i < R; ++i) Lanes<T>::store(c0 + i * kLanes, acc0[i]);
+  }
+}
+
+// Column n of c [M,N] = start + A B, in scalars (the last N % lanes columns).
+template <typename T>
+void gemm_column(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
+                 int64_t K, int64_t N, int64_t n, Start start, const T* __restrict row) {
+  for (int64_t m = 0; m < M; ++m) {
+    T sum = start == Start::kZero ? T(0) : start == Start::kRow ? row[n] : c[m * N + n];
+    for (int64_t k = 0; k < K; ++k) sum += a[m * am + k * ak] * b[k * N + n];
+    c[m * N + n] = sum;
+  }
+}
+
+// c [M] = start + A b for A [M,K] row-major: one dot product per row, in register lanes along K.
+template <typename T>
+void gemv_rows(T* __restrict c, const T* __restrict a, const T* __restrict b, int64_t M, int64_t K, Start start,
+               const T* __restrict row) {
+  using V = typename Lanes<T>::type;
+  constexpr int kLanes = Lanes<T>::kCount;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* am_ = a + m * K;
+    V acc{};
+    int64_t k = 0;
+    for (; k + kLanes <= K; k += kLanes) acc += Lanes<T>::load(am_ + k) * Lanes<T>::load(b + k);
+    T sum = start == Start::kZero ? T(0) : start == Start::kRow ? row[0] : c[m];
+    for (int i = 0; i < kLanes; ++i) sum += acc[i];
+    for (; k < K; ++k) sum += am_[k] * b[k];
+    c[m] = sum;
+  }
+}
+
+// gemm_columns with R registers per row, R = 1..kMaxR picked at run time.
+template <typename T, int R>
+void gemm_columns_of(int r, T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N,
+                     int64_t n0, Start start, const T* row) {
+  if constexpr (R > 1) {
+    if (r < R) return gemm_columns_of<T, R - 1>(r, c, a, am, ak, b, M, K, N, n0, start, row);
+  }
+  gemm_columns<T, R>(c, a, am, ak, b, M, K, N, n0, start, row);
+}
+
+// c [M,N] = start + A B (A as in gemm_columns). Up to 8 registers wide, the whole width is one
+// tile; wider, tiles of four registers; then the last N % lanes columns one by one. A single
+// column (a layer of width one) is a matrix-vector product, taken along whichever side of A is
+// contiguous.
+template <typename T>
+void gemm(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N, Start start,
+          const T* row = nullptr) {
+  if (N == 1 && ak == 1) return gemv_rows(c, a, b, M, K, start, row);
+  if (N == 1 && am == 1 && start != Start::kRow) return gemm(c, b, 0, 1, a, 1, K, M, start);  // c^T = b^T A^T
+  constexpr int kLanes = Lanes<T>::kCount;
+  const int64_t registers = N / kLanes;
+  int64_t n0 = 0;
+  if (registers > 8) {
+    for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_columns<T, 4>(c, a, am, ak, b, M, K, N, n0, start, row);
+  }
+  if (n0 + kLanes <= N) {
+    const int r = static_cast<int>((N - n0) / kLanes);
+    gemm_columns_of<T, 8>(r, c, a, am, ak, b, M, K, N, n0, start, row);
+    n0 += r * kLanes;
+  }
+  for (; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, row);
+}
+
+// c [M,N] = start + A B for A [M,K] row-major.
+template <typename T>
+void mm(T* c, const T* a, const T* b, int64_t M, int64_t K, int64_t N, Start start, const T* row = nullptr) {
+  gemm(c, a, K, 1, b, M, K, N, start, row);
+}
+
+// c [M,N] = start + A^T B for A [R,M] and B [R,N] row-major (a weight's gradient d^T a).
+template <typename T>
+void mm_tn(T* c, const T* a, const T* b, int64_t R, int64_t M, int64_t N, Start start) {
+  gemm(c, a, 1, M, b, M, R, N, start);
+}
+
+// out [cols, rows] = in [rows, cols]^T, written in order (strided reads are the cheaper side)
+template <typename T>
+void transpose(T* __restrict out, const T* __restrict in, int64_t rows, int64_t cols) {
+  for (int64_t c = 0; c < cols; ++c) {
+    for (int64_t r = 0; r < rows; ++r) out[c * rows + r] = in[r * cols + c];
+  }
+}
+
+// out[n] (+)= sum over rows of d [R,N]
+template <typename T>
+void column_sums(T* __restrict out, const T* __restrict d, int64_t R, int64_t N, Start start) {
+  if (start == Start::kZero) std::fill(out, out + N, T(0));
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t n = 0; n < N; ++n) out[n] += d[r * N + n];
+  }
+}
+
+// x = 0 where the ReLU output a is not positive (its derivative)
+template <typename T>
+void mask(T* __restrict x, const T* __restrict a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = a[i] > T(0) ? x[i] : T(0);
+}
+
+template <typename T>
+void relu(T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] > T(0) ? x[i] : T(0);
+}
+
+// The shared, read-only description of one call.
+template <typename T>
+struct Problem {
+  int64_t layers, steps, first_adapted, support, query, total_tasks;
+  LossKind kind;
+  bool first_order, compute_grad, compute_lr_grad;
+  std::vector<int64_t> in, out;                // per layer
+  std::vector<const T*> weight, weight_t, bias;  // the meta-parameters; weight_t: W^T [I,O]
+  std::vector<const T*> rate;                   // per param: its learning rate
+  std::vector<char> rate_per_element;           // per param: rate shaped like it, or one number
+  std::vector<size_t> rate_slot;                // per param: which lr tensor (for the rates' gradient)
+  const T *x_support, *x_query;
+  const T *y_support, *y_query;                // mse targets
+  const int64_t *label_support, *label_query;  // cross-entropy labels
+};
+
+// What a thread accumulates over its tasks.
+template <typename T>
+struct Share {
+  double loss = 0;
+  std::vector<std::vector<T>> grads;     // per param
+  std::vector<std::vector<T>> lr_grads;  // per lr tensor
+};
+
+// One task's loss: sets d = dLoss/dz for its logits z [R,C] (loss = scale * the task's mean loss),
+// keeps the softmax in probs (cross-entropy), and returns the loss.
+template <typename T>
+double loss_and_grad(LossKind kind, const T* z, const T* y, const int64_t* labels, int64_t R, int64_t C, double scale,
+                     T* d, T* probs) {
+  double value = 0;
+  if (kind == LossKind::kMse) {
+    const T factor = static_cast<T>(2.0 * scale / static_cast<double>(R * C));
+    for (int64_t i = 0; i < R * C; ++i) {
+      const T diff = z[i] - y[i];
+      value += static_cast<double>(diff) * diff;
+      d[i] = diff * factor;
+    }
+    return value * scale / static_cast<double>(R * C);
+  }
+  const T factor = static_cast<T>(scale / static_cast<double>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* zr = z + r * C;
+    T* pr = probs + r * C;
+    const T top = *std::max_element(zr, zr + C);
+    T total = 0;
+    for (int64_t c = 0; c < C; ++c) total += pr[c] = std::exp(zr[c] - top);
+    value -= static_cast<double>(zr[labels[r]] - top - std::log(total));
+    for (int64_t c = 0; c < C; ++c) {
+      pr[c] /= total;
+      d[r * C + c] = (pr[c] - (c == labels[r] ? T(1) : T(0))) * factor;
+    }
+  }
+  return value * scale / static_cast<double>(R);
+}
+
+// The loss Hessian (w.r.t. the logits, scale 1) applied to a tangent rz [R,C].
+template <typename T>
+void loss_hessian_times(LossKind kind, const T* rz, const T* probs, int64_t R, int64_t C, T* out) {
+  if (kind == LossKind::kMse) {
+    const T factor = static_cast<T>(2.0 / static_cast<double>(R * C));
+    for (int64_t i = 0; i < R * C; ++i) out[i] = rz[i] * factor;
+    return;
+  }
+  const T factor = static_cast<T>(1.0 / static_cast<double>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* p = probs + r * C;
+    const T* x = rz + r * C;
+    T dot = 0;
+    for (int64_t c = 0; c < C; ++c) dot += p[c] * x[c];
+    for (int64_t c = 0; c < C; ++c) out[r * C + c] = p[c] * (x[c] - dot) * factor;
+  }
+}
+
+// One thread's workspace and the meta-step of one task at a time.
+template <typename T>
+class TaskKernel {
+ public:
+  explicit TaskKernel(const Problem<T>& p) : p_(p) {
+    const int64_t L = p.layers, S = p.steps, K = p.support, Q = p.query, fa = p.first_adapted;
+    int64_t widest = 0;
+    for (int64_t l = 0; l < L; ++l) widest = std::max({widest, p.in[l], p.out[l]});
+    // sizes first, then one buffer carved into pieces
+    std::vector<std::pair<T**, int64_t>> pieces;
+    act_.assign(S * L, nullptr);
+    delta_.assign(S * L, nullptr);
+    probs_.assign(S, nullptr);
+    w_.assign((S + 1) * L, nullptr);
+    wt_.assign((S + 1) * L, nullptr);
+    b_.assign((S + 1) * L, nullptr);
+    g_.assign(S * L, nullptr);
+    gb_.assign(S * L, nullptr);
+    v_.assign(L, nullptr);
+    vb_.assign(L, nullptr);
+    u_.assign(L, nullptr);
+    ut_.assign(L, nullptr);
+    ub_.assign(L, nullptr);
+    ra_.assign(L, nullptr);
+    qact_.assign(L, nullptr);
+    for (int64_t s = 0; s < S; ++s) {
+      // the body's activations are the same at every step: step 0's serve all
+      for (int64_t l = s == 0 ? 1 : fa + 1; l < L; ++l) pieces.push_back({&act_[s * L + l], K * p.in[l]});
+      for (int64_t l = fa; l < L; ++l) {
+        pieces.push_back({&delta_[s * L + l], K * p.out[l]});
+        pieces.push_back({&g_[s * L + l], p.out[l] * p.in[l]});
+        pieces.push_back({&gb_[s * L + l], p.out[l]});
+        pieces.push_back({&w_[(s + 1) * L + l], p.out[l] * p.in[l]});
+        pieces.push_back({&wt_[(s + 1) * L + l], p.out[l] * p.in[l]});
+        pieces.push_back({&b_[(s + 1) * L + l], p.out[l]});
+      }
+      pieces.push_back({&probs_[s], K * p.out[L - 1]});
+    }
+    for (int64_t l = fa; l < L; ++l) {
+      for (T** piece : {&v_[l], &u_[l], &ut_[l]}) pieces.push_back({piece, p.out[l] * p.in[l]});
+      for (T** piece : {&vb_[l], &ub_[l]}) pieces.push_back({piece, p.out[l]});
+      if (l > fa) pieces.push_back({&ra_[l], K * p.in[l]});
+    }
+    for (int64_t l = 1; l < L; ++l) pieces.push_back({&qact_[l], Q * p.in[l]});
+    const int64_t rows = std::max(K, Q);
+    for (T** piece : {&logits_, &query_probs_, &rz_, &rd_, &re_, &qd_, &qe_}) pieces.push_back({piece, rows * widest});
+    pieces.push_back({&hw_, widest * widest});
+    pieces.push_back({&hb_, widest});
+    int64_t total = 0;
+    for (const auto& piece : pieces) total += piece.second;
+    buffer_.assign(total, T(0));
+    T* next = buffer_.data();
+    for (const auto& [slot, size] : pieces) {
+      *slot = next;
+      next += size;
+    }
+    for (int64_t s = 1; s < S; ++s) {
+      for (int64_t l = 1; l <= fa; ++l) act_[s * L + l] = act_[l];
+    }
+  }
+
+  void run(int64_t task, Share<T>& share) {
+    const Problem<T>& p = p_;
+    const int64_t L = p.layers, S = p.steps, K = p.support, Q = p.query, fa = p.first_adapted, C = p.out[L - 1];
+    const T* xs = p.x_support + task * K * p.in[0];
+    const T* xq = p.x_query + task * Q * p.in[0];
+    const T* ys = p.kind == LossKind::kMse ? p.y_support + task * K * C : nullptr;
+    const T* yq = p.kind == LossKind::kMse ? p.y_query + task * Q * C : nullptr;
+    const int64_t* ls = p.kind == LossKind::kCrossEntropy ? p.label_support + task * K : nullptr;
+    const int64_t* lq = p.kind == LossKind::kCrossEntropy ? p.label_query + task * Q : nullptr;
+    auto input = [&](int64_t s, int64_t l) { return l == 0 ? xs : act_[s * L + l]; };
+
+    // Inner loop: the support pass at step s, its gradient, and the SGD step to s + 1.
+    for (int64_t s = 0; s < S; ++s) {
+      for (int64_t l = s == 0 ? 0 : fa; l < L; ++l) {
+        T* z = l + 1 < L ? act_[s * L + l + 1] : logits_;
+        mm(z, input(s, l), weight_t(s, l), K, p.in[l], p.out[l], Start::kRow, bias(s, l));
+        if (l + 1 < L) relu(z, K * p.out[l]);
+      }
+      loss_and_grad(p.kind, logits_, ys, ls, K, C, 1.0, delta_[s * L + L - 1], probs_[s]);
+      for (int64_t l = L - 1; l >= fa; --l) {
+        const T* d = delta_[s * L + l];
+        mm_tn(g_[s * L + l], d, input(s, l), K, p.out[l], p.in[l], Start::kZero);
+        column_sums(gb_[s * L + l], d, K, p.out[l], Start::kZero);
+        if (l > fa) {
+          mm(delta_[s * L + l - 1], d, weight(s, l), K, p.out[l], p.in[l], Start::kZero);
+          mask(delta_[s * L + l - 1], act_[s * L + l], K * p.in[l]);
+        }
+      }
+      for (int64_t l = fa; l < L; ++l) {
+        times_rate(w_[(s + 1) * L + l], weight(s, l), g_[s * L + l], 2 * l, p.out[l] * p.in[l]);
+        times_rate(b_[(s + 1) * L + l], bias(s, l), gb_[s * L + l], 2 * l + 1, p.out[l]);
+        transpose(wt_[(s + 1) * L + l], w_[(s + 1) * L + l], p.out[l], p.in[l]);
+      }
+    }
+
+    // Query pass at the adapted weights, its loss (the task's share of the mean) and gradient.
+    for (int64_t l = 0; l < L; ++l) {
+      T* z = l + 1 < L ? qact_[l + 1] : logits_;
+      mm(z, l == 0 ? xq : qact_[l], weight_t(S, l), Q, p.in[l], p.out[l], Start::kRow, bias(S, l));
+      if (l + 1 < L) relu(z, Q * p.out[l]);
+    }
+    T* qd = qd_;
+    T* qe = qe_;
+    share.loss +=
+        loss_and_grad(p.kind, logits_, yq, lq, Q, C, 1.0 / static_cast<double>(p.total_tasks), qd, query_probs_);
+    if (!p.compute_grad && !p.compute_lr_grad) return;
+    // v: the per-task gradient of the adapted layers, for the sweep; everything else is summed now.
+    // First order without rate gradients needs no sweep.
+    const bool sweep = !p.first_order || p.compute_lr_grad;
+    const int64_t query_stop = p.compute_grad ? 0 : fa;
+    for (int64_t l = L - 1; l >= query_stop; --l) {
+      const T* a = l == 0 ? xq : qact_[l];
+      const bool per_task = sweep && l >= fa;
+      mm_tn(per_task ? v_[l] : share.grads[2 * l].data(), qd, a, Q, p.out[l], p.in[l],
+            per_task ? Start::kZero : Start::kKeep);
+      column_sums(per_task ? vb_[l] : share.grads[2 * l + 1].data(), qd, Q, p.out[l],
+                  per_task ? Start::kZero : Start::kKeep);
+      if (l > query_stop) {
+        mm(qe, qd, weight(S, l), Q, p.out[l], p.in[l], Start::kZero);
+        mask(qe, qact_[l], Q * p.in[l]);
+        std::swap(qd, qe);
+      }
+    }
+    if (!sweep) return;
+
+    // Reverse sweep over the inner steps.
+    const int64_t hessian_stop = p.compute_grad ? 0 : fa;
+    for (int64_t s = S - 1; s >= 0; --s) {
+      if (p.compute_lr_grad) {
+        // d lr -= g_s * v_{s+1}, summed to the rate's shape
+        for (int64_t l = fa; l < L; ++l) {
+          rate_grad(share, 2 * l, g_[s * L + l], v_[l], p.out[l] * p.in[l]);
+          rate_grad(share, 2 * l + 1, gb_[s * L + l], vb_[l], p.out[l]);
+        }
+      }
+      // the Hessian term at step 0 only feeds the parameters' gradient
+      if (p.first_order || (s == 0 && !p.compute_grad)) continue;
+      // direction u = lr * v on the adapted layers
+      for (int64_t l = fa; l < L; ++l) {
+        times_rate(u_[l], v_[l], nullptr, 2 * l, p.out[l] * p.in[l]);
+        times_rate(ub_[l], vb_[l], nullptr, 2 * l + 1, p.out[l]);
+        transpose(ut_[l], u_[l], p.out[l], p.in[l]);
+      }
+      // tangent forward: r z_l = a_l U_l^T + ub_l + r a_l W_l^T, r a_{l+1} = r z_l masked
+      for (int64_t l = fa; l < L; ++l) {
+        T* rz = l + 1 < L ? ra_[l + 1] : rz_;
+        mm(rz, input(s, l), ut_[l], K, p.in[l], p.out[l], Start::kRow, ub_[l]);
+        if (l > fa) mm(rz, ra_[l], weight_t(s, l), K, p.in[l], p.out[l], Start::kKeep);
+        if (l + 1 < L) mask(rz, act_[s * L + l + 1], K * p.out[l]);
+      }
+      T* rd = rd_;
+      T* re = re_;
+      loss_hessian_times(p.kind, rz_, probs_[s], K, C, rd);
+      // tangent backward: H u = (rd_l^T a_l + d_l^T r a_l, sum rd_l) per layer
+      for (int64_t l = L - 1; l >= hessian_stop; --l) {
+        mm_tn(hw_, rd, input(s, l), K, p.out[l], p.in[l], Start::kZero);
+        if (l > fa) mm_tn(hw_, delta_[s * L + l], ra_[l], K, p.out[l], p.in[l], Start::kKeep);
+        column_sums(hb_, rd, K, p.out[l], Start::kZero);
+        const bool adapted = l >= fa;
+        subtract(adapted ? v_[l] : share.grads[2 * l].data(), hw_, p.out[l] * p.in[l]);
+        subtract(adapted ? vb_[l] : share.grads[2 * l + 1].data(), hb_, p.out[l]);
+        if (l > hessian_stop) {
+          mm(re, rd, weight(s, l), K, p.out[l], p.in[l], Start::kZero);
+          if (adapted) mm(re, delta_[s * L + l], u_[l], K, p.out[l], p.in[l], Start::kKeep);
+          mask(re, act_[s * L + l], K * p.in[l]);
+          std::swap(rd, re);
+        }
+      }
+    }
+    if (!p.compute_grad) return;
+    for (int64_t l = fa; l < L; ++l) {
+      add(share.grads[2 * l].data(), v_[l], p.out[l] * p.in[l]);
+      add(share.grads[2 * l + 1].data(), vb_[l], p.out[l]);
+    }
+  }
+
+ private:
+  // The layer's parameters at inner step s (step 0 and the body: the meta-parameters).
+  bool own(int64_t s, int64_t l) const { return s > 0 && l >= p_.first_adapted; }
+  const T* weight(int64_t s, int64_t l) const { return own(s, l) ? w_[s * p_.layers + l] : p_.weight[l]; }
+  const T* weight_t(int64_t s, int64_t l) const { return own(s, l) ? wt_[s * p_.layers + l] : p_.weight_t[l]; }
+  const T* bias(int64_t s, int64_t l) const { return own(s, l) ? b_[s * p_.layers + l] : p_.bias[l]; }
+
+  // out = x - rate * g (the SGD step), or out = rate * x (the direction of a Hessian product, g null)
+  void times_rate(T* __restrict out, const T* __restrict x, const T* __restrict g, int64_t param, int64_t n) const {
+    const T* rate = p_.rate[param];
+    const int64_t stride = p_.rate_per_element[param] ? 1 : 0;
+    if (g == nullptr) {
+      for (int64_t i = 0; i < n; ++i) out[i] = rate[i * stride] * x[i];
+    } else {
+      for (int64_t i = 0; i < n; ++i) out[i] = x[i] - rate[i * stride] * g[i];
+    }
+  }
+  void rate_grad(Share<T>& share, int64_t param, const T* g, const T* v, int64_t n) const {
+    T* out = share.lr_grads[p_.rate_slot[param]].data();
+    if (p_.rate_per_element[param]) {
+      for (int64_t i = 0; i < n; ++i) out[i] -= g[i] * v[i];
+      return;
+    }
+    T total = 0;
+    for (int64_t i = 0; i < n; ++i) total += g[i] * v[i];
+    out[0] -= total;
+  }
+  static void add(T* __restrict out, const T* __restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] += x[i];
+  }
+  static void subtract(T* __restrict out, const T* __restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] -= x[i];
+  }
+
+  const Problem<T>& p_;
+  std::vector<T> buffer_;
+  // [s * layers + l]; w_, wt_, b_ from step 1 on, for the adapted layers
+  std::vector<T*> act_, delta_, g_, gb_, w_, wt_, b_;
+  std::vector<T*> probs_;                       // per step
+  std::vector<T*> v_, vb_, u_, ut_, ub_, ra_, qact_;  // per layer
+  T *logits_ = nullptr, *query_probs_ = nullptr, *rz_ = nullptr, *rd_ = nullptr, *re_ = nullptr, *qd_ = nullptr,
+    *qe_ = nullptr, *hw_ = nullptr, *hb_ = nullptr;
+};
+
+// Runs the tasks in contiguous ranges, one per thread, and adds up their shares.
+template <typename T>
+Share<T> run_tasks(const Problem<T>& p, int64_t tasks, at::TensorList params, at::TensorList lr) {
+  auto empty_share = [&] {
+    Share<T> share;
+    for (const auto& t : params) share.grads.emplace_back(p.compute_grad ? t.numel() : 0, T(0));
+    for (const auto& t : lr) share.lr_grads.emplace_back(p.compute_lr_grad ? t.numel() : 0, T(0));
+    return share;
+  };
+  const int64_t ranges = std::min<int64_t>(tasks, at::get_num_threads());
+  std::vector<Share<T>> shares(ranges);
+  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      shares[r] = empty_share();
+      TaskKernel<T> kernel(p);
+      for (int64_t t = r * tasks / ranges; t < (r + 1) * tasks / ranges; ++t) kernel.run(t, shares[r]);
+    }
+  });
+  Share<T> total = std::move(shares[0]);
+  for (int64_t r = 1; r < ranges; ++r) {
+    total.loss += shares[r].loss;
+    for (size_t i = 0; i < total.grads.size(); ++i) {
+      for (size_t e = 0; e < total.grads[i].size(); ++e) total.grads[i][e] += shares[r].grads[i][e];
+    }
+    for (size_t i = 0; i < total.lr_grads.size(); ++i) {
+      for (size_t e = 0; e < total.lr_grads[i].size(); ++e) total.lr_grads[i][e] += shares[r].lr_grads[i][e];
+    }
+  }
+  return total;
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+
+// Whether the per-task kernel takes this call: small layers, float or double, and the learning
+// rates as one number for all params or one tensor per param.
+bool takes_task_kernel(at::TensorList params, at::TensorList lr) {
+  if (!cpu_task_kernel_available()) return false;
+  const auto dtype = params[0].scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  for (size_t i = 0; i < params.size(); i += 2) {
+    if (params[i].numel() > kMaxTaskLayer) return false;
+  }
+  return lr.size() == params.size() || lr[0].dim() == 0;
+}
+
+template <typename T>
+MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, const Tensor& x_support,
+                               const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
+                               int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
+                               bool compute_grad, bool compute_lr_grad) {
+  std::vector<Tensor> params, weight_t, lr;
+  for (const auto& t : params_in) params.push_back(t.contiguous());
+  for (const auto& t : lr_in) lr.push_back(t.contiguous());
+  const Tensor xs = x_support.contiguous(), ys = y_support.contiguous();
+  const Tensor xq = x_query.contiguous(), yq = y_query.contiguous();
+  const int64_t layers = static_cast<int64_t>(params.size() / 2), tasks = xs.size(0);
+  Problem<T> p;
+  p.layers = layers;
+  p.steps = inner_steps;
+  p.first_adapted = first_adapted;
+  p.support = xs.size(1);
+  p.query = xq.size(1);
+  p.total_tasks = tasks;
+  p.kind = kind;
+  p.first_order = first_order;
+  p.compute_grad = compute_grad;
+  p.compute_lr_grad = compute_lr_grad;
+  for (int64_t l = 0; l < layers; ++l) {
+    const Tensor& w = params[2 * l];
+    weight_t.push_back(w.t().contiguous());
+    p.in.push_back(w.size(1));
+    p.out.push_back(w.size(0));
+    p.weight.push_back(w.const_data_ptr<T>());
+    p.weight_t.push_back(weight_t.back().const_data_ptr<T>());
+    p.bias.push_back(params[2 * l + 1].const_data_ptr<T>());
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const size_t slot = lr.size() == 1 ? 0 : i;
+    p.rate.push_back(lr[slot].const_data_ptr<T>());
+    p.rate_per_element.push_back(lr[slot].dim() > 0);
+    p.rate_slot.push_back(slot);
+  }
+  p.x_support = xs.const_data_ptr<T>();
+  p.x_query = xq.const_data_ptr<T>();
+  const bool mse = kind == LossKind::kMse;
+  p.y_support = mse ? ys.const_data_ptr<T>() : nullptr;
+  p.y_query = mse ? yq.const_data_ptr<T>() : nullptr;
+  p.label_support = mse ? nullptr : ys.const_data_ptr<int64_t>();
+  p.label_query = mse ? nullptr : yq.const_data_ptr<int64_t>();
+
+  Share<T> total = run_tasks(p, tasks, params, lr);
+  const auto options = params[0].options();
+  Tensor loss = at::scalar_tensor(total.loss, options);
+  std::vector<Tensor> grads, lr_grads;
+  auto as_tensor = [&](const std::vector<T>& values, const Tensor& like) {
+    Tensor t = at::empty(like.sizes(), options);
+    std::copy(values.begin(), values.end(), t.mutable_data_ptr<T>());
+    return t;
+  };
+  for (size_t i = 0; i < params.size() && compute_grad; ++i) grads.push_back(as_tensor(total.grads[i], params[i]));
+  for (size_t i = 0; i < lr.size() && compute_lr_grad; ++i) lr_grads.push_back(as_tensor(total.lr_grads[i], lr[i]));
+  return {loss, grads, lr_grads};
+}
+#endif  // METALEARN_FAST_TASK_KERNEL
+
+MetaGrad maml_mlp_meta_grad_cpu(at::TensorList params, at::TensorList lr, const Tensor& x_support,
+                                const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
+                                int64_t inner_steps, bool first_order, c10::string_view loss_name,
+                                int64_t first_adapted, bool compute_grad, bool compute_lr_grad) {
+  const LossKind kind = maml_loss_kind(loss_name);
+  check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted);
+#ifdef METALEARN_FAST_TASK_KERNEL
+  if (takes_task_kernel(params, lr)) {
+    return AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "maml_mlp_meta_grad_cpu", [&] {
+      return task_kernel_meta_grad<scalar_t>(params, lr, x_support, y_support, x_query, y_query, inner_steps,
+                                             first_order, kind, first_adapted, compute_grad, compute_lr_grad);
+    });
+  }
+#endif
+  return maml_mlp_meta_grad_aten(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, kind,
+                                 first_adapted, compute_grad, compute_lr_grad);
+}
+
+}  // namespace
+
+bool cpu_task_kernel_available() {
+#ifdef METALEARN_FAST_TASK_KERNEL
+  static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return available;
+#else
+  return false;
+#endif
+}
+
+TORCH_LIBRARY_IMPL(metalearn_fast, CPU, m) { m.impl("maml_mlp_meta_grad", &maml_mlp_meta_grad_cpu); }
+
+}  // namespace metalearn_fast
