@@ -6,7 +6,9 @@
 // the inner loop runs forward once, and the meta-gradient is one reverse sweep over the inner
 // steps, v_s = v_{s+1} - H_s (lr * v_{s+1}), where the Hessian-vector product of the support loss
 // is taken by a forward tangent pass and a second backward pass (Pearlmutter's R-operator).
-// Written with ATen ops, so one implementation serves every device (CompositeExplicitAutograd).
+// Written with batched ATen ops, so one implementation serves every device
+// (CompositeExplicitAutograd); on the CPU, MLPs with small layers take the per-task kernel of
+// cpu/maml_mlp_cpu.cpp instead, which hands the others back to maml_mlp_meta_grad_aten.
 //
 // Notation, layer l = 0..L-1: a_l its input (a_0 = x), z_l = a_l W_l^T + b_l,
 // a_{l+1} = relu(z_l), the output is z_{L-1}; d_l = dLoss/dz_l.

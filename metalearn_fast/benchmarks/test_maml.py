@@ -6,9 +6,9 @@ peers' models are nn.Sequential(nn.Linear, nn.ReLU, ...) holding those same Para
 
 Entries of each group:
 - metalearn_fast: ``mf.MAML(model, ...).meta_loss(TaskBatch)`` then ``backward()`` (for an MLP the
-  whole meta-step is the compiled maml_mlp_meta_grad op when the extension is active);
+  whole meta-step is the compiled maml_mlp_loss op when the extension is active);
 - metalearn_fast fallback: what METALEARN_FAST_BACKEND=torch runs for it, called directly in this
-  process (the backend is chosen once per process): reference.maml_mlp_meta_grad;
+  process (the backend is chosen once per process): reference.maml_mlp_loss and its backward;
 - plain torch: every task at once in plain torch, per-task weights [T, O, I] and autograd.grad;
 - torch.func: ``vmap`` over tasks of an inner loop written with ``grad`` and ``functional_call``;
 - per-task loop: one task at a time with autograd.grad, as most MAML code is written;
@@ -146,12 +146,10 @@ def fallback(workload, model, batch):
     rate = [torch.tensor(workload.inner_lr, dtype=params[0].dtype, device=params[0].device)]
 
     def meta_backward():
-        loss, grads, _ = reference.maml_mlp_meta_grad(
-            params, rate, *batch, inner_steps=workload.inner_steps, first_order=workload.first_order,
-            loss=workload.loss, first_adapted_layer=0, compute_grad=True, compute_lr_grad=False,
-        )
-        accumulate(params, grads)
-        return loss
+        loss = reference.maml_mlp_loss(params, rate, *batch, inner_steps=workload.inner_steps,
+                                       first_order=workload.first_order, loss=workload.loss, first_adapted_layer=0)
+        loss.backward()
+        return loss.detach()
 
     return meta_backward
 
