@@ -1,4 +1,5 @@
 """maml_mlp_loss (the fused meta-step) against an explicit per-task loop with torch.autograd.grad."""
+import itertools
 import math
 
 import pytest
@@ -106,6 +107,39 @@ def test_meta_loss_and_gradient_equal_the_per_task_loop(variant, steps, loss, ke
         torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
     # the lr gradient is real (not zero), and second order differs from first order
     assert rates[0].grad is None and ours_grads[len(params)].abs().sum() > 0
+
+
+@pytest.mark.parametrize("sizes", [[3, 4], [3, 9, 17, 6, 4]], ids=["one-layer", "four-layer"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_the_op_equals_the_reference_across_depths_dtypes_and_requests(sizes, dtype, device):
+    """One and four layers, widths off the vector width, both dtypes, every variant and every
+    combination of requested gradients, against reference.maml_mlp_meta_grad."""
+    g = torch.Generator().manual_seed(3)
+    params = []
+    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
+        params += [torch.randn(fan_out, fan_in, generator=g, dtype=dtype) / fan_in**0.5,
+                   torch.randn(fan_out, generator=g, dtype=dtype) * 0.1]
+    params = [p.to(device) for p in params]
+    tolerance = dict(rtol=1e-9, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-6)
+    for loss in ("mse", "cross_entropy"):
+        xs, xq = (torch.randn(3, rows, sizes[0], generator=g, dtype=dtype).to(device) for rows in (4, 7))
+        if loss == "mse":
+            ys, yq = (torch.randn(3, rows, sizes[-1], generator=g, dtype=dtype).to(device) for rows in (4, 7))
+        else:
+            ys, yq = (torch.randint(0, sizes[-1], (3, rows), generator=g).to(device) for rows in (4, 7))
+        for steps, first_order, first_adapted, meta_sgd in itertools.product((1, 3), (False, True),
+                                                                             (0, len(sizes) - 2), (False, True)):
+            if meta_sgd:
+                lr = [(0.1 + 0.05 * torch.rand(p.shape, generator=g, dtype=dtype)).to(device) for p in params]
+            else:
+                lr = [torch.tensor(0.1, dtype=dtype, device=device)]
+            for wanted in ((True, True), (True, False), (False, True)):
+                args = (params, lr, xs, ys, xq, yq, steps, first_order, loss, first_adapted, *wanted)
+                loss_value, grads, lr_grads = mf.ops._maml_mlp_meta_grad(*args)
+                ref_loss, ref_grads, ref_lr_grads = reference.maml_mlp_meta_grad(*args)
+                assert len(grads) == len(ref_grads) and len(lr_grads) == len(ref_lr_grads)
+                for got, want in zip([loss_value, *grads, *lr_grads], [ref_loss, *ref_grads, *ref_lr_grads]):
+                    torch.testing.assert_close(got, want, **tolerance)
 
 
 @pytest.mark.parametrize("anil", [False, True])
