@@ -8,8 +8,9 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
-#include <string>
 #include <vector>
+
+#include "composite/maml_mlp.h"
 
 namespace metalearn_fast {
 namespace {
@@ -17,19 +18,6 @@ namespace {
 using at::Tensor;
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-using MetaGrad = std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>;
-
-MetaGrad call_meta_grad(at::TensorList params, at::TensorList lr, const Tensor& x_support, const Tensor& y_support,
-                        const Tensor& x_query, const Tensor& y_query, int64_t inner_steps, bool first_order,
-                        c10::string_view loss, int64_t first_adapted, bool compute_grad, bool compute_lr_grad) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("metalearn_fast::maml_mlp_meta_grad", "")
-                       .typed<MetaGrad(at::TensorList, at::TensorList, const Tensor&, const Tensor&, const Tensor&,
-                                       const Tensor&, int64_t, bool, c10::string_view, int64_t, bool, bool)>();
-  return op.call(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss, first_adapted,
-                 compute_grad, compute_lr_grad);
-}
 
 bool any_requires_grad(at::TensorList tensors) {
   for (const auto& t : tensors) {
@@ -48,8 +36,8 @@ class MamlMlpLoss : public torch::autograd::Function<MamlMlpLoss> {
     MetaGrad result;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
-      result = call_meta_grad(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
-                              first_adapted, compute_grad, compute_lr_grad);
+      result = call_maml_mlp_meta_grad(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order,
+                                       loss, first_adapted, compute_grad, compute_lr_grad);
     }
     auto& [value, grads, lr_grads] = result;
     grads.insert(grads.end(), lr_grads.begin(), lr_grads.end());

@@ -33,7 +33,6 @@ using at::Tensor;
 struct Layer {
   Tensor weight;
   Tensor bias;
-  bool per_task() const { return weight.dim() == 3; }
 };
 
 // a [T,K,I] -> a W^T (+ bias): [T,K,O]
@@ -319,7 +318,9 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
   const bool scalar_lr = lr.size() == 1 && lr[0].dim() == 0;
   // d lr = -sum over steps and tasks of g_s * v_{s+1} (reduced to lr's shape).
   std::vector<Tensor> lr_grads(lr.size());
-  bool v_summed = false;  // whether v holds task sums (after the last Hessian) or per-task gradients
+  // The Hessian term at step 0 only feeds the parameters' gradient: it is taken when that is asked
+  // for, and summed over tasks (v holds task sums from then on).
+  const bool step0_hessian = !first_order && compute_grad;
   for (int64_t s = inner_steps - 1; s >= 0; --s) {
     const auto& g = inner_grads[s];
     for (int64_t l = first_adapted; l < count && compute_lr_grad; ++l) {
@@ -331,8 +332,7 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
         lr_grads[slot] = lr_grads[slot].defined() ? lr_grads[slot] + term : term;
       }
     }
-    // the Hessian term at step 0 only feeds the parameters' gradient
-    if (first_order || (s == 0 && !compute_grad)) continue;
+    if (s == 0 ? !step0_hessian : first_order) continue;
     // v_s = v_{s+1} - H_s (lr * v_{s+1}). With one scalar rate, H is applied to v itself and the
     // rate scales the result, which saves a product per parameter.
     std::vector<std::pair<Tensor, Tensor>> direction(count);
@@ -340,10 +340,8 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
       direction[l] = scalar_lr ? std::make_pair(v[2 * l], v[2 * l + 1])
                                : std::make_pair(rate(lr, 2 * l) * v[2 * l], rate(lr, 2 * l + 1) * v[2 * l + 1]);
     }
-    // v_0 only feeds the parameters' gradient, its sum over tasks: the last Hessian is taken summed
     if (s == 0) {
       for (int64_t i = 2 * first_adapted; i < static_cast<int64_t>(v.size()); ++i) v[i] = v[i].sum(0);
-      v_summed = true;
     }
     Loss at_step{kind, y_support, 1.0, support_probs[s]};
     auto hv = hessian_times(passes[s], steps[s], at_step, direction, first_adapted, hessian_stop, s > 0);
@@ -364,7 +362,7 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
   for (size_t i = 0; i < params.size() && compute_grad; ++i) {
     // contiguous outputs, whatever layout the GEMMs above left
     const bool adapted = static_cast<int64_t>(i / 2) >= first_adapted;
-    grads.push_back((adapted ? (v_summed ? v[i] : v[i].sum(0)) : body_grads[i]).contiguous());
+    grads.push_back((adapted ? (step0_hessian ? v[i] : v[i].sum(0)) : body_grads[i]).contiguous());
   }
   if (!compute_lr_grad) lr_grads.clear();
   for (auto& t : lr_grads) {
@@ -382,6 +380,18 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
 constexpr int64_t kCpuChunkBytes = 1 << 20;
 
 }  // namespace
+
+MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const Tensor& x_support,
+                                 const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
+                                 int64_t inner_steps, bool first_order, c10::string_view loss, int64_t first_adapted,
+                                 bool compute_grad, bool compute_lr_grad) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("metalearn_fast::maml_mlp_meta_grad", "")
+                       .typed<MetaGrad(at::TensorList, at::TensorList, const Tensor&, const Tensor&, const Tensor&,
+                                       const Tensor&, int64_t, bool, c10::string_view, int64_t, bool, bool)>();
+  return op.call(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss, first_adapted,
+                 compute_grad, compute_lr_grad);
+}
 
 LossKind maml_loss_kind(c10::string_view loss_name) {
   TORCH_CHECK_VALUE(loss_name == "mse" || loss_name == "cross_entropy",
@@ -441,12 +451,8 @@ MetaGrad maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const Tens
 Tensor maml_mlp_loss(at::TensorList params, at::TensorList lr, const Tensor& x_support, const Tensor& y_support,
                      const Tensor& x_query, const Tensor& y_query, int64_t inner_steps, bool first_order,
                      c10::string_view loss_name, int64_t first_adapted) {
-  static auto op = c10::Dispatcher::singleton()
-                       .findSchemaOrThrow("metalearn_fast::maml_mlp_meta_grad", "")
-                       .typed<MetaGrad(at::TensorList, at::TensorList, const Tensor&, const Tensor&, const Tensor&,
-                                       const Tensor&, int64_t, bool, c10::string_view, int64_t, bool, bool)>();
-  return std::get<0>(op.call(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss_name,
-                             first_adapted, false, false));
+  return std::get<0>(call_maml_mlp_meta_grad(params, lr, x_support, y_support, x_query, y_query, inner_steps,
+                                             first_order, loss_name, first_adapted, false, false));
 }
 
 }  // namespace

@@ -24,6 +24,12 @@ void check_maml_args(at::TensorList params, at::TensorList lr, const at::Tensor&
 constexpr int64_t kMaxTaskLayer = 128 * 128;
 bool cpu_task_kernel_available();
 
+// maml_mlp_meta_grad through the dispatcher (the device's kernel).
+MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
+                                 const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
+                                 int64_t inner_steps, bool first_order, c10::string_view loss, int64_t first_adapted,
+                                 bool compute_grad, bool compute_lr_grad);
+
 // The meta-step in batched ATen ops, arguments already checked.
 MetaGrad maml_mlp_meta_grad_aten(at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
                                  const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
