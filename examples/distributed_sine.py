@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 
 from metalearn_fast import MAML, MLP
-from metalearn_fast.distributed import rank_and_world_size, shard
+from metalearn_fast.distributed import process_group, shard
 from metalearn_fast.tasks import SinusoidTasks
 
 
@@ -35,16 +35,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    launched = "RANK" in os.environ and "WORLD_SIZE" in os.environ  # set by torchrun
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if launched:
-        if device.type == "cuda":
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
-                                timeout=datetime.timedelta(seconds=args.timeout))
-    rank, world_size = rank_and_world_size()
-    try:
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))  # set by torchrun
+    device = torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # a process group when launched by torchrun, none in a plain `python` run; ended cleanly on every exit
+    with process_group("nccl" if device.type == "cuda" else "gloo",
+                       timeout=datetime.timedelta(seconds=args.timeout)) as (rank, world_size):
         torch.manual_seed(args.seed)
         maml = MAML(MLP([1, 40, 40, 1]), inner_lr=args.inner_lr, inner_steps=args.inner_steps).to(device)
         optimizer = torch.optim.Adam(maml.parameters(), lr=args.lr)
@@ -71,9 +68,7 @@ def main(argv=None):
                 adapted = maml.adapt(test.x_support, test.y_support, steps=10)
                 after = (maml.predict(adapted, test.x_query) - test.y_query).pow(2).mean()
             print(f"200 new tasks: query MSE {before:.4f} before adapting, {after:.4f} after 10 steps on 10 examples")
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        # leaving the block: every rank waits for rank 0's evaluation before the group is destroyed
 
 
 if __name__ == "__main__":

@@ -14,19 +14,28 @@ single process. Under a default process group of more than one process, meta_ste
 - applies the same update on every rank, so the ranks stay equal.
 
 A rank whose own computation raises still takes part in that all_reduce (with a failure flag), so
-every rank raises ``RuntimeError("... rank r failed: ...")`` at the same step instead of waiting for
-it; no rank updates its weights at that step. A rank that never reaches meta_step (it died, or failed
-in its own code) leaves the others waiting until the process group's timeout: pass
-``timeout=datetime.timedelta(...)`` to ``init_process_group``.
+every rank raises ``RankFailedError("... rank r failed: ...")`` at the same step instead of waiting for
+it; no rank updates its weights at that step. A rank that never reaches meta_step (it died, was killed,
+or failed in its own code) makes the others' all_reduce fail when its connection closes, or at the
+latest at the process group's timeout: they raise ``CollectiveError``.
+
+``process_group()`` initialises the default group for a block and ends it cleanly: on a normal exit
+(and after a ``RankFailedError``, which every rank raises at the same step) the ranks meet in a barrier
+before any of them destroys the group, so no rank tears down its connections while another still
+communicates; after any other error the group is destroyed at once, which the other ranks see as a
+closed connection instead of waiting for the timeout.
 
 Without a process group, or with a group of one process, nothing changes. ``meta_loss``, ``adapt``
 and ``predict`` always work on the local tasks only.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import datetime
 import numbers
-from typing import Callable, Optional, Sequence
+import os
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -34,10 +43,29 @@ from torch import Tensor, nn
 
 from .tasks import TaskBatch
 
-__all__ = ["is_distributed", "rank_and_world_size", "shard_sizes", "shard", "broadcast_parameters"]
+__all__ = [
+    "is_distributed",
+    "rank_and_world_size",
+    "process_group",
+    "shard_sizes",
+    "shard",
+    "broadcast_parameters",
+    "RankFailedError",
+    "CollectiveError",
+]
 
 # a failing rank's message travels to the others in a fixed number of bytes
 _MESSAGE_BYTES = 512
+
+
+class RankFailedError(RuntimeError):
+    """A rank's own computation raised inside a distributed meta_step. Every rank raises this error at
+    the same step (the failure travels in the step's all_reduce), so the ranks are still in step."""
+
+
+class CollectiveError(RuntimeError):
+    """The all_reduce of a distributed meta_step failed: another rank died, was killed, left the group,
+    or did not reach this step within the process group's timeout."""
 
 
 def is_distributed() -> bool:
@@ -51,6 +79,67 @@ def rank_and_world_size() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
+
+
+@contextlib.contextmanager
+def process_group(
+    backend: Optional[str] = None,
+    *,
+    timeout: datetime.timedelta = datetime.timedelta(minutes=5),
+    init_method: Optional[str] = None,
+    rank: Optional[int] = None,
+    world_size: Optional[int] = None,
+) -> Iterator[tuple[int, int]]:
+    """Run a block inside the default process group, and end the group cleanly whatever happens.
+
+    Yields (rank, world size). The group is initialised when the process was launched for it
+    (``torchrun`` sets RANK and WORLD_SIZE) or when ``init_method`` is given (with ``rank`` and
+    ``world_size``); otherwise the block runs as a single process, (0, 1), with no group. ``backend``
+    is passed to ``init_process_group`` (None: torch's default, gloo on CPU and NCCL on CUDA);
+    ``timeout`` bounds every collective, so a rank that disappears fails the others instead of hanging.
+
+    On leaving the block normally, or with a ``RankFailedError`` (raised by every rank at the same
+    step), all ranks wait in a barrier before any destroys the group: a rank that tears down while
+    another still sends or receives can abort at interpreter exit. On any other error (including a
+    ``CollectiveError`` or Ctrl-C) the group is destroyed at once: the other ranks may be anywhere, and
+    the closed connection is what tells them.
+
+    Example::
+
+        with process_group("gloo", timeout=datetime.timedelta(seconds=120)) as (rank, world_size):
+            ...  # maml.meta_step(shard(tasks, 256), optimizer)
+    """
+    launched = init_method is not None or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)
+    if not launched:
+        yield rank_and_world_size()
+        return
+    if dist.is_initialized():
+        raise RuntimeError("process_group: a default process group is already initialised; "
+                           "destroy it first or use it without process_group()")
+    options = {} if init_method is None else {"init_method": init_method, "rank": rank, "world_size": world_size}
+    dist.init_process_group(backend, timeout=timeout, **options)
+    synchronised_exit = False
+    try:
+        yield rank_and_world_size()
+        synchronised_exit = True
+    except RankFailedError:
+        synchronised_exit = True
+        raise
+    finally:
+        _end_process_group(synchronised_exit)
+
+
+def _end_process_group(synchronised_exit: bool) -> None:
+    """Destroy the default group; first meet the other ranks in a barrier when they are known to be
+    leaving at the same point."""
+    try:
+        if synchronised_exit and dist.get_world_size() > 1:
+            try:
+                dist.barrier()
+            except Exception:  # a rank left early after all: destroying is all that is left to do
+                pass
+    finally:
+        dist.destroy_process_group()
 
 
 def _check_index(name: str, value, minimum: int) -> int:
@@ -147,6 +236,18 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"
 
 
+def _all_reduce(tensor: Tensor, where: str, cause: Optional[BaseException] = None) -> None:
+    """dist.all_reduce (sum), its failure raised as a CollectiveError that says what it means."""
+    try:
+        dist.all_reduce(tensor)
+    except Exception as error:
+        detail = f"; this rank had failed too: {_describe(cause)}" if cause is not None else ""
+        raise CollectiveError(
+            f"{where}: the all_reduce with the other ranks failed: a rank died, was killed, left the group, or did "
+            f"not reach this step within the process group's timeout ({_describe(error)}){detail}"
+        ) from error
+
+
 def _failure_message(where: str, bucket_device: torch.device, failed_ranks: list[int], rank: int,
                      local_message: str) -> str:
     """Every rank's view of which ranks failed and why. A second collective, on the failure path only:
@@ -156,7 +257,7 @@ def _failure_message(where: str, bucket_device: torch.device, failed_ranks: list
     rows = torch.zeros(world_size, _MESSAGE_BYTES, dtype=torch.uint8)
     rows[rank, : len(encoded)] = torch.tensor(list(encoded), dtype=torch.uint8)
     rows = rows.to(bucket_device)
-    dist.all_reduce(rows)
+    _all_reduce(rows, where)
     rows = rows.cpu()
     reasons = []
     for r in failed_ranks:
@@ -179,7 +280,7 @@ def _weighted_mean_over_ranks(
     ``sum_r T_r * mean_r / T``, with one all_reduce of one flat bucket:
     ``[failed flag per rank, T_r, T_r * loss_r, has-value flag per quantity, T_r * values...]``.
 
-    If compute() raises on any rank, every rank raises a RuntimeError naming the failed ranks and their errors.
+    If compute() raises on any rank, every rank raises a RankFailedError naming the failed ranks and their errors.
     """
     rank, world_size = dist.get_rank(), dist.get_world_size()
     dtype = torch.float32
@@ -211,15 +312,13 @@ def _weighted_mean_over_ranks(
         local_error = error
         bucket = torch.zeros(head_size + sum(like.numel() for like in layout), dtype=dtype, device=device)
         bucket[rank] = 1
-    dist.all_reduce(bucket)
+    _all_reduce(bucket, where, local_error)
     head = bucket[:head_size].tolist()
     failed_ranks = [r for r in range(world_size) if head[r] > 0]
     if failed_ranks:
         local_message = _describe(local_error) if local_error is not None else ""
         message = _failure_message(where, device, failed_ranks, rank, local_message)
-        if local_error is not None:
-            raise RuntimeError(message) from local_error
-        raise RuntimeError(message)
+        raise RankFailedError(message) from local_error
     total = head[world_size]
     loss = head[world_size + 1] / total
     means: list[Optional[Tensor]] = []

@@ -159,6 +159,19 @@ class _SeededSampler:
             self._generators[device] = torch.Generator(device=device).manual_seed(self.seed)
         return self._generators[device]
 
+    def state_dict(self) -> dict:
+        """The sampler's random state (its seed and each device's generator): ``load_state_dict`` on a
+        sampler made with the same arguments continues the same stream of tasks."""
+        return {"seed": self.seed,
+                "generators": {str(device): generator.get_state() for device, generator in self._generators.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["seed"] != self.seed:
+            raise ValueError(f"the state is of a sampler with seed {state['seed']}, this one has seed {self.seed}")
+        self._generators = {}
+        for device, generator_state in state["generators"].items():
+            self._generator(torch.device(device)).set_state(generator_state)
+
 
 @dataclass(frozen=True, eq=False)
 class SinusoidTaskBatch(TaskBatch):

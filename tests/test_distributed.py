@@ -10,6 +10,7 @@ rank 0 makes them start equal, and rank 0's seed is the single process's.
 import datetime
 import importlib.util
 import os
+import signal
 import socket
 import time
 
@@ -19,7 +20,14 @@ import torch.distributed as dist
 from torch import nn
 
 from metalearn_fast import MAML, MLP, Reptile, TaskBatch
-from metalearn_fast.distributed import is_distributed, rank_and_world_size, shard, shard_sizes
+from metalearn_fast.distributed import (
+    RankFailedError,
+    is_distributed,
+    process_group,
+    rank_and_world_size,
+    shard,
+    shard_sizes,
+)
 from metalearn_fast.tasks import SinusoidTaskBatch, SinusoidTasks
 
 pytestmark = pytest.mark.skipif(
@@ -130,8 +138,8 @@ def run_rank(rank, world_size, result):
         started = time.monotonic()
         try:
             learner.meta_step(shard(make_batch("mse", step)), optimizer)
-        except RuntimeError as error:
-            result["maml_error"] = (step, str(error), time.monotonic() - started)
+        except RankFailedError as error:
+            result["maml_error"] = (step, f"{type(error).__name__}: {error}", time.monotonic() - started)
     result["maml_state"] = {name: value.detach().clone() for name, value in learner.state_dict().items()}
 
     # 3. a failure nobody catches, so that every rank exits with an error
@@ -147,22 +155,32 @@ def run_rank(rank, world_size, result):
         reptile.meta_step(shard(make_batch("mse", step)))
 
 
-def _rank_main(rank, world_size, port, out_dir):
+def kill_one_rank(rank, world_size, result):
+    """Rank 0 (which also hosts the rendezvous store) is killed with SIGKILL at step 2, before its
+    meta_step; the others are then waiting for it in their all_reduce."""
+    learner, optimizer = make_learner("maml", seed=rank)
+    for step in range(STEPS):
+        result["steps_done"] = step
+        if rank == 0 and step == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+        result["last_step_started"] = time.monotonic()
+        learner.meta_step(shard(make_batch("mse", step)), optimizer)
+
+
+def _rank_main(rank, world_size, port, out_dir, scenario=run_rank, timeout=PROCESS_GROUP_TIMEOUT):
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=PROCESS_GROUP_TIMEOUT,
-    )
     result = {}
-    try:
-        run_rank(rank, world_size, result)
-    except Exception as error:
-        result["error"] = f"{type(error).__name__}: {error}"
-        result["error_time"] = time.monotonic()
-        raise
-    finally:
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    # the library's own set-up and tear-down, as the example and the README use it
+    with process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+                       timeout=timeout):
+        try:
+            scenario(rank, world_size, result)
+        except Exception as error:
+            result["error"] = f"{type(error).__name__}: {error}"
+            result["error_time"] = time.monotonic()
+            raise
+        finally:
+            torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 def _free_port():
@@ -171,12 +189,13 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-def launch(world_size, out_dir):
-    """run_rank on world_size gloo ranks. Returns (exit codes, each rank's result)."""
+def launch(world_size, out_dir, scenario=run_rank, timeout=PROCESS_GROUP_TIMEOUT):
+    """scenario (default run_rank) on world_size gloo ranks. Returns (exit codes, each rank's result)."""
     context = torch.multiprocessing.get_context("spawn")
     port = _free_port()
     processes = [
-        context.Process(target=_rank_main, args=(rank, world_size, port, str(out_dir))) for rank in range(world_size)
+        context.Process(target=_rank_main, args=(rank, world_size, port, str(out_dir), scenario, timeout))
+        for rank in range(world_size)
     ]
     start = time.monotonic()
     for process in processes:
@@ -245,7 +264,8 @@ def test_a_rank_raising_inside_meta_step_fails_every_rank_at_that_step(ranks):
     for rank, result in enumerate(results):
         step, message, seconds = result["maml_error"]
         assert step == 2, f"rank {rank}"
-        assert "MAML.meta_step: rank 1 failed: ValueError: task data went bad on rank 1" in message, message
+        assert message.startswith("RankFailedError: MAML.meta_step: rank 1 failed: "
+                                  "ValueError: task data went bad on rank 1"), message
         assert seconds < 5, f"rank {rank} took {seconds:.1f} s to learn of the failure"
     # no rank updated its weights at the failed step, so all still equal the single process without it
     _, expected_state = train("maml", seed=0, steps=[0, 1, 3, 4])
@@ -259,7 +279,7 @@ def test_an_uncaught_error_in_meta_step_ends_every_rank_with_it(tmp_path_factory
     assert exit_codes == [1, 1, 1]
     for rank, result in enumerate(results):
         assert result["steps_done"] == 2, f"rank {rank}"
-        expected = "RuntimeError: Reptile.meta_step: rank 0 failed: ValueError: task data went bad on rank 0"
+        expected = "RankFailedError: Reptile.meta_step: rank 0 failed: ValueError: task data went bad on rank 0"
         assert result["error"].startswith(expected), result["error"]
         assert result["error_time"] - result["last_step_started"] < 5
 
@@ -270,24 +290,67 @@ def test_a_rank_dying_outside_meta_step_fails_the_others_instead_of_hanging(tmp_
     # rank 0 waits in its all_reduce until the process group sees that rank 1 is gone (its connection
     # closes) or, at the latest, until the process group's timeout
     assert exit_codes[0] == 1 and results[0]["steps_done"] == 2, results[0]
+    assert results[0]["error"].startswith("CollectiveError: Reptile.meta_step: the all_reduce with the other ranks "
+                                          "failed"), results[0]["error"]
     waited = results[0]["error_time"] - results[0]["last_step_started"]
     assert waited < PROCESS_GROUP_TIMEOUT.total_seconds() + 10, results[0]["error"]
+
+
+KILL_TIMEOUT = datetime.timedelta(seconds=8)
+
+
+def test_a_rank_killed_mid_run_fails_the_others_within_the_timeout(tmp_path):
+    exit_codes, results = launch(3, tmp_path, scenario=kill_one_rank, timeout=KILL_TIMEOUT)
+    assert exit_codes == [-signal.SIGKILL, 1, 1], [result.get("error") for result in results]
+    for rank in (1, 2):
+        result = results[rank]
+        assert result["steps_done"] == 2, result
+        assert result["error"].startswith("CollectiveError: MAML.meta_step: the all_reduce with the other ranks "
+                                          "failed"), result["error"]
+        waited = result["error_time"] - result["last_step_started"]
+        assert waited < KILL_TIMEOUT.total_seconds() + 5, f"rank {rank} waited {waited:.1f} s"
 
 
 # ---- in this process: no process group, or a group of one ----
 
 def test_one_process_group_changes_nothing():
     expected_losses, expected_state = train("meta_sgd_adam", seed=0)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
-                            timeout=PROCESS_GROUP_TIMEOUT)
-    try:
+    with process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                       timeout=PROCESS_GROUP_TIMEOUT) as (rank, world_size):
+        assert dist.is_initialized() and (rank, world_size) == (0, 1)
         assert not is_distributed() and rank_and_world_size() == (0, 1)
         losses, state = train("meta_sgd_adam", seed=0)
-    finally:
-        dist.destroy_process_group()
+    assert not dist.is_initialized()  # ended with the block
     assert losses == expected_losses
     for name, value in state.items():
         assert torch.equal(value, expected_state[name]), name
+
+
+def test_process_group_outside_a_launch_runs_one_process(monkeypatch):
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with process_group("gloo") as (rank, world_size):
+        assert (rank, world_size) == (0, 1) and not dist.is_initialized()
+
+
+def test_process_group_ends_the_group_when_the_block_raises():
+    with pytest.raises(KeyError, match="from the block"):
+        with process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                           timeout=PROCESS_GROUP_TIMEOUT):
+            raise KeyError("from the block")
+    assert not dist.is_initialized()
+
+
+def test_process_group_refuses_a_group_that_already_exists():
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1,
+                            timeout=PROCESS_GROUP_TIMEOUT)
+    try:
+        with pytest.raises(RuntimeError, match="already initialised"):
+            with process_group("gloo", init_method="tcp://127.0.0.1:1", rank=0, world_size=1):
+                pass
+        assert dist.is_initialized()  # the caller's group is left alone
+    finally:
+        dist.destroy_process_group()
 
 
 # ---- shard ----

@@ -111,12 +111,10 @@ def test_variant_flags_take_effect(tmp_path, capsys):
 def test_pretraining_gets_the_same_gradient_budget(inner_steps, k_support, k_query, expected):
     """A meta-step differentiates inner_steps x k_support + k_query points per task, a pretraining step
     k_support + k_query: 40 meta-steps of 3 x 10 + 10 points are worth 80 pretraining steps of 20."""
-    from argparse import Namespace
+    from metalearn_fast.experiments.sine import Config
 
-    from metalearn_fast.cli import _pretrain_steps
-
-    args = Namespace(meta_steps=40, inner_steps=inner_steps, k_support=k_support, k_query=k_query)
-    assert _pretrain_steps(args) == expected
+    config = Config(meta_steps=40, inner_steps=inner_steps, k_support=k_support, k_query=k_query)
+    assert config.pretrain_steps() == expected
 
 
 BAD_ARGUMENTS = {

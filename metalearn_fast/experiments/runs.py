@@ -1,0 +1,144 @@
+"""What the main jobs share: a training loop that checkpoints and resumes, files written whole.
+
+A job's output files are written under a temporary name and renamed into place, so an interrupted
+run (Ctrl-C, a killed process) leaves either the previous file or none, never half of one. A job
+that checkpoints saves its whole state (weights, optimizer state, the task samplers' random state,
+the losses so far) every N steps; resuming from it continues to the same numbers as a run that was
+never interrupted.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+
+CHECKPOINT = "checkpoint.pt"
+
+
+def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
+    """``write(temporary_path)``, then rename it to ``path``: readers never see a partial file."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+
+
+def write_text(path: Path, text: str) -> None:
+    write_atomically(path, lambda partial: partial.write_text(text))
+
+
+def save_figure(figure, path: Path, dpi: int = 110) -> None:
+    """A matplotlib figure as a PNG file, written whole, and closed."""
+    import matplotlib.pyplot as plt
+
+    write_atomically(path, lambda partial: figure.savefig(partial, format="png", dpi=dpi))
+    plt.close(figure)
+
+
+def save_checkpoint(folder: Path, state: dict) -> None:
+    write_atomically(Path(folder) / CHECKPOINT, lambda partial: torch.save(state, partial))
+
+
+def load_checkpoint(folder: Path) -> dict:
+    """The checkpoint a job saved in ``folder``; FileNotFoundError when there is none."""
+    path = Path(folder) / CHECKPOINT
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} holds no {CHECKPOINT} (a run saves one with --checkpoint-every N)")
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def progress_bar(**kwargs):
+    """A tqdm progress bar on stderr."""
+    from tqdm import tqdm
+
+    return tqdm(mininterval=0.5, dynamic_ncols=True, file=sys.stderr, **kwargs)
+
+
+@dataclasses.dataclass
+class Phase:
+    """One training loop's progress, all that a checkpoint keeps of it besides the weights.
+
+    losses: the loss of every step, [steps] (on the training device until saved); validation: (x, score)
+    at the start and at the checkpoints of ``validation_steps``; seconds: time spent in training steps.
+    """
+
+    steps: int
+    losses: Tensor
+    done: int = 0
+    validation: list = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    @classmethod
+    def start(cls, steps: int, device) -> "Phase":
+        return cls(steps=steps, losses=torch.zeros(steps, device=device))
+
+    @property
+    def finished(self) -> bool:
+        return self.done == self.steps
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, "losses": self.losses[: self.done].cpu(), "done": self.done,
+                "validation": list(self.validation), "seconds": self.seconds}
+
+    @classmethod
+    def from_state_dict(cls, state: dict, device) -> "Phase":
+        phase = cls.start(state["steps"], device)
+        phase.losses[: state["done"]] = state["losses"].to(device)
+        phase.done, phase.validation, phase.seconds = state["done"], list(state["validation"]), state["seconds"]
+        return phase
+
+
+def validation_steps(steps: int, count: int) -> set[int]:
+    """The steps (1-based) after which a loop is validated: ``count`` of them, evenly spread."""
+    count = min(steps, count)
+    return {round(steps * (i + 1) / count) for i in range(count)}
+
+
+def train(
+    phase: Phase,
+    step: Callable[[Any], Tensor],
+    next_batch: Callable[[], Any],
+    *,
+    validate: Callable[[], float],
+    validate_after: set[int],
+    desc: str,
+    label: str,
+    log_every: int,
+    checkpoint: Optional[Callable[[], None]] = None,
+    checkpoint_every: Optional[int] = None,
+    x_per_step: float = 1.0,
+) -> None:
+    """Runs ``phase`` to its end: ``step(next_batch())`` returns each step's loss (a 0-dim tensor, kept
+    without a host sync). ``validate()`` scores the model off the clock, before the first step and after
+    the steps in ``validate_after``, recorded at x = steps * x_per_step. ``checkpoint()`` runs every
+    ``checkpoint_every`` steps and at the end, off the clock. Resumes where ``phase.done`` says."""
+    if not phase.validation:
+        phase.validation.append((0, validate()))
+    with progress_bar(total=phase.steps, initial=phase.done, desc=desc, unit="step") as bar:
+        started = time.perf_counter()
+        while phase.done < phase.steps:
+            phase.losses[phase.done] = step(next_batch())
+            phase.done += 1
+            bar.update()
+            if phase.done % log_every == 0:
+                recent = phase.losses[phase.done - log_every : phase.done].mean()
+                bar.set_postfix_str(f"{label} {float(recent):.3f}", refresh=False)
+            validating = phase.done in validate_after
+            saving = checkpoint is not None and (phase.done % checkpoint_every == 0 or phase.finished)
+            if validating or saving:
+                phase.seconds += time.perf_counter() - started
+                if validating:
+                    phase.validation.append((phase.done * x_per_step, validate()))
+                if saving:
+                    checkpoint()
+                started = time.perf_counter()
+        phase.seconds += time.perf_counter() - started
