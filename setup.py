@@ -122,7 +122,8 @@ def extension():
     generated = os.path.join(ROOT, "build", "generated")
     write_build_info(generated)
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp") + glob.glob("csrc/autograd/*.cpp") + glob.glob("csrc/composite/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp"]  # torch adds the C++ standard it needs
+    # torch adds the C++ standard it needs; without errno, sqrt in a loop vectorises (the optimizer update)
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno"]
     include_dirs = [os.path.join(ROOT, "csrc"), generated]
     if not cuda_home:
         print(f"metalearn_fast: building CPU kernels only ({no_cuda_reason})", flush=True)

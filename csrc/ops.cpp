@@ -5,7 +5,7 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
-#include "composite/maml_mlp.h"
+#include "cpu/small_kernels.h"
 #include "metalearn_fast_build_info.h"
 
 TORCH_LIBRARY(metalearn_fast, m) {
@@ -30,6 +30,29 @@ TORCH_LIBRARY(metalearn_fast, m) {
   m.def(
       "maml_mlp_loss(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
       " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer) -> Tensor");
+  // torch.optim's Adam/AdamW/SGD step on params, from grads, updating the optimizer's state tensors in
+  // place; optimizer "adam" or "sgd", settings and state laid out as composite/optimizer.h says.
+  m.def(
+      "optimizer_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state, str optimizer, float[] settings)"
+      " -> ()");
+  // One epoch of minibatch training of an MLP: per batch of x [N, I] (in order's order, or sequential),
+  // forward, mean loss ("mse": y [N, O]; "cross_entropy": y [N] labels), backward into grads, and the
+  // optimizer step on params and state. Returns each batch's loss.
+  m.def(
+      "mlp_train_epoch_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state, Tensor x, Tensor y,"
+      " Tensor? order, int batch_size, str loss, str optimizer, float[] settings) -> Tensor");
+  // A MAML meta-step of an MLP: the meta-gradient (maml_mlp_meta_grad) written into grads (params', then
+  // lr's when learn_lr), and the optimizer step on params (and lr) and state. Returns the meta-loss.
+  m.def(
+      "maml_mlp_meta_step_(Tensor(a!)[] params, Tensor(b!)[] lr, Tensor(c!)[] grads, Tensor(d!)[] state,"
+      " Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, int inner_steps, bool first_order,"
+      " str loss, int first_adapted_layer, bool learn_lr, str optimizer, float[] settings) -> Tensor");
+  // A Reptile meta-step of an MLP, in place: each task adapts a copy of params with inner_steps SGD steps
+  // (rate inner_lr) on its support loss, then p += outer_lr * (mean adapted p - p). Returns the mean support
+  // loss at the first inner step.
+  m.def(
+      "reptile_mlp_step_(Tensor(a!)[] params, Tensor x_support, Tensor y_support, int inner_steps, float inner_lr,"
+      " float outer_lr, str loss) -> Tensor");
 }
 
 namespace {
@@ -70,7 +93,7 @@ extern "C" PyObject* PyInit__C(void) {
   PyModule_AddStringConstant(module, "TORCH_VERSION", METALEARN_FAST_TORCH_VERSION);
   PyModule_AddStringConstant(module, "CUDA_VERSION", METALEARN_FAST_CUDA_VERSION);
   PyModule_AddStringConstant(module, "NO_CUDA_REASON", METALEARN_FAST_NO_CUDA_REASON);
-  PyModule_AddIntConstant(module, "CPU_TASK_KERNEL", metalearn_fast::cpu_task_kernel_available());
-  PyModule_AddIntConstant(module, "CPU_TASK_KERNEL_MAX_LAYER", metalearn_fast::kMaxTaskLayer);
+  PyModule_AddIntConstant(module, "CPU_TASK_KERNEL", metalearn_fast::cpu_has_avx2_fma());
+  PyModule_AddIntConstant(module, "CPU_TASK_KERNEL_MAX_LAYER", metalearn_fast::kMaxSmallLayer);
   return module;
 }

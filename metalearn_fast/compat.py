@@ -26,9 +26,10 @@ def get_loss_fn() -> nn.Module:
     return nn.MSELoss()
 
 
-def train(model, optimizer, loss_fn, x, y, epochs, batch_size) -> list[float]:
-    """Train in place; returns the mean loss of each epoch."""
-    return pretrain(model, x, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, loss_fn=loss_fn)
+def train(model, optimizer, loss_fn, x, y, epochs, batch_size) -> nn.Module:
+    """Train in place; returns the model, as the founding example's train does."""
+    pretrain(model, x, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, loss_fn=loss_fn)
+    return model
 
 
 def learn_new_task(model, optimizer, loss_fn, new_x, new_y, epochs, batch_size) -> nn.Module:

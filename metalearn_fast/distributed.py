@@ -31,7 +31,6 @@ and ``predict`` always work on the local tasks only.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import numbers
 import os
@@ -198,15 +197,7 @@ def shard(source, num_tasks: Optional[int] = None, *, rank: Optional[int] = None
         if world_size == 1:
             return source
         start = sum(sizes[:rank])
-        stop = start + sizes[rank]
-        sliced = {
-            field.name: getattr(source, field.name)[start:stop]
-            for field in dataclasses.fields(source)
-            if isinstance(getattr(source, field.name), Tensor)
-            and getattr(source, field.name).dim() > 0
-            and getattr(source, field.name).shape[0] == total
-        }
-        return dataclasses.replace(source, **sliced)
+        return source.select(start, start + sizes[rank])
     if callable(getattr(source, "sample", None)):
         if num_tasks is None:
             raise TypeError("shard(sampler, num_tasks): num_tasks, the size of the global meta-batch, is required")

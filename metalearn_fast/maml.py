@@ -27,8 +27,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .nn import MLP, FusedLinearReLU, SimpleNet
-from .ops import _number_as_rate, linear_relu, maml_mlp_loss, sgd_step, sgd_step_
+from .nn import linear_stack
+from .ops import (
+    _number_as_rate,
+    linear_relu,
+    maml_mlp_loss,
+    maml_mlp_meta_step_,
+    reptile_mlp_step_,
+    sgd_step,
+    sgd_step_,
+)
+from .optim import FusedUpdate, _layout
 from .tasks import TaskBatch, check_task_set
 
 __all__ = ["MAML", "Reptile"]
@@ -49,39 +58,6 @@ def _cross_entropy_per_task(logits: Tensor, labels: Tensor) -> Tensor:
 
 
 BUILTIN_LOSSES = {"mse": _mse_per_task, "cross_entropy": _cross_entropy_per_task}
-
-
-def _linear_stack(model: nn.Module) -> Optional[list[tuple[Tensor, Tensor, bool]]]:
-    """[(weight [O, I], bias [O], relu_after)] per layer when the fast path can run ``model``, else None.
-
-    Only exact types qualify: a subclass may override forward and compute something else.
-    """
-    if type(model) is SimpleNet:
-        modules = [model.fc1, model.fc2]
-    elif type(model) in (nn.Sequential, MLP):
-        modules = list(model)
-    else:
-        return None
-    layers: list[list] = []
-    for module in modules:
-        if type(module) in (nn.Linear, FusedLinearReLU):
-            if module.bias is None:
-                return None
-            layers.append([module.weight, module.bias, type(module) is FusedLinearReLU])
-        elif type(module) is nn.ReLU:
-            if not layers or layers[-1][2]:  # a ReLU must follow a layer that has none yet
-                return None
-            layers[-1][2] = True
-        elif type(module) is not nn.Identity:
-            return None
-    if not layers or layers[-1][2]:  # ReLU only between layers: the last layer is plain linear
-        return None
-    stacked = [p for weight, bias, _ in layers for p in (weight, bias)]
-    parameters = list(model.parameters())
-    # a module used twice would be one set of parameters but two layers: leave that to the generic path
-    if len(stacked) != len(parameters) or any(a is not b for a, b in zip(stacked, parameters)):
-        return None
-    return [(weight, bias, relu) for weight, bias, relu in layers]
 
 
 def _head_indices(model: nn.Module, parameters: Sequence[Tensor]) -> list[int]:
@@ -127,9 +103,11 @@ class _TaskBatchedLearner(nn.Module):
         self.model = model
         self.loss = loss
         self._parameter_names = [name for name, _ in named]
-        layers = _linear_stack(model)
+        layers = linear_stack(model)
         # the structure is fixed here; the weights are read from the model on every call
         self._relu_after = None if layers is None else [relu for _, _, relu in layers]
+        # the fused ops cover MLPs with a ReLU after every hidden layer and the built-in losses
+        self._fused = layers is not None and all(self._relu_after[:-1]) and isinstance(loss, str)
         self._generic_uses_vmap = True
         # under torch.distributed, the first meta_step gives every rank rank 0's weights
         self._weights_broadcast = False
@@ -150,9 +128,10 @@ class _TaskBatchedLearner(nn.Module):
 
     # ---- checks ----
 
-    def _check_x(self, x: Tensor, name: str) -> None:
-        """x [T, N, ...] must match the model's dtype and device (and its input size on the fast path)."""
-        first = next(self.model.parameters())
+    def _check_x(self, x: Tensor, name: str, first: Optional[Tensor] = None) -> None:
+        """x [T, N, ...] must match the model's dtype and device (and its input size on the fast path), that
+        is, those of its first parameter ``first``."""
+        first = next(self.model.parameters()) if first is None else first
         if x.dtype != first.dtype:
             raise TypeError(f"{name} must have the model's dtype {first.dtype}, got {x.dtype}")
         if x.device != first.device:
@@ -160,22 +139,23 @@ class _TaskBatchedLearner(nn.Module):
         if self.uses_fast_path and (x.dim() != 3 or x.shape[-1] != first.shape[1]):
             raise ValueError(f"{name} must be [T, N, {first.shape[1]}] for this model, got shape {list(x.shape)}")
 
-    def _check_batch(self, batch: TaskBatch) -> None:
+    def _check_batch(self, batch: TaskBatch, first: Optional[Tensor] = None) -> None:
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch must be a metalearn_fast.TaskBatch, got {type(batch).__name__}")
-        self._check_x(batch.x_support, "x_support")
-        self._check_x(batch.x_query, "x_query")
+        self._check_x(batch.x_support, "x_support", first)
+        self._check_x(batch.x_query, "x_query", first)
 
-    def _task_losses(self, pred: Tensor, target: Tensor, target_name: str) -> Tensor:
-        """The loss of each task: pred [T, K, out], target [T, K, ...] -> [T]."""
-        self._check_target(pred.shape, target, target_name)
+    def _task_losses(self, pred: Tensor, target: Tensor, target_name: str, largest_label: int) -> Tensor:
+        """The loss of each task: pred [T, K, out], target [T, K, ...] -> [T]. largest_label: the largest class
+        label in target (-1 for regression), known from where the data was checked."""
+        self._check_target(pred.shape, target, target_name, largest_label)
         losses = self._loss_fn(pred, target)
         if not isinstance(losses, Tensor) or losses.shape != (pred.shape[0],):
             got = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
             raise ValueError(f"loss must return one loss per task, shape [{pred.shape[0]}], got {got}")
         return losses
 
-    def _check_target(self, pred_shape: Sequence[int], target: Tensor, target_name: str) -> None:
+    def _check_target(self, pred_shape: Sequence[int], target: Tensor, target_name: str, largest_label: int) -> None:
         """The built-in losses' demands on a target, for model outputs of shape pred_shape [T, K, out]."""
         pred_shape = list(pred_shape)
         if self._loss_fn is _mse_per_task:
@@ -194,9 +174,9 @@ class _TaskBatchedLearner(nn.Module):
             if len(pred_shape) != 3:
                 raise ValueError(f"loss='cross_entropy' needs model outputs [T, K, classes], got {pred_shape}")
             # cross_entropy would index out of bounds (a device-side assert on CUDA)
-            largest = int(target.max())
-            if largest >= pred_shape[-1]:
-                raise ValueError(f"{target_name} holds class label {largest} but the model has {pred_shape[-1]} outputs")
+            if largest_label >= pred_shape[-1]:
+                raise ValueError(
+                    f"{target_name} holds class label {largest_label} but the model has {pred_shape[-1]} outputs")
 
     # ---- forward on per-task parameters ----
 
@@ -287,10 +267,8 @@ class MAML(_TaskBatchedLearner):
         self._adapted_indices = (
             _head_indices(model, parameters) if adapt_head_only else list(range(len(parameters)))
         )
-        # the fused op covers MLPs with a ReLU after every hidden layer and the built-in losses
-        self._fused = (
-            self.uses_fast_path and all(self._relu_after[:-1]) and isinstance(loss, str)
-        )
+        # the first layer the inner loop adapts, in the fused ops' terms (ANIL: the last)
+        self._first_adapted_layer = len(self._relu_after) - 1 if self.uses_fast_path and adapt_head_only else 0
         self.inner_lrs: Optional[nn.ParameterList] = None
         if learn_inner_lr:
             self.inner_lrs = nn.ParameterList(
@@ -327,11 +305,62 @@ class MAML(_TaskBatchedLearner):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if distributed.is_distributed():
             return self._distributed_meta_step(batch, optimizer)
+        update = self._fused_update(optimizer)
+        if not isinstance(update, str):
+            return self._fused_meta_step(batch, update)
         optimizer.zero_grad()
         loss = self.meta_loss(batch)
         loss.backward()
         optimizer.step()
         return float(loss.detach())
+
+    def meta_step_path(self, optimizer: torch.optim.Optimizer) -> str:
+        """How ``meta_step(batch, optimizer)`` runs: "fused" (one C++ call: the meta-gradient and the
+        optimizer's update on its own state) or "python: <why not>" (meta_loss, backward, optimizer.step)."""
+        if distributed.is_distributed():
+            return "python: the meta-gradients are averaged over the ranks before the step"
+        update = self._fused_update(optimizer)
+        return update if isinstance(update, str) else "fused"
+
+    def _fused_update(self, optimizer: torch.optim.Optimizer) -> Union[FusedUpdate, str]:
+        """The optimizer's update as the fused meta-step applies it, or why it cannot (a 'python: ...'
+        sentence). Made once per optimizer and param-group layout."""
+        cached = getattr(self, "_fused_update_cache", None)
+        if cached is not None and (cached.is_current(optimizer) if isinstance(cached, FusedUpdate)
+                                   else cached[0] is optimizer and cached[1] == _layout(optimizer)):
+            return cached if isinstance(cached, FusedUpdate) else cached[2]
+        if not self._fused:
+            result = "python: the model is not an MLP with a built-in loss"
+        elif self.learn_inner_lr and self.adapt_head_only:
+            result = "python: Meta-SGD with ANIL learns rates for the head only"
+        else:
+            tensors = self._meta_parameters() + (list(self.inner_lrs) if self.learn_inner_lr else [])
+            result = FusedUpdate.plan(optimizer, tensors)
+            if isinstance(result, str):
+                result = f"python: {result}"
+        self._fused_update_cache = result if isinstance(result, FusedUpdate) else (optimizer, _layout(optimizer),
+                                                                                     result)
+        return result
+
+    def _fused_meta_step(self, batch: TaskBatch, update: FusedUpdate) -> float:
+        """meta_step as one op: ops.maml_mlp_meta_step_ (meta-loss, meta-gradient into .grad, optimizer
+        update). Class labels are checked by the op."""
+        params = update.tensors[: len(update.tensors) - (len(self.inner_lrs) if self.learn_inner_lr else 0)]
+        self._check_batch(batch, params[0])
+        if self.loss == "cross_entropy":
+            for name, largest in zip(("y_support", "y_query"), batch.largest_labels):
+                if largest >= params[-2].shape[0]:
+                    raise ValueError(f"{name} holds class label {largest} but the model has {params[-2].shape[0]} "
+                                     "outputs")
+        rates = list(self.inner_lrs) if self.learn_inner_lr else [self._inner_lr_tensor(params[0])]
+        grads, state, settings = update.arguments()
+        with torch.no_grad():
+            loss = maml_mlp_meta_step_(
+                params, rates, grads, state, batch.x_support, batch.y_support, batch.x_query, batch.y_query,
+                self.inner_steps, self.first_order, self.loss, self._first_adapted_layer, self.learn_inner_lr,
+                update.kind, settings)
+        update.finish(state)
+        return float(loss)
 
     def _distributed_meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
         """meta_step on this rank's shard, with the gradients averaged over the ranks before the step."""
@@ -369,16 +398,14 @@ class MAML(_TaskBatchedLearner):
         entries are the meta parameters). Works under torch.no_grad().
         """
         steps = self.inner_steps if steps is None else _check_steps("steps", steps, minimum=0)
-        check_task_set(x_support, y_support, "x_support", "y_support")
+        largest = check_task_set(x_support, y_support, "x_support", "y_support")
         self._check_x(x_support, "x_support")
         tasks = x_support.shape[0]
         with torch.enable_grad():
             # leaves of their own: adapting needs no graph into the meta parameters
             start = [p.detach().expand(tasks, *p.shape).requires_grad_() for p in self._meta_parameters()]
-            if self.uses_fast_path:
-                adapted = self._fast_adapt(start, x_support, y_support, steps, create_graph=False)
-            else:
-                adapted = self._generic_adapt(start, x_support, y_support, steps, create_graph=False)
+            adapt = self._fast_adapt if self.uses_fast_path else self._generic_adapt
+            adapted = adapt(start, x_support, y_support, steps, False, largest)
         return [p.detach() for p in adapted]
 
     def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
@@ -409,6 +436,7 @@ class MAML(_TaskBatchedLearner):
         y_support: Tensor,
         steps: int,
         create_graph: bool,
+        largest_label: int,
     ) -> list[Tensor]:
         """``steps`` SGD steps on each task's support loss, updating params[i] for i in adapted_indices.
 
@@ -417,7 +445,7 @@ class MAML(_TaskBatchedLearner):
         params = list(params)
         rates = list(self.inner_lrs) if self.inner_lrs is not None else self.inner_lr
         for _ in range(steps):
-            losses = self._task_losses(forward(params, x_support), y_support, "y_support")
+            losses = self._task_losses(forward(params, x_support), y_support, "y_support", largest_label)
             adapted = [params[i] for i in adapted_indices]
             # the sum, not the mean: task t's parameters then get the gradient of task t's own loss
             grads = torch.autograd.grad(losses.sum(), adapted, create_graph=create_graph)
@@ -425,14 +453,13 @@ class MAML(_TaskBatchedLearner):
                 params[i] = new
         return params
 
-    def _fast_adapt(
-        self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int, create_graph: bool
-    ) -> list[Tensor]:
+    def _fast_adapt(self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int, create_graph: bool,
+                    largest_label: int) -> list[Tensor]:
         """The fast path's inner loop. start: per-task [T, ...] tensors of the meta parameters, flat
         [weight, bias] per layer; x_support: [T, K, I]. Returns the adapted list, same layout."""
         if not self.adapt_head_only:
             return self._inner_loop(
-                self._fast_layers, start, range(len(start)), x_support, y_support, steps, create_graph
+                self._fast_layers, start, range(len(start)), x_support, y_support, steps, create_graph, largest_label
             )
         # ANIL: the body is not adapted, so its features are the same at every inner step; compute them
         # once, with the meta weights shared by all tasks (one matrix product per layer for the whole batch)
@@ -447,15 +474,16 @@ class MAML(_TaskBatchedLearner):
         def head(params, h):
             return self._fast_layers(params, h, first_layer=head_layer)
 
-        adapted_head = self._inner_loop(head, start[2 * head_layer :], (0, 1), features, y_support, steps, create_graph)
+        adapted_head = self._inner_loop(head, start[2 * head_layer :], (0, 1), features, y_support, steps, create_graph,
+                                        largest_label)
         return start[: 2 * head_layer] + adapted_head
 
-    def _generic_adapt(
-        self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int, create_graph: bool
-    ) -> list[Tensor]:
+    def _generic_adapt(self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int,
+                       create_graph: bool, largest_label: int) -> list[Tensor]:
         """The generic path's inner loop on per-task [T, ...] tensors in model.parameters() order."""
         return self._inner_loop(
-            self._generic_forward, start, self._adapted_indices, x_support, y_support, steps, create_graph
+            self._generic_forward, start, self._adapted_indices, x_support, y_support, steps, create_graph,
+            largest_label
         )
 
     def _start_parameters(self, tasks: int) -> list[Tensor]:
@@ -480,8 +508,9 @@ class MAML(_TaskBatchedLearner):
             for i, rate in zip(self._adapted_indices, self.inner_lrs):
                 rates[i] = rate
         outputs = parameters[-2].shape[0]
-        for x, y, name in ((batch.x_support, batch.y_support, "y_support"), (batch.x_query, batch.y_query, "y_query")):
-            self._check_target((*x.shape[:2], outputs), y, name)
+        for x, y, name, largest in ((batch.x_support, batch.y_support, "y_support", batch.largest_labels[0]),
+                                    (batch.x_query, batch.y_query, "y_query", batch.largest_labels[1])):
+            self._check_target((*x.shape[:2], outputs), y, name, largest)
         return maml_mlp_loss(
             parameters,
             rates,
@@ -492,7 +521,7 @@ class MAML(_TaskBatchedLearner):
             inner_steps=self.inner_steps,
             first_order=self.first_order,
             loss=self.loss,
-            first_adapted_layer=len(self._relu_after) - 1 if self.adapt_head_only else 0,
+            first_adapted_layer=self._first_adapted_layer,
         )
 
     def _fast_meta_loss(self, batch: TaskBatch) -> Tensor:
@@ -501,18 +530,18 @@ class MAML(_TaskBatchedLearner):
         if self._fused:
             return self._fused_meta_loss(batch)
         start = self._start_parameters(batch.num_tasks)
-        adapted = self._fast_adapt(
-            start, batch.x_support, batch.y_support, self.inner_steps, create_graph=not self.first_order
-        )
-        return self._task_losses(self._fast_layers(adapted, batch.x_query), batch.y_query, "y_query").mean()
+        adapted = self._fast_adapt(start, batch.x_support, batch.y_support, self.inner_steps, not self.first_order,
+                                   batch.largest_labels[0])
+        query = self._fast_layers(adapted, batch.x_query)
+        return self._task_losses(query, batch.y_query, "y_query", batch.largest_labels[1]).mean()
 
     def _generic_meta_loss(self, batch: TaskBatch) -> Tensor:
         """meta_loss on the generic path: torch.func.functional_call under vmap over tasks."""
         start = self._start_parameters(batch.num_tasks)
-        adapted = self._generic_adapt(
-            start, batch.x_support, batch.y_support, self.inner_steps, create_graph=not self.first_order
-        )
-        return self._task_losses(self._generic_forward(adapted, batch.x_query), batch.y_query, "y_query").mean()
+        adapted = self._generic_adapt(start, batch.x_support, batch.y_support, self.inner_steps, not self.first_order,
+                                      batch.largest_labels[0])
+        query = self._generic_forward(adapted, batch.x_query)
+        return self._task_losses(query, batch.y_query, "y_query", batch.largest_labels[1]).mean()
 
 
 class Reptile(_TaskBatchedLearner):
@@ -549,11 +578,31 @@ class Reptile(_TaskBatchedLearner):
         """
         if distributed.is_distributed():
             return self._distributed_meta_step(batch)
+        if self._fused:
+            return self._fused_meta_step(batch)
         task_params, support_loss = self._adapt_copies(batch)
         with torch.no_grad():
             for p, adapted in zip(self._meta_parameters(), task_params):
                 p.add_(self.outer_lr * (adapted.mean(0) - p))
         return float(support_loss)
+
+    def meta_step_path(self) -> str:
+        """How ``meta_step`` runs: "fused" (one C++ call, ops.reptile_mlp_step_) or "python: <why not>"."""
+        if distributed.is_distributed():
+            return "python: the adapted weights are averaged over the ranks before the update"
+        return "fused" if self._fused else "python: the model is not an MLP with a built-in loss"
+
+    def _fused_meta_step(self, batch: TaskBatch) -> float:
+        """meta_step as one op: every task's inner loop and the update, ops.reptile_mlp_step_."""
+        params = self._meta_parameters()
+        self._check_batch(batch, params[0])
+        if self.loss == "cross_entropy" and batch.largest_labels[0] >= params[-2].shape[0]:
+            raise ValueError(f"y_support holds class label {batch.largest_labels[0]} but the model has "
+                             f"{params[-2].shape[0]} outputs")
+        with torch.no_grad():
+            loss = reptile_mlp_step_(params, batch.x_support, batch.y_support, self.inner_steps, self.inner_lr,
+                                     self.outer_lr, self.loss)
+        return float(loss)
 
     def _adapt_copies(self, batch: TaskBatch) -> tuple[list[Tensor], Tensor]:
         """Each task's adapted copy of the weights ([T, ...] per parameter) and the mean support loss at the
@@ -565,7 +614,8 @@ class Reptile(_TaskBatchedLearner):
         support_loss = None
         for step in range(self.inner_steps):
             with torch.enable_grad():
-                losses = self._task_losses(self._forward(task_params, batch.x_support), batch.y_support, "y_support")
+                losses = self._task_losses(self._forward(task_params, batch.x_support), batch.y_support, "y_support",
+                                           batch.largest_labels[0])
                 # the sum, not the mean: each task's copy gets the gradient of its own loss
                 grads = torch.autograd.grad(losses.sum(), task_params)
             if step == 0:

@@ -1,31 +1,40 @@
 """Modules on the fused ops: FusedLinearReLU, MLP, SimpleNet, and fuse() for existing models."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .ops import linear_relu
 
-__all__ = ["FusedLinearReLU", "MLP", "SimpleNet", "fuse"]
+__all__ = ["FusedLinearReLU", "MLP", "SimpleNet", "fuse", "linear_stack"]
 
 
 class FusedLinearReLU(nn.Linear):
-    """``relu(nn.Linear(in_features, out_features)(x))`` in one fused op.
+    """``relu(nn.Linear(in_features, out_features)(x))``, as one fused op where that is faster.
 
     A subclass of nn.Linear: same parameters, names, initialisation and state_dict, so it loads
     weights saved from a Linear and consumes the random stream exactly as Linear does.
     x: [..., in_features] -> [..., out_features].
+
+    On CUDA the layer is one op (ops.linear_relu: a GEMM with a bias+ReLU epilogue). On the CPU it is
+    ATen's own pair, F.linear then relu: in a training loop the single op measured slower there
+    (BENCHMARKS.md, the fuse() groups), and a fused layer must never cost time. The whole-step paths
+    (pretrain, adapt, MAML) do not go through this forward at all.
     """
 
     def __init__(self, in_features: int, out_features: int, device=None, dtype=None) -> None:
         super().__init__(in_features, out_features, bias=True, device=device, dtype=dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() == 2:
-            return linear_relu(x, self.weight, self.bias)
         if x.shape[-1:] != (self.in_features,):
             raise ValueError(f"FusedLinearReLU: x must be [..., {self.in_features}], got shape {list(x.shape)}")
+        if x.device.type == "cpu":
+            return torch.relu(F.linear(x, self.weight, self.bias))
+        if x.dim() == 2:
+            return linear_relu(x, self.weight, self.bias)
         flat = x.reshape(-1, self.in_features)
         return linear_relu(flat, self.weight, self.bias).reshape(*x.shape[:-1], self.out_features)
 
@@ -62,6 +71,10 @@ class SimpleNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.fc2(self.fc1(x))
 
+    def layers(self) -> list[nn.Module]:
+        """The modules forward applies, in order."""
+        return [self.fc1, self.fc2]
+
 
 def fuse(model: nn.Module) -> nn.Module:
     """Replace each nn.Linear followed by nn.ReLU inside nn.Sequential containers with FusedLinearReLU.
@@ -84,3 +97,40 @@ def fuse(model: nn.Module) -> nn.Module:
                 module._modules[first] = fused
                 module._modules[second] = nn.Identity()
     return model
+
+
+def linear_stack(model: nn.Module) -> Optional[list[tuple[Tensor, Tensor, bool]]]:
+    """[(weight [O, I], bias [O], relu_after)] per layer when ``model`` computes exactly a stack of Linear
+    layers with ReLU only between them, else None.
+
+    The stacks recognised: ``MLP``, ``SimpleNet`` and ``nn.Sequential`` of ``nn.Linear`` (with bias),
+    ``FusedLinearReLU``, ``nn.ReLU`` and ``nn.Identity``. Only exact types qualify (a subclass may override
+    forward), and each parameter must belong to one layer. The fast paths of MAML, Reptile, pretrain and
+    adapt all ask this one function.
+    """
+    if type(model) is SimpleNet:
+        modules = model.layers()
+    elif type(model) in (nn.Sequential, MLP):
+        modules = list(model)
+    else:
+        return None
+    layers: list[list] = []
+    for module in modules:
+        if type(module) in (nn.Linear, FusedLinearReLU):
+            if module.bias is None:
+                return None
+            layers.append([module.weight, module.bias, type(module) is FusedLinearReLU])
+        elif type(module) is nn.ReLU:
+            if not layers or layers[-1][2]:  # a ReLU must follow a layer that has none yet
+                return None
+            layers[-1][2] = True
+        elif type(module) is not nn.Identity:
+            return None
+    if not layers or layers[-1][2]:  # ReLU only between layers: the last layer is plain linear
+        return None
+    stacked = [p for weight, bias, _ in layers for p in (weight, bias)]
+    parameters = list(model.parameters())
+    # a module used twice would be one set of parameters but two layers
+    if len(stacked) != len(parameters) or any(a is not b for a, b in zip(stacked, parameters)):
+        return None
+    return [(weight, bias, relu) for weight, bias, relu in layers]

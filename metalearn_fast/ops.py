@@ -21,6 +21,10 @@ __all__ = [
     "sgd_step",
     "sgd_step_",
     "maml_mlp_loss",
+    "optimizer_step_",
+    "mlp_train_epoch_",
+    "maml_mlp_meta_step_",
+    "reptile_mlp_step_",
     "backend_info",
     "SCHEMAS",
 ]
@@ -43,14 +47,32 @@ SCHEMAS = {
         "maml_mlp_loss(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
         " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer) -> Tensor"
     ),
+    "optimizer_step_": (
+        "optimizer_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state, str optimizer, float[] settings) -> ()"
+    ),
+    "mlp_train_epoch_": (
+        "mlp_train_epoch_(Tensor(a!)[] params, Tensor(b!)[] grads, Tensor(c!)[] state, Tensor x, Tensor y,"
+        " Tensor? order, int batch_size, str loss, str optimizer, float[] settings) -> Tensor"
+    ),
+    "maml_mlp_meta_step_": (
+        "maml_mlp_meta_step_(Tensor(a!)[] params, Tensor(b!)[] lr, Tensor(c!)[] grads, Tensor(d!)[] state,"
+        " Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, int inner_steps, bool first_order,"
+        " str loss, int first_adapted_layer, bool learn_lr, str optimizer, float[] settings) -> Tensor"
+    ),
+    "reptile_mlp_step_": (
+        "reptile_mlp_step_(Tensor(a!)[] params, Tensor x_support, Tensor y_support, int inner_steps, float inner_lr,"
+        " float outer_lr, str loss) -> Tensor"
+    ),
 }
 
 _extension = _ext.load()
 
 
-# Ops with one kernel per device; the MAML ops are composites of ATen ops (any device).
+# Ops with one kernel per device; the MAML ops are composites of ATen ops (any device); the training
+# ops update parameters and optimizer state in place, outside autograd (as torch.optim does).
 DEVICE_OPS = ("linear_relu", "linear_relu_backward", "sgd_step", "sgd_step_")
 MAML_OPS = ("maml_mlp_meta_grad", "maml_mlp_loss")
+TRAINING_OPS = ("optimizer_step_", "mlp_train_epoch_", "maml_mlp_meta_step_", "reptile_mlp_step_")
 
 
 def _register_fallback() -> torch.library.Library:
@@ -58,8 +80,8 @@ def _register_fallback() -> torch.library.Library:
     for name in DEVICE_OPS:
         lib.define(SCHEMAS[name])
         lib.impl(name, getattr(reference, name), "CompositeExplicitAutograd")
-    # The reference MAML ops differentiate by autograd, so they run above the autograd key.
-    for name in MAML_OPS:
+    # The reference MAML and training ops differentiate by autograd inside, so they run above the autograd key.
+    for name in MAML_OPS + TRAINING_OPS:
         lib.define(SCHEMAS[name])
         lib.impl(name, getattr(reference, name), "CompositeImplicitAutograd")
 
@@ -151,12 +173,40 @@ if _extension is not None:  # the fallback's composites trace themselves
     torch.library.register_fake("metalearn_fast::maml_mlp_loss")(_maml_mlp_loss_fake)
 
 
+def _optimizer_step_fake(params, grads, state, optimizer, settings):
+    return None
+
+
+def _mlp_train_epoch_fake(params, grads, state, x, y, order, batch_size, loss, optimizer, settings):
+    return params[0].new_empty(((x.shape[0] + batch_size - 1) // batch_size,))
+
+
+def _reptile_mlp_step_fake(params, x_support, y_support, inner_steps, inner_lr, outer_lr, loss):
+    return x_support.new_empty(())
+
+
+def _maml_mlp_meta_step_fake(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps,
+                             first_order, loss, first_adapted_layer, learn_lr, optimizer, settings):
+    return x_query.new_empty(())
+
+
+if _extension is not None:  # the fallback's composites trace themselves
+    for _name, _fake in (("optimizer_step_", _optimizer_step_fake), ("mlp_train_epoch_", _mlp_train_epoch_fake),
+                         ("reptile_mlp_step_", _reptile_mlp_step_fake),
+                         ("maml_mlp_meta_step_", _maml_mlp_meta_step_fake)):
+        torch.library.register_fake(f"metalearn_fast::{_name}")(_fake)
+
+
 _maml_mlp_meta_grad = torch.ops.metalearn_fast.maml_mlp_meta_grad.default
 _maml_mlp_loss = torch.ops.metalearn_fast.maml_mlp_loss.default
 _linear_relu = torch.ops.metalearn_fast.linear_relu.default
 _linear_relu_backward = torch.ops.metalearn_fast.linear_relu_backward.default
 _sgd_step = torch.ops.metalearn_fast.sgd_step.default
 _sgd_step_inplace = torch.ops.metalearn_fast.sgd_step_.default
+optimizer_step_ = torch.ops.metalearn_fast.optimizer_step_.default
+mlp_train_epoch_ = torch.ops.metalearn_fast.mlp_train_epoch_.default
+maml_mlp_meta_step_ = torch.ops.metalearn_fast.maml_mlp_meta_step_.default
+reptile_mlp_step_ = torch.ops.metalearn_fast.reptile_mlp_step_.default
 
 
 # Eager calls take the extension's unboxed entry point; torch.compile traces the registered op.

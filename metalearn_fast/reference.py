@@ -19,7 +19,11 @@ __all__ = [
     "sgd_step_",
     "maml_mlp_loss",
     "maml_mlp_meta_grad",
+    "maml_mlp_meta_step_",
     "mlp_forward",
+    "mlp_train_epoch_",
+    "optimizer_step_",
+    "reptile_mlp_step_",
     "task_losses",
 ]
 
@@ -355,3 +359,228 @@ def maml_mlp_meta_grad(
     found = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(found, wanted)]
     count = len(meta) if compute_grad else 0
     return query.detach(), found[:count], found[count:]
+
+
+# ---- optimizer updates and the fused training steps ----
+
+SETTINGS_PER_PARAM = 7  # see optimizer_step_
+
+
+def _optimizer_layout(op: str, optimizer: str, settings: Sequence[float], params: Sequence[Tensor],
+                      grads: Sequence[Tensor], state: Sequence[Tensor]) -> list[tuple[list[float], list[Tensor]]]:
+    """(settings, state tensors) of each updated tensor, checked as the compiled ops check them."""
+    if optimizer not in ("adam", "sgd"):
+        raise ValueError(f"{op}: optimizer must be 'adam' or 'sgd', got {optimizer!r}")
+    if len(grads) != len(params):
+        raise ValueError(f"{op}: grads must hold one tensor per updated tensor ({len(params)}), got {len(grads)}")
+    if len(settings) != len(params) * SETTINGS_PER_PARAM:
+        raise ValueError(f"{op}: settings must hold {SETTINGS_PER_PARAM} numbers per updated tensor "
+                         f"({len(params) * SETTINGS_PER_PARAM}), got {len(settings)}")
+    layout, next_state = [], 0
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        values = list(settings[i * SETTINGS_PER_PARAM : (i + 1) * SETTINGS_PER_PARAM])
+        count = 3 if optimizer == "adam" else int(values[1] != 0)
+        layout.append((values, list(state[next_state : next_state + count])))
+        next_state += count
+        if not param.is_floating_point():
+            raise TypeError(f"{op}: updated tensor {i} must be floating point, got {param.dtype}")
+        if grad.dtype != param.dtype:
+            raise TypeError(f"{op}: grads[{i}] must have dtype {param.dtype}, got {grad.dtype}")
+        if grad.shape != param.shape or grad.device != param.device:
+            raise ValueError(f"{op}: grads[{i}] must match its tensor's shape {list(param.shape)} and device "
+                             f"{param.device}, got {list(grad.shape)} on {grad.device}")
+    if len(state) != next_state:
+        raise ValueError(f"{op}: state must hold {next_state} tensors for these settings, got {len(state)}")
+    return layout
+
+
+def optimizer_step_(params: Sequence[Tensor], grads: Sequence[Tensor], state: Sequence[Tensor], optimizer: str,
+                    settings: Sequence[float]) -> None:
+    """torch.optim's Adam/AdamW ("adam") or SGD ("sgd") step on params, in place, from grads, updating the
+    optimizer's state tensors in place, with torch's single-tensor formulas.
+
+    settings: 7 numbers per param, from its param group: adam: lr, beta1, beta2, eps, weight_decay,
+    decoupled_weight_decay (AdamW), maximize; sgd: lr, momentum, dampening, weight_decay, nesterov, maximize,
+    has_buffer (0: the momentum buffer is new, and this step copies the gradient into it). state, per param:
+    adam: step (0-dim, on the CPU), exp_avg, exp_avg_sq; sgd: momentum_buffer when momentum != 0."""
+    layout = _optimizer_layout("optimizer_step_", optimizer, settings, params, grads, state)
+    with torch.no_grad():
+        for param, grad, (values, tensors) in zip(params, grads, layout):
+            if optimizer == "adam":
+                _adam_update(param, grad, tensors, *values)
+            else:
+                _sgd_update(param, grad, tensors, *values)
+
+
+def _adam_update(param, grad, state, lr, beta1, beta2, eps, weight_decay, decoupled, maximize):
+    step_t, exp_avg, exp_avg_sq = state
+    grad = -grad if maximize else grad
+    step_t += 1
+    if weight_decay != 0:
+        if decoupled:
+            param.mul_(1 - lr * weight_decay)
+        else:
+            grad = grad.add(param, alpha=weight_decay)
+    exp_avg.lerp_(grad, 1 - beta1)
+    exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+    step = step_t.item()
+    step_size = lr / (1 - beta1**step)
+    denom = (exp_avg_sq.sqrt() / (1 - beta2**step) ** 0.5).add_(eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _sgd_update(param, grad, state, lr, momentum, dampening, weight_decay, nesterov, maximize, has_buffer):
+    grad = -grad if maximize else grad
+    if weight_decay != 0:
+        grad = grad.add(param, alpha=weight_decay)
+    if momentum != 0:
+        (buffer,) = state
+        if has_buffer:
+            buffer.mul_(momentum).add_(grad, alpha=1 - dampening)
+        else:
+            buffer.copy_(grad)
+        grad = grad.add(buffer, alpha=momentum) if nesterov else buffer
+    param.add_(grad, alpha=-lr)
+
+
+def _settings_after_first_step(optimizer: str, settings: Sequence[float]) -> list[float]:
+    """SGD's settings once every momentum buffer holds a history."""
+    after = list(settings)
+    if optimizer == "sgd":
+        after[6::SETTINGS_PER_PARAM] = [1.0] * (len(after) // SETTINGS_PER_PARAM)
+    return after
+
+
+def _check_train_args(params, grads, x, y, order, batch_size, loss) -> None:
+    op = "mlp_train_epoch_"
+    if loss not in ("mse", "cross_entropy"):
+        raise ValueError(f"{op}: loss must be 'mse' or 'cross_entropy', got {loss!r}")
+    if len(params) < 2 or len(params) % 2:
+        raise ValueError(f"{op}: params must be [weight_0, bias_0, weight_1, bias_1, ...], got {len(params)} tensors")
+    if len(grads) != len(params):
+        raise ValueError(f"{op}: grads must hold one tensor per param")
+    dtype, device = params[0].dtype, params[0].device
+    for layer in range(len(params) // 2):
+        weight, bias = params[2 * layer], params[2 * layer + 1]
+        if weight.dim() != 2 or bias.dim() != 1 or bias.shape[0] != weight.shape[0]:
+            raise ValueError(f"{op}: params[{2 * layer}] and params[{2 * layer + 1}] must be a weight [O, I] and a "
+                             f"bias [O], got {list(weight.shape)} and {list(bias.shape)}")
+        if layer and weight.shape[1] != params[2 * layer - 2].shape[0]:
+            raise ValueError(f"{op}: params[{2 * layer}] must take {params[2 * layer - 2].shape[0]} inputs, got "
+                             f"shape {list(weight.shape)}")
+        if weight.dtype != dtype or bias.dtype != dtype:
+            raise TypeError(f"{op}: params must share one dtype")
+        if weight.device != device or bias.device != device:
+            raise ValueError(f"{op}: params must share one device")
+    outputs = params[-2].shape[0]
+    if x.dtype != dtype:
+        raise TypeError(f"{op}: x must have the params' dtype {dtype}, got {x.dtype}")
+    if x.device != device:
+        raise ValueError(f"{op}: x must be on the params' device {device}, got {x.device}")
+    if x.dim() != 2 or x.shape[1] != params[0].shape[1]:
+        raise ValueError(f"{op}: x must be [N, {params[0].shape[1]}], got {list(x.shape)}")
+    n = x.shape[0]
+    if n == 0:
+        raise ValueError(f"{op}: x holds no examples")
+    if batch_size < 1:
+        raise ValueError(f"{op}: batch_size must be >= 1, got {batch_size}")
+    if y.device != x.device:
+        raise ValueError(f"{op}: y must be on x's device")
+    if loss == "mse":
+        if y.dtype != dtype:
+            raise TypeError(f"{op}: y must have the params' dtype for mse")
+        if list(y.shape) != [n, outputs]:
+            raise ValueError(f"{op}: y must be [{n}, {outputs}] for mse, got {list(y.shape)}")
+    else:
+        if y.dtype != torch.int64:
+            raise TypeError(f"{op}: y must be int64 class labels, got {y.dtype}")
+        if list(y.shape) != [n]:
+            raise ValueError(f"{op}: y must be [{n}] class labels, got {list(y.shape)}")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= outputs:
+            raise ValueError(f"{op}: y must hold class labels in [0, {outputs}), got labels from {low} to {high}")
+    if order is not None:
+        if order.dtype != torch.int64 or order.shape != (n,) or order.device != x.device:
+            raise ValueError(f"{op}: order must be an int64 [{n}] index tensor on x's device, got {order.dtype} "
+                             f"{list(order.shape)}")
+        if int(order.min()) < 0 or int(order.max()) >= n:
+            raise ValueError(f"{op}: order must index the {n} examples")
+
+
+def mlp_train_epoch_(params: Sequence[Tensor], grads: Sequence[Tensor], state: Sequence[Tensor], x: Tensor, y: Tensor,
+                     order: Optional[Tensor], batch_size: int, loss: str, optimizer: str,
+                     settings: Sequence[float]) -> Tensor:
+    """One epoch of minibatch training of an MLP [W0, b0, W1, b1, ...] (ReLU between layers), in place.
+
+    Batches of batch_size rows of x [N, I] (in ``order``'s order, else sequential; the last may be partial);
+    per batch the mean loss ("mse": y [N, O]; "cross_entropy": y [N] int64 labels), its gradient written into
+    grads, and optimizer_step_ on params and state. Returns each batch's loss [ceil(N / batch_size)]."""
+    _check_train_args(params, grads, x, y, order, batch_size, loss)
+    _optimizer_layout("mlp_train_epoch_", optimizer, settings, params, grads, state)
+    losses = []
+    for start in range(0, x.shape[0], batch_size):
+        if order is None:
+            x_batch, y_batch = x[start : start + batch_size], y[start : start + batch_size]
+        else:
+            index = order[start : start + batch_size]
+            x_batch, y_batch = x[index], y[index]
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_() for p in params]
+            pred = mlp_forward(x_batch, leaves)
+            if loss == "mse":
+                value = torch.nn.functional.mse_loss(pred, y_batch)
+            else:
+                value = torch.nn.functional.cross_entropy(pred, y_batch)
+            found = torch.autograd.grad(value, leaves)
+        with torch.no_grad():
+            for grad, g in zip(grads, found):
+                grad.copy_(g)
+        optimizer_step_(params, grads, state, optimizer, settings)
+        settings = _settings_after_first_step(optimizer, settings)
+        losses.append(value.detach())
+    return torch.stack(losses)
+
+
+def maml_mlp_meta_step_(params: Sequence[Tensor], lr: Sequence[Tensor], grads: Sequence[Tensor],
+                        state: Sequence[Tensor], x_support: Tensor, y_support: Tensor, x_query: Tensor,
+                        y_query: Tensor, inner_steps: int, first_order: bool, loss: str, first_adapted_layer: int,
+                        learn_lr: bool, optimizer: str, settings: Sequence[float]) -> Tensor:
+    """A MAML meta-step of an MLP in place: maml_mlp_meta_grad's gradients written into grads (params', then
+    lr's when learn_lr), then optimizer_step_ on params (and lr) and state. Returns the meta-loss."""
+    if learn_lr and len(lr) != len(params):
+        raise ValueError(f"maml_mlp_meta_step_: learned rates need one lr tensor per param, got {len(lr)}")
+    updated = list(params) + (list(lr) if learn_lr else [])
+    _optimizer_layout("maml_mlp_meta_step_", optimizer, settings, updated, grads, state)
+    value, param_grads, lr_grads = maml_mlp_meta_grad(params, lr, x_support, y_support, x_query, y_query,
+                                                      inner_steps, first_order, loss, first_adapted_layer, True,
+                                                      learn_lr)
+    with torch.no_grad():
+        for grad, g in zip(grads, param_grads + lr_grads):
+            grad.copy_(g)
+    optimizer_step_(updated, grads, state, optimizer, settings)
+    return value
+
+
+def reptile_mlp_step_(params: Sequence[Tensor], x_support: Tensor, y_support: Tensor, inner_steps: int,
+                      inner_lr: float, outer_lr: float, loss: str) -> Tensor:
+    """A Reptile meta-step of an MLP [W0, b0, W1, b1, ...] in place: each task adapts a copy of params with
+    inner_steps SGD steps of rate inner_lr on its own mean support loss, then every p += outer_lr * (the mean
+    over tasks of its adapted copy - p). x_support [T, K, I]; y_support [T, K, O] (mse) or [T, K] labels.
+    Returns the mean over tasks of the support loss at the first inner step."""
+    rate = [torch.tensor(float(inner_lr), dtype=params[0].dtype, device=params[0].device)]
+    _check_maml_args(params, rate, x_support, y_support, x_support, y_support, inner_steps, loss, 0)
+    tasks = x_support.shape[0]
+    fast = [p.detach().expand(tasks, *p.shape) for p in params]
+    first = None
+    for step in range(inner_steps):
+        with torch.enable_grad():
+            leaves = [p.detach().requires_grad_() for p in fast]
+            losses = task_losses(mlp_forward(x_support, leaves), y_support, loss)
+            grads = torch.autograd.grad(losses.sum(), leaves)
+        if step == 0:
+            first = losses.detach().mean()
+        fast = [p - inner_lr * g for p, g in zip(fast, grads)]
+    with torch.no_grad():
+        for p, adapted in zip(params, fast):
+            p.add_(outer_lr * (adapted.mean(0) - p))
+    return first

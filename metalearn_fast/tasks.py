@@ -3,9 +3,10 @@ samplers that make them: SinusoidTasks (the sinusoid regression family) and FewS
 K-shot classification from any labelled examples)."""
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Optional, Union
 
 import numpy as np
@@ -15,11 +16,12 @@ from torch import Tensor
 __all__ = ["TaskBatch", "check_task_set", "SinusoidTasks", "SinusoidTaskBatch", "FewShotTasks"]
 
 
-def check_task_set(x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
+def check_task_set(x: Tensor, y: Tensor, x_name: str, y_name: str) -> int:
     """Check one set of examples for T tasks: x [T, K, ...] floating point, y [T, K, ...] of x's dtype
     (regression) or y [T, K] int64 class labels >= 0 (classification); T >= 1, K >= 1, all finite, one device.
 
-    Raises TypeError for a non-tensor or a wrong dtype and ValueError for anything else, naming the argument.
+    Returns the largest class label (-1 for regression targets). Raises TypeError for a non-tensor or a
+    wrong dtype and ValueError for anything else, naming the argument.
     """
     for name, tensor in ((x_name, x), (y_name, y)):
         if not isinstance(tensor, Tensor):
@@ -42,6 +44,7 @@ def check_task_set(x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
         raise ValueError(
             f"{y_name} must hold one target per example of {x_name} (K = {x.shape[1]}), got shape {list(y.shape)}"
         )
+    largest = -1
     if y.is_floating_point():
         if y.dtype != x.dtype:
             raise TypeError(
@@ -52,14 +55,31 @@ def check_task_set(x: Tensor, y: Tensor, x_name: str, y_name: str) -> None:
     elif y.dtype == torch.int64:
         if y.dim() != 2:
             raise ValueError(f"{y_name} holds class labels, so it must be [T, K], got shape {list(y.shape)}")
-        if (y < 0).any():
+        low, high = (int(v) for v in y.aminmax())
+        if low < 0:
             raise ValueError(f"{y_name} holds class labels, which must be non-negative")
+        largest = high
     else:
         raise TypeError(
             f"{y_name} must be floating point (regression) or int64 class labels (classification), got {y.dtype}"
         )
     if not torch.isfinite(x).all():
         raise ValueError(f"{x_name} contains NaN or infinite values")
+    return largest
+
+
+def _as_task_tensor(name: str, data) -> Tensor:
+    """A numpy array as a tensor: floating point in torch's default dtype, integers as int64 labels."""
+    if isinstance(data, Tensor) or not isinstance(data, np.ndarray):
+        return data
+    if np.issubdtype(data.dtype, np.floating):
+        return torch.as_tensor(data, dtype=torch.get_default_dtype())
+    if np.issubdtype(data.dtype, np.integer):
+        return torch.as_tensor(data, dtype=torch.int64)
+    raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {data.dtype}")
+
+
+_INIT_FIELDS: dict = {}  # per TaskBatch class: the names of its constructor's fields, in order
 
 
 @dataclass(frozen=True, eq=False)
@@ -75,10 +95,16 @@ class TaskBatch:
     y_support: Tensor
     x_query: Tensor
     y_query: Tensor
+    # the largest class label of the support and of the query set ((-1, -1) for regression), found once where
+    # the batch is made, so that a learner checks them against its model without scanning the labels again
+    largest_labels: tuple = field(init=False, default=(-1, -1), repr=False)
 
     def __post_init__(self) -> None:
-        check_task_set(self.x_support, self.y_support, "x_support", "y_support")
-        check_task_set(self.x_query, self.y_query, "x_query", "y_query")
+        for name in ("x_support", "y_support", "x_query", "y_query"):
+            object.__setattr__(self, name, _as_task_tensor(name, getattr(self, name)))
+        largest = (check_task_set(self.x_support, self.y_support, "x_support", "y_support"),
+                   check_task_set(self.x_query, self.y_query, "x_query", "y_query"))
+        object.__setattr__(self, "largest_labels", largest)
         support, query = self.x_support, self.x_query
         if query.shape[0] != support.shape[0]:
             raise ValueError(f"x_query has T = {query.shape[0]} tasks but x_support has T = {support.shape[0]}")
@@ -99,10 +125,33 @@ class TaskBatch:
                 f"got shape {list(self.y_query.shape)}"
             )
 
+    @classmethod
+    def _made_by_sampler(cls, *fields_in_order, largest_label: int = -1) -> "TaskBatch":
+        """A batch whose tensors a sampler made valid by construction: the checks, which scan the data, are
+        skipped (the sampler's own inputs were checked once, when it was made)."""
+        batch = object.__new__(cls)
+        names = _INIT_FIELDS.get(cls) or _INIT_FIELDS.setdefault(cls, [f.name for f in dataclasses.fields(cls)
+                                                                         if f.init])
+        for name, value in zip(names, fields_in_order, strict=True):
+            object.__setattr__(batch, name, value)
+        object.__setattr__(batch, "largest_labels", (largest_label, largest_label))
+        return batch
+
     @property
     def num_tasks(self) -> int:
         """T, the number of tasks."""
         return self.x_support.shape[0]
+
+    def select(self, start: int, stop: int) -> "TaskBatch":
+        """Tasks start..stop-1 as a batch of this batch's type: every field with the leading task dimension is
+        sliced (a SinusoidTaskBatch's amplitude and phase too)."""
+        total = self.num_tasks
+        sliced = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.init and isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == total:
+                sliced[f.name] = value[start:stop]
+        return dataclasses.replace(self, **sliced)
 
     @property
     def is_classification(self) -> bool:
@@ -208,9 +257,9 @@ class SinusoidTasks(_SeededSampler):
     drawn independently from x ~ U[x_range]. ``sample(T)`` gives a SinusoidTaskBatch with x_support,
     y_support [T, k_support, 1] and x_query, y_query [T, k_query, 1], and the tasks' amplitude and phase.
 
-    Every quantity of a batch is drawn in a fixed order (amplitudes, phases, support x, query x), so two
-    samplers with the same seed and different k_support give the same tasks, and the same device replays
-    the same batches. Different devices have different random streams.
+    Every quantity of a batch is drawn in a fixed order (amplitudes, phases, then each task's inputs), so
+    two samplers with the same seed and different k_support give the same tasks, and the same device
+    replays the same batches. Different devices have different random streams.
     """
 
     def __init__(
@@ -238,24 +287,35 @@ class SinusoidTasks(_SeededSampler):
     def sample(
         self, num_tasks: int, device: Union[str, torch.device] = "cpu", dtype: torch.dtype = torch.float32
     ) -> SinusoidTaskBatch:
-        """num_tasks fresh tasks, generated on ``device`` in ``dtype``."""
+        """num_tasks fresh tasks, generated on ``device`` in ``dtype``.
+
+        One draw of uniform numbers per batch, in this order: the amplitudes, the phases, then each task's
+        k_support + k_query inputs; x_support and x_query are views of the inputs (the batch is made in a
+        few ops, a few microseconds: it is drawn at every meta-step)."""
         num_tasks = _check_count("num_tasks", num_tasks, minimum=1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         device = torch.device(device)
-        generator = self._generator(device)
+        shift, scale = self._affine(num_tasks, device, dtype)
+        drawn = torch.rand(shift.shape, generator=self._generator(device), device=device, dtype=dtype)
+        values = torch.addcmul(shift, scale, drawn)  # low + (high - low) * u, per quantity
+        tasks, k = num_tasks, self.k_support
+        amplitude, phase = values[:tasks], values[tasks : 2 * tasks]
+        x = values[2 * tasks :].view(tasks, k + self.k_query, 1)
+        y = torch.sin(x - phase.view(tasks, 1, 1)).mul_(amplitude.view(tasks, 1, 1))
+        return SinusoidTaskBatch._made_by_sampler(x[:, :k], y[:, :k], x[:, k:], y[:, k:], amplitude, phase)
 
-        def uniform(shape, interval):
-            low, high = interval
-            return low + (high - low) * torch.rand(shape, generator=generator, device=device, dtype=dtype)
-
-        amplitude = uniform((num_tasks,), self.amplitude)
-        phase = uniform((num_tasks,), self.phase)
-        x_support = uniform((num_tasks, self.k_support, 1), self.x_range)
-        x_query = uniform((num_tasks, self.k_query, 1), self.x_range)
-        a, p = amplitude.view(-1, 1, 1), phase.view(-1, 1, 1)
-        return SinusoidTaskBatch(x_support, a * torch.sin(x_support - p), x_query, a * torch.sin(x_query - p),
-                                 amplitude, phase)
+    def _affine(self, tasks: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """(low, high - low) of each number a batch of ``tasks`` draws, made once per shape."""
+        key = (tasks, device, dtype)
+        cache = self.__dict__.setdefault("_affine_cache", {})
+        if key not in cache:
+            counts = (tasks, tasks, tasks * (self.k_support + self.k_query))
+            intervals = (self.amplitude, self.phase, self.x_range)
+            low = torch.cat([torch.full((n,), lo, dtype=torch.float64) for n, (lo, _) in zip(counts, intervals)])
+            width = torch.cat([torch.full((n,), hi - lo, dtype=torch.float64) for n, (lo, hi) in zip(counts, intervals)])
+            cache[key] = (low.to(device=device, dtype=dtype), width.to(device=device, dtype=dtype))
+        return cache[key]
 
 
 def _as_tensor(name: str, data) -> Tensor:
@@ -361,9 +421,11 @@ class FewShotTasks(_SeededSampler):
         y_query = labels.repeat_interleave(queries).expand(num_tasks, -1)
         device = self.x.device if device is None else torch.device(device)
         x = self.x
-        return TaskBatch(
+        # x was checked (finite) when the sampler was made, and the labels are 0..ways-1 by construction
+        return TaskBatch._made_by_sampler(
             x[support_index.to(x.device)].to(device),
             y_support.contiguous().to(device),
             x[query_index.to(x.device)].to(device),
             y_query.contiguous().to(device),
+            largest_label=ways - 1,
         )

@@ -2,13 +2,20 @@
 from __future__ import annotations
 
 import copy
+import math
+import warnings
 from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["pretrain", "adapt", "as_tensor"]
+from .nn import linear_stack
+from .ops import mlp_train_epoch_
+from .optim import FusedUpdate
+
+__all__ = ["pretrain", "adapt", "as_tensor", "training_path", "EpochLosses"]
 
 OptimizerArg = Union[None, torch.optim.Optimizer, Callable[..., torch.optim.Optimizer]]
 
@@ -19,8 +26,10 @@ def _model_dtype_device(model: nn.Module) -> tuple[torch.dtype, torch.device]:
     raise ValueError("model has no parameters to train")
 
 
-def as_tensor(name: str, data, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """data (numpy array, tensor or nested list) as a tensor of dtype on device, checked for emptiness and NaN."""
+def as_tensor(name: str, data, dtype: torch.dtype, device: torch.device, keep_integers: bool = False) -> Tensor:
+    """data (numpy array, tensor or nested list) as a tensor of dtype on device, checked for emptiness and NaN.
+
+    With keep_integers, integer data (class labels) becomes int64 instead of dtype."""
     if isinstance(data, Tensor):
         tensor = data
     elif isinstance(data, (np.ndarray, list, tuple)):
@@ -34,7 +43,8 @@ def as_tensor(name: str, data, dtype: torch.dtype, device: torch.device) -> Tens
         raise TypeError(f"{name} must be real numbers, got dtype {tensor.dtype}")
     if tensor.dim() == 0 or tensor.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {list(tensor.shape)})")
-    tensor = tensor.to(device=device, dtype=dtype if dtype.is_floating_point else tensor.dtype)
+    integers = not tensor.is_floating_point()
+    tensor = tensor.to(device=device, dtype=torch.int64 if keep_integers and integers else dtype)
     if not torch.isfinite(tensor).all():
         raise ValueError(f"{name} contains NaN or infinite values")
     return tensor
@@ -74,43 +84,168 @@ def _epoch_order(n: int, shuffle: bool) -> Optional[Tensor]:
     return torch.randperm(n, generator=generator)
 
 
-def _fit(model, x, y, *, epochs, batch_size, optimizer, loss_fn, shuffle, progress, label) -> list[float]:
+class EpochLosses(list):
+    """The mean loss of each epoch (a list of floats); ``path`` says how the epochs ran: "fused" (one
+    C++ call per epoch, ops.mlp_train_epoch_) or "python: <why the fused path was not taken>"."""
+
+    path: str = ""
+
+
+_LOSSES = {
+    "mse": (nn.MSELoss, F.mse_loss),
+    "cross_entropy": (nn.CrossEntropyLoss, F.cross_entropy),
+}
+
+
+def _builtin_loss(loss_fn) -> Optional[str]:
+    """'mse' or 'cross_entropy' when loss_fn computes exactly that mean loss, else None."""
+    if loss_fn is None:
+        return "mse"
+    for name, (module, function) in _LOSSES.items():
+        if loss_fn is function:
+            return name
+        if type(loss_fn) is module and loss_fn.reduction == "mean":
+            if module is nn.MSELoss or (loss_fn.weight is None and loss_fn.label_smoothing == 0):
+                return name
+    return None
+
+
+def _has_hooks(model: nn.Module) -> bool:
+    hooks = torch.nn.modules.module
+    if (hooks._global_forward_hooks or hooks._global_forward_pre_hooks or hooks._global_backward_hooks
+            or hooks._global_backward_pre_hooks):
+        return True
+    for module in model.modules():
+        if (module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks):
+            return True
+    return any(p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None) for p in model.parameters())
+
+
+class _FusedTraining:
+    """An epoch of ``model`` in one call of ops.mlp_train_epoch_, the optimizer's step included."""
+
+    def __init__(self, params: list[Tensor], loss: str, update: FusedUpdate) -> None:
+        self.params, self.loss, self.update = params, loss, update
+
+    @classmethod
+    def plan(cls, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: Tensor,
+             y: Tensor) -> Union["_FusedTraining", str]:
+        """The fused epoch for these arguments, or why the Python loop must run them (a sentence)."""
+        stack = linear_stack(model)
+        if stack is None or not all(relu for _, _, relu in stack[:-1]):
+            return ("the model is not an MLP (MLP, SimpleNet, or nn.Sequential of nn.Linear with nn.ReLU between "
+                    "them)")
+        loss = _builtin_loss(loss_fn)
+        if loss is None:
+            return f"loss_fn is {type(loss_fn).__name__}; the fused step computes nn.MSELoss and nn.CrossEntropyLoss"
+        if _has_hooks(model):
+            return "the model has hooks"
+        params = [p for weight, bias, _ in stack for p in (weight, bias)]
+        if not all(p.requires_grad for p in params):
+            return "some parameters are frozen (requires_grad=False)"
+        if params[0].device.type not in ("cpu", "cuda") or torch.is_autocast_enabled():
+            return "the model is not on a CPU or CUDA device, or autocast is on"
+        if x.dim() != 2 or x.shape[1] != params[0].shape[1]:
+            return f"x is {list(x.shape)}, not [N, {params[0].shape[1]}]"
+        outputs = params[-2].shape[0]
+        if loss == "mse" and (y.dtype != x.dtype or list(y.shape) != [x.shape[0], outputs]):
+            return f"y is {list(y.shape)} {y.dtype}, not [{x.shape[0]}, {outputs}] of the model's dtype"
+        if loss == "cross_entropy" and (y.dtype != torch.int64 or y.dim() != 1 or int(y.min()) < 0
+                                        or int(y.max()) >= outputs):
+            return f"y is not [N] int64 class labels in [0, {outputs})"
+        update = FusedUpdate.plan(optimizer, params)
+        if isinstance(update, str):
+            return update
+        return cls(params, loss, update)
+
+    def epoch(self, x: Tensor, y: Tensor, order: Optional[Tensor], batch_size: int) -> Tensor:
+        """The loss of every batch of one epoch: [ceil(N / batch_size)]."""
+        grads, state, settings = self.update.arguments()
+        with torch.no_grad():
+            losses = mlp_train_epoch_(self.params, grads, state, x, y, order, batch_size, self.loss,
+                                      self.update.kind, settings)
+        self.update.finish(state)
+        return losses
+
+
+def _python_epoch(model, optimizer, loss_fn, x, y, order: Optional[Tensor], batch_size: int) -> Tensor:
+    """The loss of every batch of one epoch of the plain loop: zero_grad, forward, backward, step."""
+    losses = []
+    for start in range(0, x.shape[0], batch_size):
+        if order is None:
+            batch_x, batch_y = x[start : start + batch_size], y[start : start + batch_size]
+        else:
+            index = order[start : start + batch_size]
+            batch_x, batch_y = x[index], y[index]
+        optimizer.zero_grad()
+        loss = loss_fn(model(batch_x), batch_y)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.detach())
+    return torch.stack(losses)
+
+
+def training_path(model: nn.Module, x, y, *, optimizer: OptimizerArg = None, loss_fn=None, lr: float = 1e-3) -> str:
+    """How pretrain/adapt would run these arguments: "fused", or "python: <why not fused>"."""
+    optimizer = _make_optimizer(model, optimizer, lr)
+    dtype, device = _model_dtype_device(model)
+    plan = _FusedTraining.plan(model, optimizer, loss_fn, as_tensor("x", x, dtype, device),
+                               as_tensor("y", y, dtype, device, keep_integers=True))
+    return "fused" if isinstance(plan, _FusedTraining) else f"python: {plan}"
+
+
+def _progress_bar(epochs: int, label: str):
+    """A tqdm bar over the epochs, or None without tqdm (then each epoch prints a line)."""
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        return None
+    return tqdm(total=epochs, desc=label, unit="epoch")
+
+
+def _fit(model, x, y, *, epochs, batch_size, optimizer, loss_fn, shuffle, progress, label) -> EpochLosses:
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     if int(epochs) != epochs or epochs < 0:
         raise ValueError(f"epochs must be a non-negative integer, got {epochs}")
     if int(batch_size) != batch_size or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
+    epochs, batch_size = int(epochs), int(batch_size)
     dtype, device = _model_dtype_device(model)
     x = as_tensor("x", x, dtype, device)
-    y = as_tensor("y", y, dtype, device)
+    y = as_tensor("y", y, dtype, device, keep_integers=True)
     if x.shape[0] != y.shape[0]:
         raise ValueError(f"x and y must hold the same number of examples, got {x.shape[0]} and {y.shape[0]}")
     loss_fn = nn.MSELoss() if loss_fn is None else loss_fn
     n = x.shape[0]
     model.train()
-    losses = []
-    for epoch in range(int(epochs)):
+    fused = _FusedTraining.plan(model, optimizer, loss_fn, x, y)
+    losses = EpochLosses()
+    losses.path = "fused" if isinstance(fused, _FusedTraining) else f"python: {fused}"
+    bar = _progress_bar(epochs, label) if progress else None
+    warned = False
+    for epoch in range(epochs):
         order = _epoch_order(n, shuffle)
         if order is not None:
             order = order.to(device)
-        total = torch.zeros((), dtype=torch.float64, device=device)
-        batches = 0
-        for start in range(0, n, int(batch_size)):
-            if order is None:
-                batch_x, batch_y = x[start : start + batch_size], y[start : start + batch_size]
-            else:
-                index = order[start : start + batch_size]
-                batch_x, batch_y = x[index], y[index]
-            optimizer.zero_grad()
-            loss = loss_fn(model(batch_x), batch_y)
-            loss.backward()
-            optimizer.step()
-            total += loss.detach()
-            batches += 1
-        losses.append(float(total) / batches)
-        if progress:
+        if isinstance(fused, _FusedTraining):
+            batch_losses = fused.epoch(x, y, order, batch_size)
+        else:
+            batch_losses = _python_epoch(model, optimizer, loss_fn, x, y, order, batch_size)
+        losses.append(float(batch_losses.double().sum()) / batch_losses.numel())
+        if not warned and not math.isfinite(losses[-1]):
+            bad = int((~torch.isfinite(batch_losses)).nonzero()[0])
+            warnings.warn(f"{label}: the loss is {float(batch_losses[bad])} at epoch {epoch + 1}, batch {bad + 1}; "
+                          "training goes on with non-finite values", RuntimeWarning, stacklevel=3)
+            warned = True
+        if bar is not None:
+            bar.update()
+            bar.set_postfix_str(f"loss {losses[-1]:.6f}")
+        elif progress:
             print(f"{label} epoch {epoch + 1}/{epochs}: loss {losses[-1]:.6f}", flush=True)
+    if bar is not None:
+        bar.close()
     return losses
 
 
@@ -126,12 +261,19 @@ def pretrain(
     lr: float = 1e-3,
     shuffle: bool = False,
     progress: bool = False,
-) -> list[float]:
+) -> EpochLosses:
     """Train ``model`` in place on (x, y) and return the mean loss of each epoch.
 
     x: [N, ...] and y: [N, ...] as numpy arrays or tensors (moved to the model's device and dtype).
     Defaults: Adam(lr) and MSE. ``optimizer`` is an optimizer over the model's parameters or a
     callable ``params -> optimizer``. ``shuffle`` draws each epoch's order as DataLoader(shuffle=True).
+    ``progress`` shows a bar over the epochs with the running loss. A loss that turns NaN or infinite
+    warns once, naming the epoch and batch.
+
+    An MLP (``MLP``, ``SimpleNet``, ``nn.Sequential`` of Linear and ReLU) trained with MSE or cross-entropy
+    and torch.optim's Adam, AdamW or SGD runs each epoch as one C++ call, the optimizer's update on its own
+    state included, with the numbers of the plain loop; anything else runs the plain loop
+    (zero_grad, forward, backward, step). The returned list's ``path`` says which ran, and why.
     """
     optimizer = _make_optimizer(model, optimizer, lr)
     return _fit(model, x, y, epochs=epochs, batch_size=batch_size, optimizer=optimizer, loss_fn=loss_fn,

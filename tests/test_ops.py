@@ -252,7 +252,7 @@ def test_opcheck_sgd_step(device):
 
 
 def test_schemas_match_the_compiled_library():
-    assert set(mf.ops.DEVICE_OPS + mf.ops.MAML_OPS) == set(SCHEMAS)
+    assert set(mf.ops.DEVICE_OPS + mf.ops.MAML_OPS + mf.ops.TRAINING_OPS) == set(SCHEMAS)
     for name in SCHEMAS:
         op = getattr(torch.ops.metalearn_fast, name).default
         assert str(op._schema) == "metalearn_fast::" + SCHEMAS[name], name

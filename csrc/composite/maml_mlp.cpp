@@ -455,11 +455,63 @@ Tensor maml_mlp_loss(at::TensorList params, at::TensorList lr, const Tensor& x_s
                                              first_order, loss_name, first_adapted, false, false));
 }
 
+
+Tensor reptile_mlp_step(at::TensorList params, const Tensor& x_support, const Tensor& y_support, int64_t inner_steps,
+                        double inner_lr, double outer_lr, c10::string_view loss_name) {
+  const LossKind kind = check_reptile_args(params, x_support, y_support, inner_steps, loss_name);
+  auto [loss, means] = reptile_mean_aten(params, x_support, y_support, inner_steps, inner_lr, kind);
+  return reptile_update_(params, means, outer_lr, loss);
+}
+
 }  // namespace
+
+LossKind check_reptile_args(at::TensorList params, const Tensor& x_support, const Tensor& y_support,
+                            int64_t inner_steps, c10::string_view loss_name) {
+  const LossKind kind = maml_loss_kind(loss_name);
+  const Tensor rate = at::scalar_tensor(0.0, params.empty() ? x_support.options() : params[0].options());
+  // the support set serves as the query set of maml_mlp_meta_grad's checks
+  check_maml_args(params, rate, x_support, y_support, x_support, y_support, inner_steps, kind, 0);
+  return kind;
+}
+
+std::pair<Tensor, std::vector<Tensor>> reptile_mean_aten(at::TensorList params, const Tensor& x_support,
+                                                         const Tensor& y_support, int64_t inner_steps, double inner_lr,
+                                                         LossKind kind) {
+  const int64_t count = static_cast<int64_t>(params.size() / 2), tasks = x_support.size(0);
+  std::vector<Layer> layers;  // shared by the tasks at step 0, then one set per task
+  for (int64_t l = 0; l < count; ++l) layers.push_back({params[2 * l], params[2 * l + 1]});
+  Loss support{kind, y_support, 1.0, Tensor()};
+  Tensor first_loss;
+  for (int64_t s = 0; s < inner_steps; ++s) {
+    Pass pass(count);
+    pass.inputs[0] = x_support;
+    const auto grads = forward_backward(pass, layers, support, 0, 0, 0, s == 0);
+    if (s == 0) first_loss = pass.loss / static_cast<double>(tasks);
+    for (int64_t l = 0; l < count; ++l) {
+      layers[l].weight = at::sub(layers[l].weight, grads[l].first, inner_lr);
+      layers[l].bias = at::sub(layers[l].bias, grads[l].second, inner_lr);
+    }
+  }
+  std::vector<Tensor> means;
+  for (const auto& layer : layers) {
+    means.push_back(layer.weight.mean(0));
+    means.push_back(layer.bias.mean(0));
+  }
+  return {first_loss, means};
+}
+
+Tensor reptile_update_(at::TensorList params, const std::vector<Tensor>& means, double outer_lr, const Tensor& loss) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    Tensor param = params[i];
+    param.add_((means[i] - param).mul_(outer_lr));
+  }
+  return loss;
+}
 
 TORCH_LIBRARY_IMPL(metalearn_fast, CompositeExplicitAutograd, m) {
   m.impl("maml_mlp_meta_grad", &maml_mlp_meta_grad);
   m.impl("maml_mlp_loss", &maml_mlp_loss);
+  m.impl("reptile_mlp_step_", &reptile_mlp_step);
 }
 
 }  // namespace metalearn_fast

@@ -19,11 +19,6 @@ void check_maml_args(at::TensorList params, at::TensorList lr, const at::Tensor&
                      const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
                      int64_t inner_steps, LossKind kind, int64_t first_adapted);
 
-// On the CPU, MLPs whose every weight has at most this many elements take the per-task kernel, when
-// the CPU has AVX2 and FMA (cpu_task_kernel_available); larger ones take the batched composite.
-constexpr int64_t kMaxTaskLayer = 128 * 128;
-bool cpu_task_kernel_available();
-
 // maml_mlp_meta_grad through the dispatcher (the device's kernel).
 MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
                                  const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
@@ -35,5 +30,19 @@ MetaGrad maml_mlp_meta_grad_aten(at::TensorList params, at::TensorList lr, const
                                  const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
                                  int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
                                  bool compute_grad, bool compute_lr_grad);
+
+// Reptile on an MLP: the loss of reptile_mlp_step_, and the arguments checked.
+LossKind check_reptile_args(at::TensorList params, const at::Tensor& x_support, const at::Tensor& y_support,
+                            int64_t inner_steps, c10::string_view loss_name);
+
+// (mean over tasks of the support loss at the meta-parameters, per parameter the mean over tasks of its
+// adapted value after inner_steps SGD steps of rate inner_lr on each task's support loss), in ATen ops.
+std::pair<at::Tensor, std::vector<at::Tensor>> reptile_mean_aten(at::TensorList params, const at::Tensor& x_support,
+                                                                 const at::Tensor& y_support, int64_t inner_steps,
+                                                                 double inner_lr, LossKind kind);
+
+// Reptile's update, in place: p += outer_lr * (mean - p) for each parameter. Returns loss.
+at::Tensor reptile_update_(at::TensorList params, const std::vector<at::Tensor>& means, double outer_lr,
+                           const at::Tensor& loss);
 
 }  // namespace metalearn_fast

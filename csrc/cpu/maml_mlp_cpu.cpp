@@ -24,199 +24,19 @@
 #include <vector>
 
 #include "composite/maml_mlp.h"
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define METALEARN_FAST_TASK_KERNEL 1
-#endif
+#include "cpu/small_kernels.h"
 
 namespace metalearn_fast {
 namespace {
 
 using at::Tensor;
 
-#ifdef METALEARN_FAST_TASK_KERNEL
-// Everything from here to the matching pop is compiled for AVX2 + FMA and runs only on CPUs that
+#ifdef METALEARN_FAST_SMALL_KERNELS
+// Everything from here to the matching END is compiled for AVX2 + FMA and runs only on CPUs that
 // have them. Its loops work on raw pointers and call no ATen code (run_tasks only hands ranges of
 // tasks to at::parallel_for).
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#endif
-
-// How a GEMM's output starts: zero, a row vector repeated on every row (a bias), or as it is.
-enum class Start { kZero, kRow, kKeep };
-
-// One AVX2 register of T (GCC/Clang vector extension), loaded and stored unaligned.
-template <typename T>
-struct Lanes {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int kCount = 32 / sizeof(T);
-  static type load(const T* p) {
-    type v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
-};
-
-// Columns [n0, n0 + R * lanes) of c [M,N] = start + A B, for A [M,K] with element (m,k) at
-// a[m * am + k * ak] and B [K,N] row-major. Two rows at a time, their sums held in registers over
-// the whole k loop: each piece of B loaded serves both rows. (The odd last row has its own copy of
-// the loop: one template over the row count measured 10% slower, its sums not all kept in registers.)
-template <typename T, int R>
-void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
-                  int64_t K, int64_t N, int64_t n0, Start start, const T* __restrict row) {
-  using V = typename Lanes<T>::type;
-  constexpr int kLanes = Lanes<T>::kCount;
-  auto begin = [&](V* acc, const T* cm) {
-    for (int i = 0; i < R; ++i) {
-      acc[i] = start == Start::kZero ? V{}
-               : start == Start::kRow ? Lanes<T>::load(row + n0 + i * kLanes)
-                                      : Lanes<T>::load(cm + i * kLanes);
-    }
-  };
-  int64_t m = 0;
-  for (; m + 2 <= M; m += 2) {
-    T* c0 = c + m * N + n0;
-    T* c1 = c0 + N;
-    V acc0[R], acc1[R];
-    begin(acc0, c0);
-    begin(acc1, c1);
-    const T* a0 = a + m * am;
-    const T* a1 = a0 + am;
-    for (int64_t k = 0; k < K; ++k) {
-      const V x0 = V{} + a0[k * ak], x1 = V{} + a1[k * ak];
-      const T* bk = b + k * N + n0;
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) {
-        const V y = Lanes<T>::load(bk + i * kLanes);
-        acc0[i] += x0 * y;
-        acc1[i] += x1 * y;
-      }
-    }
-    for (int i = 0; i < R; ++i) {
-      Lanes<T>::store(c0 + i * kLanes, acc0[i]);
-      Lanes<T>::store(c1 + i * kLanes, acc1[i]);
-    }
-  }
-  for (; m < M; ++m) {
-    T* c0 = c + m * N + n0;
-    V acc0[R];
-    begin(acc0, c0);
-    const T* a0 = a + m * am;
-    for (int64_t k = 0; k < K; ++k) {
-      const V x0 = V{} + a0[k * ak];
-      const T* bk = b + k * N + n0;
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) acc0[i] += x0 * Lanes<T>::load(bk + i * kLanes);
-    }
-    for (int i = 0; i < R; ++i) Lanes<T>::store(c0 + i * kLanes, acc0[i]);
-  }
-}
-
-// Column n of c [M,N] = start + A B, in scalars (the last N % lanes columns).
-template <typename T>
-void gemm_column(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
-                 int64_t K, int64_t N, int64_t n, Start start, const T* __restrict row) {
-  for (int64_t m = 0; m < M; ++m) {
-    T sum = start == Start::kZero ? T(0) : start == Start::kRow ? row[n] : c[m * N + n];
-    for (int64_t k = 0; k < K; ++k) sum += a[m * am + k * ak] * b[k * N + n];
-    c[m * N + n] = sum;
-  }
-}
-
-// c [M] = start + A b for A [M,K] row-major: one dot product per row, in register lanes along K.
-template <typename T>
-void gemv_rows(T* __restrict c, const T* __restrict a, const T* __restrict b, int64_t M, int64_t K, Start start,
-               const T* __restrict row) {
-  using V = typename Lanes<T>::type;
-  constexpr int kLanes = Lanes<T>::kCount;
-  for (int64_t m = 0; m < M; ++m) {
-    const T* am_ = a + m * K;
-    V acc{};
-    int64_t k = 0;
-    for (; k + kLanes <= K; k += kLanes) acc += Lanes<T>::load(am_ + k) * Lanes<T>::load(b + k);
-    T sum = start == Start::kZero ? T(0) : start == Start::kRow ? row[0] : c[m];
-    for (int i = 0; i < kLanes; ++i) sum += acc[i];
-    for (; k < K; ++k) sum += am_[k] * b[k];
-    c[m] = sum;
-  }
-}
-
-// gemm_columns with R registers per row, R = 1..8 picked at run time (R <= the template argument).
-template <typename T, int R>
-void gemm_columns_of(int r, T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N,
-                     int64_t n0, Start start, const T* row) {
-  if constexpr (R > 1) {
-    if (r < R) return gemm_columns_of<T, R - 1>(r, c, a, am, ak, b, M, K, N, n0, start, row);
-  }
-  gemm_columns<T, R>(c, a, am, ak, b, M, K, N, n0, start, row);
-}
-
-// c [M,N] = start + A B (A as in gemm_columns). Up to 8 registers wide, the whole width is one
-// tile; wider, tiles of four registers; then the last N % lanes columns one by one. A single
-// column (a layer of width one) is a matrix-vector product, taken along whichever side of A is
-// contiguous.
-template <typename T>
-void gemm(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N, Start start,
-          const T* row = nullptr) {
-  if (N == 1 && ak == 1) return gemv_rows(c, a, b, M, K, start, row);
-  if (N == 1 && am == 1 && start != Start::kRow) return gemm(c, b, 0, 1, a, 1, K, M, start);  // c^T = b^T A^T
-  constexpr int kLanes = Lanes<T>::kCount;
-  const int64_t registers = N / kLanes;
-  int64_t n0 = 0;
-  if (registers > 8) {
-    for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_columns<T, 4>(c, a, am, ak, b, M, K, N, n0, start, row);
-  }
-  if (n0 + kLanes <= N) {
-    const int r = static_cast<int>((N - n0) / kLanes);
-    gemm_columns_of<T, 8>(r, c, a, am, ak, b, M, K, N, n0, start, row);
-    n0 += r * kLanes;
-  }
-  for (; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, row);
-}
-
-// c [M,N] = start + A B for A [M,K] row-major.
-template <typename T>
-void mm(T* c, const T* a, const T* b, int64_t M, int64_t K, int64_t N, Start start, const T* row = nullptr) {
-  gemm(c, a, K, 1, b, M, K, N, start, row);
-}
-
-// c [M,N] = start + A^T B for A [R,M] and B [R,N] row-major (a weight's gradient d^T a).
-template <typename T>
-void mm_tn(T* c, const T* a, const T* b, int64_t R, int64_t M, int64_t N, Start start) {
-  gemm(c, a, 1, M, b, M, R, N, start);
-}
-
-// out [cols, rows] = in [rows, cols]^T
-template <typename T>
-void transpose(T* __restrict out, const T* __restrict in, int64_t rows, int64_t cols) {
-  for (int64_t c = 0; c < cols; ++c) {
-    for (int64_t r = 0; r < rows; ++r) out[c * rows + r] = in[r * cols + c];
-  }
-}
-
-// out[n] (+)= sum over rows of d [R,N]
-template <typename T>
-void column_sums(T* __restrict out, const T* __restrict d, int64_t R, int64_t N, Start start) {
-  if (start == Start::kZero) std::fill(out, out + N, T(0));
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t n = 0; n < N; ++n) out[n] += d[r * N + n];
-  }
-}
-
-// x = 0 where the ReLU output a is not positive (its derivative)
-template <typename T>
-void mask(T* __restrict x, const T* __restrict a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = a[i] > T(0) ? x[i] : T(0);
-}
-
-template <typename T>
-void relu(T* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] > T(0) ? x[i] : T(0);
-}
+METALEARN_FAST_BEGIN_AVX2
+using namespace small;
 
 // The shared, read-only description of one call.
 template <typename T>
@@ -224,6 +44,8 @@ struct Problem {
   int64_t layers, steps, first_adapted, support, query, total_tasks;
   LossKind kind;
   bool first_order, compute_grad, compute_lr_grad;
+  // Reptile: the share of a task is its step-0 support loss and its adapted weights, each over total_tasks
+  bool reptile = false;
   std::vector<int64_t> in, out;                // per layer
   std::vector<const T*> weight, weight_t, bias;  // the meta-parameters; weight_t: W^T [I,O]
   std::vector<const T*> rate;                   // per param: its learning rate
@@ -241,64 +63,17 @@ struct Share {
   std::vector<std::vector<T>> grads;     // per param
   std::vector<std::vector<T>> lr_grads;  // per lr tensor
 };
-
-// One task's loss: sets d = dLoss/dz for its logits z [R,C] (loss = scale * the task's mean loss),
-// keeps the softmax in probs (cross-entropy), and returns the loss.
-template <typename T>
-double loss_and_grad(LossKind kind, const T* z, const T* y, const int64_t* labels, int64_t R, int64_t C, double scale,
-                     T* d, T* probs) {
-  double value = 0;
-  if (kind == LossKind::kMse) {
-    const T factor = static_cast<T>(2.0 * scale / static_cast<double>(R * C));
-    for (int64_t i = 0; i < R * C; ++i) {
-      const T diff = z[i] - y[i];
-      value += static_cast<double>(diff) * diff;
-      d[i] = diff * factor;
-    }
-    return value * scale / static_cast<double>(R * C);
-  }
-  const T factor = static_cast<T>(scale / static_cast<double>(R));
-  for (int64_t r = 0; r < R; ++r) {
-    const T* zr = z + r * C;
-    T* pr = probs + r * C;
-    const T top = *std::max_element(zr, zr + C);
-    T total = 0;
-    for (int64_t c = 0; c < C; ++c) total += pr[c] = std::exp(zr[c] - top);
-    value -= static_cast<double>(zr[labels[r]] - top - std::log(total));
-    for (int64_t c = 0; c < C; ++c) {
-      pr[c] /= total;
-      d[r * C + c] = (pr[c] - (c == labels[r] ? T(1) : T(0))) * factor;
-    }
-  }
-  return value * scale / static_cast<double>(R);
-}
-
-// The loss Hessian (w.r.t. the logits, scale 1) applied to a tangent rz [R,C].
-template <typename T>
-void loss_hessian_times(LossKind kind, const T* rz, const T* probs, int64_t R, int64_t C, T* out) {
-  if (kind == LossKind::kMse) {
-    const T factor = static_cast<T>(2.0 / static_cast<double>(R * C));
-    for (int64_t i = 0; i < R * C; ++i) out[i] = rz[i] * factor;
-    return;
-  }
-  const T factor = static_cast<T>(1.0 / static_cast<double>(R));
-  for (int64_t r = 0; r < R; ++r) {
-    const T* p = probs + r * C;
-    const T* x = rz + r * C;
-    T dot = 0;
-    for (int64_t c = 0; c < C; ++c) dot += p[c] * x[c];
-    for (int64_t c = 0; c < C; ++c) out[r * C + c] = p[c] * (x[c] - dot) * factor;
-  }
-}
-
 // One thread's workspace and the meta-step of one task at a time.
 template <typename T>
 class TaskKernel {
  public:
   explicit TaskKernel(const Problem<T>& p) : p_(p) {
     const int64_t L = p.layers, S = p.steps, K = p.support, Q = p.query, fa = p.first_adapted;
-    int64_t widest = 0;
-    for (int64_t l = 0; l < L; ++l) widest = std::max({widest, p.in[l], p.out[l]});
+    int64_t widest = 0, largest = 0;
+    for (int64_t l = 0; l < L; ++l) {
+      widest = std::max({widest, p.in[l], p.out[l]});
+      largest = std::max(largest, p.in[l] * p.out[l]);
+    }
     // sizes first, then one buffer carved into pieces
     std::vector<std::pair<T**, int64_t>> pieces;
     act_.assign(S * L, nullptr);
@@ -337,7 +112,7 @@ class TaskKernel {
     for (int64_t l = 1; l < L; ++l) pieces.push_back({&qact_[l], Q * p.in[l]});
     const int64_t rows = std::max(K, Q);
     for (T** piece : {&logits_, &query_probs_, &rz_, &rd_, &re_, &qd_, &qe_}) pieces.push_back({piece, rows * widest});
-    pieces.push_back({&hw_, widest * widest});
+    pieces.push_back({&hw_, largest});
     pieces.push_back({&hb_, widest});
     int64_t total = 0;
     for (const auto& piece : pieces) total += piece.second;
@@ -370,7 +145,8 @@ class TaskKernel {
         mm(z, input(s, l), weight_t(s, l), K, p.in[l], p.out[l], Start::kRow, bias(s, l));
         if (l + 1 < L) relu(z, K * p.out[l]);
       }
-      loss_and_grad(p.kind, logits_, ys, ls, K, C, 1.0, delta_[s * L + L - 1], probs_[s]);
+      const double support_loss = loss_and_grad(p.kind, logits_, ys, ls, K, C, 1.0, delta_[s * L + L - 1], probs_[s]);
+      if (p.reptile && s == 0) share.loss += support_loss / static_cast<double>(p.total_tasks);
       for (int64_t l = L - 1; l >= fa; --l) {
         const T* d = delta_[s * L + l];
         mm_tn(g_[s * L + l], d, input(s, l), K, p.out[l], p.in[l], Start::kZero);
@@ -385,6 +161,15 @@ class TaskKernel {
         times_rate(b_[(s + 1) * L + l], bias(s, l), gb_[s * L + l], 2 * l + 1, p.out[l]);
         transpose(wt_[(s + 1) * L + l], w_[(s + 1) * L + l], p.out[l], p.in[l]);
       }
+    }
+
+    if (p.reptile) {
+      const T share_of_task = static_cast<T>(1.0 / static_cast<double>(p.total_tasks));
+      for (int64_t l = 0; l < L; ++l) {
+        add_scaled(share.grads[2 * l].data(), w_[S * L + l], share_of_task, p.out[l] * p.in[l]);
+        add_scaled(share.grads[2 * l + 1].data(), b_[S * L + l], share_of_task, p.out[l]);
+      }
+      return;
     }
 
     // Query pass at the adapted weights, its loss (the task's share of the mean) and gradient.
@@ -498,6 +283,9 @@ class TaskKernel {
   static void add(T* __restrict out, const T* __restrict x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] += x[i];
   }
+  static void add_scaled(T* __restrict out, const T* __restrict x, T scale, int64_t n) {
+    for (int64_t i = 0; i < n; ++i) out[i] += scale * x[i];
+  }
   static void subtract(T* __restrict out, const T* __restrict x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] -= x[i];
   }
@@ -543,21 +331,22 @@ Share<T> run_tasks(const Problem<T>& p, int64_t tasks, at::TensorList params, at
   return total;
 }
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+METALEARN_FAST_END_AVX2
 
-// Whether the per-task kernel takes this call: small layers, float or double, and the learning
-// rates as one number for all params or one tensor per param.
-bool takes_task_kernel(at::TensorList params, at::TensorList lr) {
-  if (!cpu_task_kernel_available()) return false;
+// Whether the per-task kernel takes this call: float or double, the learning rates as one number for all
+// params or one tensor per param, and either small layers (a task's whole meta-step in L1/L2) or few
+// examples per task, where the composite's batched GEMMs are so thin that their overhead dominates
+// (the Omniglot-sized MLP, 5 rows a task, measured 2.2x faster here). Many rows through large layers
+// (a 512x512 MLP with 64 rows a task) run faster as the composite's batched GEMMs.
+constexpr int64_t kFewRows = 8;
+
+bool takes_task_kernel(at::TensorList params, at::TensorList lr, const Tensor& x_support, const Tensor& x_query) {
+  if (!cpu_has_avx2_fma()) return false;
   const auto dtype = params[0].scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return false;
-  for (size_t i = 0; i < params.size(); i += 2) {
-    if (params[i].numel() > kMaxTaskLayer) return false;
-  }
+  bool small = true;
+  for (size_t i = 0; i < params.size(); i += 2) small = small && params[i].numel() <= kMaxSmallLayer;
+  if (!small && std::max(x_support.size(1), x_query.size(1)) > kFewRows) return false;
   return lr.size() == params.size() || lr[0].dim() == 0;
 }
 
@@ -565,7 +354,7 @@ template <typename T>
 MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, const Tensor& x_support,
                                const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
                                int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
-                               bool compute_grad, bool compute_lr_grad) {
+                               bool compute_grad, bool compute_lr_grad, bool reptile = false) {
   std::vector<Tensor> params, weight_t, lr;
   for (const auto& t : params_in) params.push_back(t.contiguous());
   for (const auto& t : lr_in) lr.push_back(t.contiguous());
@@ -583,6 +372,7 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
   p.first_order = first_order;
   p.compute_grad = compute_grad;
   p.compute_lr_grad = compute_lr_grad;
+  p.reptile = reptile;
   for (int64_t l = 0; l < layers; ++l) {
     const Tensor& w = params[2 * l];
     weight_t.push_back(w.t().contiguous());
@@ -608,7 +398,8 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
 
   Share<T> total = run_tasks(p, tasks, params, lr);
   const auto options = params[0].options();
-  Tensor loss = at::scalar_tensor(total.loss, options);
+  // in T first: a loss beyond T's range is inf, as ATen's own loss would be, not an overflow error
+  Tensor loss = at::scalar_tensor(static_cast<T>(total.loss), options);
   std::vector<Tensor> grads, lr_grads;
   auto as_tensor = [&](const std::vector<T>& values, const Tensor& like) {
     Tensor t = at::empty(like.sizes(), options);
@@ -619,7 +410,7 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
   for (size_t i = 0; i < lr.size() && compute_lr_grad; ++i) lr_grads.push_back(as_tensor(total.lr_grads[i], lr[i]));
   return {loss, grads, lr_grads};
 }
-#endif  // METALEARN_FAST_TASK_KERNEL
+#endif  // METALEARN_FAST_SMALL_KERNELS
 
 MetaGrad maml_mlp_meta_grad_cpu(at::TensorList params, at::TensorList lr, const Tensor& x_support,
                                 const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
@@ -627,8 +418,8 @@ MetaGrad maml_mlp_meta_grad_cpu(at::TensorList params, at::TensorList lr, const 
                                 int64_t first_adapted, bool compute_grad, bool compute_lr_grad) {
   const LossKind kind = maml_loss_kind(loss_name);
   check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted);
-#ifdef METALEARN_FAST_TASK_KERNEL
-  if (takes_task_kernel(params, lr)) {
+#ifdef METALEARN_FAST_SMALL_KERNELS
+  if (takes_task_kernel(params, lr, x_support, x_query)) {
     return AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "maml_mlp_meta_grad_cpu", [&] {
       return task_kernel_meta_grad<scalar_t>(params, lr, x_support, y_support, x_query, y_query, inner_steps,
                                              first_order, kind, first_adapted, compute_grad, compute_lr_grad);
@@ -639,17 +430,29 @@ MetaGrad maml_mlp_meta_grad_cpu(at::TensorList params, at::TensorList lr, const 
                                  first_adapted, compute_grad, compute_lr_grad);
 }
 
-}  // namespace
-
-bool cpu_task_kernel_available() {
-#ifdef METALEARN_FAST_TASK_KERNEL
-  static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return available;
-#else
-  return false;
+// reptile_mlp_step_ on the CPU: the per-task kernel's inner loop where it applies, else the composite's.
+Tensor reptile_mlp_step_cpu(at::TensorList params, const Tensor& x_support, const Tensor& y_support,
+                            int64_t inner_steps, double inner_lr, double outer_lr, c10::string_view loss_name) {
+  const LossKind kind = check_reptile_args(params, x_support, y_support, inner_steps, loss_name);
+  const Tensor rate = at::scalar_tensor(inner_lr, params[0].options());
+#ifdef METALEARN_FAST_SMALL_KERNELS
+  if (takes_task_kernel(params, rate, x_support, x_support)) {
+    auto [loss, means, unused] = AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "reptile_mlp_step_cpu", [&] {
+      return task_kernel_meta_grad<scalar_t>(params, rate, x_support, y_support, x_support, y_support, inner_steps,
+                                             true, kind, 0, true, false, /*reptile=*/true);
+    });
+    return reptile_update_(params, means, outer_lr, loss);
+  }
 #endif
+  auto [loss, means] = reptile_mean_aten(params, x_support, y_support, inner_steps, inner_lr, kind);
+  return reptile_update_(params, means, outer_lr, loss);
 }
 
-TORCH_LIBRARY_IMPL(metalearn_fast, CPU, m) { m.impl("maml_mlp_meta_grad", &maml_mlp_meta_grad_cpu); }
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metalearn_fast, CPU, m) {
+  m.impl("maml_mlp_meta_grad", &maml_mlp_meta_grad_cpu);
+  m.impl("reptile_mlp_step_", &reptile_mlp_step_cpu);
+}
 
 }  // namespace metalearn_fast

@@ -1,15 +1,17 @@
 """MAML meta-steps: the sinusoid setup, an Omniglot-sized MLP and a wide one, second and first order.
 
-Timed: one meta-step = the meta-loss over the meta-batch, its gradient w.r.t. the meta-parameters,
-and an Adam step. Every entry starts from the same weights (mf.MLP, seed 0) and the same data; the
-peers' models are nn.Sequential(nn.Linear, nn.ReLU, ...) holding those same Parameters.
+Timed: one whole meta-step = the meta-loss over the meta-batch, its gradient w.r.t. the
+meta-parameters, and an Adam step. Every entry starts from the same weights (mf.MLP, seed 0) and the
+same data; the peers' models are nn.Sequential(nn.Linear, nn.ReLU, ...) holding those same Parameters.
+The baselines step with ``torch.optim.Adam(fused=True)``, torch's fastest Adam on CPU and CUDA.
 
 Entries of each group:
-- metalearn_fast: ``mf.MAML(model, ...).meta_loss(TaskBatch)`` then ``backward()`` (for an MLP the
-  whole meta-step is the compiled maml_mlp_loss op when the extension is active);
+- metalearn_fast: ``mf.MAML(model, ...).meta_step(TaskBatch, Adam)``: for an MLP the whole meta-step,
+  Adam's update included, is one call of the compiled maml_mlp_meta_step_ op when the extension is active;
 - metalearn_fast fallback: what METALEARN_FAST_BACKEND=torch runs for it, called directly in this
-  process (the backend is chosen once per process): reference.maml_mlp_loss and its backward;
-- plain torch: every task at once in plain torch, per-task weights [T, O, I] and autograd.grad;
+  process (the backend is chosen once per process): reference.maml_mlp_meta_step_;
+- plain torch: every task at once in lean batched torch: per-task weights [T, O, I], one baddbmm per
+  layer, autograd.grad;
 - torch.func: ``vmap`` over tasks of an inner loop written with ``grad`` and ``functional_call``;
 - per-task loop: one task at a time with autograd.grad, as most MAML code is written;
 - higher: ``higher.innerloop_ctx`` per task (skipped when higher is not installed);
@@ -36,6 +38,7 @@ from metalearn_fast.benchmarks.entries import (
     TORCH_FUNC,
 )
 from metalearn_fast.benchmarks.plugin import PEERS, assert_same, plain_torch_result, require_peer, time_once
+from metalearn_fast.optim import FusedUpdate
 
 
 @dataclass(frozen=True)
@@ -124,34 +127,39 @@ def accumulate(params, grads) -> None:
         p.grad = g if p.grad is None else p.grad + g
 
 
-# ---- the entries: each returns meta_backward(), which puts the meta-gradient in .grad and returns the meta-loss ----
+# ---- the entries: each returns meta_backward(), which puts the meta-gradient in .grad and returns the
+# meta-loss, or (ours and its fallback, marked by WHOLE_STEP) meta_step(optimizer), which also steps ----
 
 
 def ours(workload, model, batch):
     maml = mf.MAML(model, inner_lr=workload.inner_lr, inner_steps=workload.inner_steps,
                    first_order=workload.first_order, loss=workload.loss)
-    assert maml.uses_fast_path
     tasks = mf.TaskBatch(*batch)
 
-    def meta_backward():
-        loss = maml.meta_loss(tasks)
-        loss.backward()
-        return loss.detach()
+    def meta_step(optimizer):
+        return maml.meta_step(tasks, optimizer)
 
-    return meta_backward
+    return meta_step
 
 
 def fallback(workload, model, batch):
     params = list(model.parameters())
     rate = [torch.tensor(workload.inner_lr, dtype=params[0].dtype, device=params[0].device)]
 
-    def meta_backward():
-        loss = reference.maml_mlp_loss(params, rate, *batch, inner_steps=workload.inner_steps,
-                                       first_order=workload.first_order, loss=workload.loss, first_adapted_layer=0)
-        loss.backward()
-        return loss.detach()
+    def meta_step(optimizer):
+        update = FusedUpdate.plan(optimizer, params)
+        grads, state, settings = update.arguments()
+        with torch.no_grad():
+            loss = reference.maml_mlp_meta_step_(params, rate, grads, state, *batch, workload.inner_steps,
+                                                 workload.first_order, workload.loss, 0, False, update.kind,
+                                                 settings)
+        update.finish(state)
+        return loss
 
-    return meta_backward
+    return meta_step
+
+
+WHOLE_STEP = (ours, fallback)
 
 
 def plain_torch(workload, model, batch):
@@ -162,7 +170,7 @@ def plain_torch(workload, model, batch):
     def forward(x, fast):  # x [T, K, I], fast: weight [T, O, I], bias [T, O] per layer
         h = x
         for layer in range(0, len(fast), 2):
-            h = h @ fast[layer].transpose(1, 2) + fast[layer + 1].unsqueeze(1)
+            h = torch.baddbmm(fast[layer + 1].unsqueeze(1), h, fast[layer].transpose(1, 2))
             if layer + 2 < len(fast):
                 h = torch.relu(h)
         return h
@@ -297,12 +305,36 @@ ENTRIES = {
 }
 
 
-def meta_gradient(entry, workload, device):
-    """(seconds, [meta-loss, *meta-gradient], model, meta_backward) of one call of ``entry`` from fresh weights."""
+def baseline_optimizer(params, device):
+    """Adam as a skilled user builds it: torch's fused kernel where the device has one."""
+    fused = device.type in ("cpu", "cuda")
+    return torch.optim.Adam(params, lr=1e-3, fused=fused)
+
+
+def meta_step_of(entry, workload, device):
+    """(model, meta_step()) of ``entry``: one whole meta-step with its own Adam."""
     model = make_model(workload, device)
-    meta_backward = ENTRIES[entry](workload, model, make_batch(workload, device))
-    seconds, loss = time_once(meta_backward, device)
-    return seconds, [loss, *(p.grad for p in model.parameters())], model, meta_backward
+    make = ENTRIES[entry]
+    step = make(workload, model, make_batch(workload, device))
+    if make in WHOLE_STEP:
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        return model, lambda: step(optimizer)
+    optimizer = baseline_optimizer(model.parameters(), device)
+
+    def meta_step():
+        optimizer.zero_grad()
+        loss = step()
+        optimizer.step()
+        return loss
+
+    return model, meta_step
+
+
+def first_step(entry, workload, device):
+    """(seconds, [meta-loss, *meta-gradient], meta_step) of one meta-step of ``entry`` from fresh weights."""
+    model, meta_step = meta_step_of(entry, workload, device)
+    seconds, loss = time_once(meta_step, device)
+    return seconds, [torch.as_tensor(loss), *(p.grad for p in model.parameters())], meta_step
 
 
 @pytest.mark.parametrize("impl", list(ENTRIES))
@@ -310,14 +342,7 @@ def meta_gradient(entry, workload, device):
 def test_maml_meta_step(measure, device, impl, workload):
     if impl in PEERS:
         require_peer(impl)
-    seconds, result, model, meta_backward = meta_gradient(impl, workload, device)
-    expected = plain_torch_result((workload, device), lambda: meta_gradient(PLAIN_TORCH, workload, device)[1])
+    seconds, result, meta_step = first_step(impl, workload, device)
+    expected = plain_torch_result((workload, device), lambda: first_step(PLAIN_TORCH, workload, device)[1])
     assert_same(result, expected, f"{workload.group}, {impl}", rtol=1e-3, atol=1e-5)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-
-    def meta_step():
-        optimizer.zero_grad()
-        meta_backward()
-        optimizer.step()
-
     measure(workload.group, impl, meta_step, seconds)

@@ -335,7 +335,7 @@ def plot_fits(learners: dict, test, config: Config, path: Path) -> None:
     tasks = min(FIGURE_TASKS, test.num_tasks)
     low, high = X_RANGE
     grid = torch.linspace(low, high, FIGURE_GRID, device=test.x_support.device).view(1, -1, 1).expand(tasks, -1, -1)
-    first = dataclasses.replace(test, **{f.name: getattr(test, f.name)[:tasks] for f in dataclasses.fields(test)})
+    first = test.select(0, tasks)
     truth = first.true_function(grid).cpu()
     x_support, y_support = first.x_support[:, :k], first.y_support[:, :k]
     shown = {name: learners[name] for name in ("maml", "pretrained")}

@@ -1,0 +1,55 @@
+// optimizer_step_ on the CPU: each tensor's update in one pass of raw loops (cpu/optimizer_cpu.h)
+// instead of the seven-odd ATen ops (and temporaries) per tensor that torch.optim runs.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "composite/optimizer.h"
+#include "cpu/optimizer_cpu.h"
+
+namespace metalearn_fast {
+namespace {
+
+constexpr int64_t kGrain = 1 << 15;  // elements per thread at least
+
+bool raw_loops_apply(at::TensorList params, at::TensorList grads, at::TensorList state, const OptimizerUpdate& update) {
+  const auto dtype = params[0].scalar_type();
+  if (dtype != at::kFloat && dtype != at::kDouble) return false;
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (params[i].scalar_type() != dtype || !params[i].is_contiguous() || !grads[i].is_contiguous()) return false;
+  }
+  for (size_t k = 0; k < state.size(); ++k) {
+    if (!state[k].is_contiguous()) return false;
+  }
+  return true;
+}
+
+void optimizer_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state, c10::string_view optimizer,
+                        c10::ArrayRef<double> settings) {
+  const OptimizerUpdate update = parse_optimizer("optimizer_step_", optimizer, settings, params, grads, state);
+  if (params.empty()) return;
+  if (!raw_loops_apply(params, grads, state, update)) return optimizer_update_aten(update, params, grads, state);
+  AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "optimizer_step_cpu", [&] {
+    for (size_t i = 0; i < params.size(); ++i) {
+      const ParamUpdate& u = update.params[i];
+      const bool adam = update.kind == OptimizerKind::kAdam;
+      const double step = adam ? increment_step(state[u.state]) : 0;
+      const int64_t first = adam ? u.state + 1 : u.state;
+      scalar_t* state1 = update.state_count(i) > (adam ? 1 : 0) ? state[first].mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* state2 = adam ? state[first + 1].mutable_data_ptr<scalar_t>() : nullptr;
+      scalar_t* param = params[i].mutable_data_ptr<scalar_t>();
+      const scalar_t* grad = grads[i].const_data_ptr<scalar_t>();
+      // elementwise: large tensors split across the threads, small ones run in this thread
+      at::parallel_for(0, params[i].numel(), kGrain, [&](int64_t begin, int64_t end) {
+        update_tensor<scalar_t>(update.kind, u, param, grad, state1, state2, begin, end, step);
+      });
+    }
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(metalearn_fast, CPU, m) { m.impl("optimizer_step_", &optimizer_step_cpu); }
+
+}  // namespace metalearn_fast

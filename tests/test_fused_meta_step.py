@@ -1,0 +1,226 @@
+"""MAML.meta_step on the fused path (ops.maml_mlp_meta_step_: the meta-gradient and torch.optim's update
+in one call) against the plain path it replaces: meta_loss(batch).backward() and optimizer.step();
+Reptile.meta_step on the fused path (ops.reptile_mlp_step_) against an explicit per-task loop.
+
+200 meta-steps on each path from the same weights and tasks must leave the same parameters, learned
+rates, optimizer state and .grad, for MAML, FOMAML, Meta-SGD and ANIL, 1, 2 and 5 inner steps, MSE and
+cross-entropy, float32 and float64; the plain path is itself checked against a per-task
+torch.autograd.grad loop in test_maml.py.
+"""
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import metalearn_fast as mf
+from metalearn_fast import MAML, MLP, Reptile, TaskBatch, ops, reference
+from metalearn_fast.optim import FusedUpdate
+
+SIZES = [3, 8, 8, 2]
+TASKS, SUPPORT, QUERY = 4, 5, 6
+STEPS = 200
+VARIANTS = {
+    # variant: (MAML options, the optimizer)
+    "maml": (dict(), lambda p: torch.optim.Adam(p, lr=1e-2)),
+    "fomaml": (dict(first_order=True), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
+    "meta-sgd": (dict(learn_inner_lr=True), lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01)),
+    "anil": (dict(adapt_head_only=True), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5, dampening=0.1)),
+}
+TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
+
+
+def batches(loss, dtype):
+    g = torch.Generator().manual_seed(0)
+    for _ in range(STEPS):
+        xs = torch.randn(TASKS, SUPPORT, SIZES[0], generator=g, dtype=dtype)
+        xq = torch.randn(TASKS, QUERY, SIZES[0], generator=g, dtype=dtype)
+        if loss == "mse":
+            ys = torch.randn(TASKS, SUPPORT, SIZES[-1], generator=g, dtype=dtype)
+            yq = torch.randn(TASKS, QUERY, SIZES[-1], generator=g, dtype=dtype)
+        else:
+            ys = torch.randint(0, SIZES[-1], (TASKS, SUPPORT), generator=g)
+            yq = torch.randint(0, SIZES[-1], (TASKS, QUERY), generator=g)
+        yield TaskBatch(xs, ys, xq, yq)
+
+
+def learner(variant, inner_steps, loss, dtype):
+    options, make_optimizer = VARIANTS[variant]
+    torch.manual_seed(0)
+    maml = MAML(MLP(SIZES, dtype=dtype), inner_lr=0.1, inner_steps=inner_steps, loss=loss, **options)
+    return maml, make_optimizer(maml.parameters())
+
+
+def plain_meta_step(maml, optimizer, batch):
+    optimizer.zero_grad()
+    loss = maml.meta_loss(batch)
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("inner_steps", [1, 2, 5])
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_fused_meta_steps_leave_what_the_plain_path_leaves(variant, inner_steps, loss, dtype):
+    fused, fused_optimizer = learner(variant, inner_steps, loss, dtype)
+    plain, plain_optimizer = learner(variant, inner_steps, loss, dtype)
+    assert fused.meta_step_path(fused_optimizer) == "fused"
+    fused_losses = [fused.meta_step(batch, fused_optimizer) for batch in batches(loss, dtype)]
+    plain_losses = [plain_meta_step(plain, plain_optimizer, batch) for batch in batches(loss, dtype)]
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(plain_losses), **tolerance)
+    for (name, a), b in zip(plain.named_parameters(), fused.parameters()):
+        torch.testing.assert_close(b, a, **tolerance, msg=name)
+        torch.testing.assert_close(b.grad, a.grad, **tolerance, msg=f"{name}.grad")
+    expected, got = plain_optimizer.state_dict(), fused_optimizer.state_dict()
+    assert got["state"].keys() == expected["state"].keys()
+    for index, state in expected["state"].items():
+        assert got["state"][index].keys() == state.keys()
+        for key, value in state.items():
+            torch.testing.assert_close(got["state"][index][key], value, **tolerance, msg=f"state {index} {key}")
+    # training moved the weights: equal paths are not merely untouched ones
+    start, _ = learner(variant, inner_steps, loss, dtype)
+    assert any(not torch.equal(a, b) for a, b in zip(start.parameters(), fused.parameters()))
+
+
+def test_what_the_fused_step_does_not_cover_runs_the_plain_path():
+    maml = MAML(MLP(SIZES), learn_inner_lr=True, adapt_head_only=True)
+    assert maml.meta_step_path(torch.optim.Adam(maml.parameters())).startswith("python: Meta-SGD with ANIL")
+    maml = MAML(MLP(SIZES))
+    assert "amsgrad" in maml.meta_step_path(torch.optim.Adam(maml.parameters(), amsgrad=True))
+    assert "RMSprop" in maml.meta_step_path(torch.optim.RMSprop(maml.parameters()))
+    partial = torch.optim.Adam(list(maml.parameters())[:2])
+    assert "exactly the tensors" in maml.meta_step_path(partial)
+    custom = MAML(MLP(SIZES), loss=lambda pred, target: (pred - target).abs().flatten(1).mean(1))
+    assert custom.meta_step_path(torch.optim.Adam(custom.parameters())).startswith("python: the model is not")
+    # and the plan follows a new param group
+    optimizer = torch.optim.Adam(list(maml.parameters())[:2])
+    optimizer.add_param_group({"params": list(maml.parameters())[2:]})
+    assert maml.meta_step_path(optimizer) == "fused"
+
+
+def test_labels_out_of_range_are_named_on_the_fused_path():
+    maml = MAML(MLP(SIZES), loss="cross_entropy")
+    optimizer = torch.optim.Adam(maml.parameters())
+    batch = next(batches("cross_entropy", torch.float32))
+    labels = batch.y_query.clone()
+    labels[1, 2] = SIZES[-1] + 2
+    before = [p.detach().clone() for p in maml.parameters()]
+    with pytest.raises(ValueError, match="y_query holds class label 4 but the model has 2 outputs"):
+        maml.meta_step(TaskBatch(batch.x_support, batch.y_support, batch.x_query, labels), optimizer)
+    assert all(torch.equal(a, b) for a, b in zip(maml.parameters(), before))  # nothing was updated
+
+
+# On the fallback these ops are the reference code, which reads values (labels' range, Adam's step) in
+# Python and so cannot be traced with symbolic shapes: opcheck checks its schema (the declared mutations)
+# there, and everything (fake tensors, autograd registration, AOT tracing) on the compiled ops.
+OPCHECK_TESTS = (torch.library._OPCHECK_DEFAULT_UTILS if mf.backend_info()["active"] == "extension" else ("test_schema",))
+
+
+def op_arguments(variant="meta-sgd", dtype=torch.float64, loss="mse"):
+    maml, optimizer = learner(variant, 2, loss, dtype)
+    update = maml._fused_update(optimizer)
+    params = [p.detach() for p in maml.model.parameters()]
+    rates = [r.detach() for r in maml.inner_lrs] if maml.learn_inner_lr else [torch.tensor(0.1, dtype=dtype)]
+    grads, state, settings = update.arguments()
+    batch = next(batches(loss, dtype))
+    return (params, rates, grads, state, batch.x_support, batch.y_support, batch.x_query, batch.y_query, 2,
+            maml.first_order, loss, maml._first_adapted_layer, maml.learn_inner_lr, update.kind, settings)
+
+
+@pytest.mark.parametrize("variant", ["meta-sgd", "anil"])
+def test_opcheck_meta_step(variant):
+    torch.library.opcheck(torch.ops.metalearn_fast.maml_mlp_meta_step_.default, op_arguments(variant),
+                          test_utils=OPCHECK_TESTS)
+
+
+@pytest.mark.parametrize("variant, loss", list(itertools.product(VARIANTS, ["mse", "cross_entropy"])))
+def test_the_compiled_op_matches_the_reference_op(variant, loss):
+    results = []
+    for op in (ops.maml_mlp_meta_step_, reference.maml_mlp_meta_step_):
+        arguments = op_arguments(variant, loss=loss)
+        with torch.no_grad():
+            value = op(*arguments)
+        params, rates, grads, state = arguments[:4]
+        results.append([value] + [t.clone() for t in (*params, *rates, *grads, *state)])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
+# ---- Reptile: the fused step against a per-task loop with torch.autograd.grad ----
+
+def reptile_loop_step(params, batch, inner_steps, inner_lr, outer_lr, loss):
+    """Reptile written out task by task: copies, SGD with autograd.grad, the mean, the update."""
+    task_loss = F.mse_loss if loss == "mse" else F.cross_entropy
+    adapted, first_losses = [], []
+    for xs, ys in zip(batch.x_support, batch.y_support):
+        fast = [p.detach().clone().requires_grad_() for p in params]
+        for step in range(inner_steps):
+            value = task_loss(reference.mlp_forward(xs, fast), ys)
+            if step == 0:
+                first_losses.append(value.detach())
+            grads = torch.autograd.grad(value, fast)
+            fast = [(p - inner_lr * g).detach().requires_grad_() for p, g in zip(fast, grads)]
+        adapted.append(fast)
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            p.add_(outer_lr * (torch.stack([task[i] for task in adapted]).mean(0) - p))
+    return float(torch.stack(first_losses).mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("inner_steps", [1, 2, 5])
+def test_fused_reptile_steps_match_a_per_task_loop(inner_steps, loss, dtype):
+    torch.manual_seed(0)
+    reptile = Reptile(MLP(SIZES, dtype=dtype), inner_lr=0.1, inner_steps=inner_steps, outer_lr=0.5, loss=loss)
+    assert reptile.meta_step_path() == "fused"
+    params = [p.detach().clone() for p in reptile.parameters()]
+    start = [p.clone() for p in params]
+    fused_losses, loop_losses = [], []
+    for batch in batches(loss, dtype):
+        fused_losses.append(reptile.meta_step(batch))
+        loop_losses.append(reptile_loop_step(params, batch, inner_steps, 0.1, 0.5, loss))
+    tolerance = TOLERANCE[dtype]
+    torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(loop_losses), **tolerance)
+    for a, b in zip(reptile.parameters(), params):
+        torch.testing.assert_close(a.detach(), b, **tolerance)
+    assert any(not torch.equal(a, b) for a, b in zip(start, params))
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_reptile_op_matches_its_reference_and_passes_opcheck(loss):
+    batch = next(batches(loss, torch.float64))
+    results = []
+    for op in (ops.reptile_mlp_step_, reference.reptile_mlp_step_):
+        torch.manual_seed(0)
+        params = [p.detach() for p in MLP(SIZES, dtype=torch.float64).parameters()]
+        with torch.no_grad():
+            value = op(params, batch.x_support, batch.y_support, 3, 0.1, 0.5, loss)
+        results.append([value, *params])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    torch.library.opcheck(torch.ops.metalearn_fast.reptile_mlp_step_.default,
+                          (results[0][1:], batch.x_support, batch.y_support, 2, 0.1, 0.5, loss), test_utils=OPCHECK_TESTS)
+
+
+def test_reptile_labels_out_of_range_are_named_on_the_fused_path():
+    reptile = Reptile(MLP(SIZES), inner_lr=0.1, inner_steps=1, outer_lr=0.5, loss="cross_entropy")
+    batch = next(batches("cross_entropy", torch.float32))
+    labels = batch.y_support.clone()
+    labels[0, 0] = 9
+    with pytest.raises(ValueError, match="y_support holds class label 9 but the model has 2 outputs"):
+        reptile.meta_step(TaskBatch(batch.x_support, labels, batch.x_query, batch.y_query))
+
+
+def test_a_loss_beyond_float_range_is_not_finite_rather_than_an_error():
+    """A diverging run gives a non-finite loss, as the plain path's float32 loss does, not an overflow error."""
+    fused, fused_optimizer = learner("maml", 1, "mse", torch.float32)
+    plain, plain_optimizer = learner("maml", 1, "mse", torch.float32)
+    batch = next(batches("mse", torch.float32))
+    huge = TaskBatch(batch.x_support, batch.y_support * 1e25, batch.x_query, batch.y_query * 1e25)
+    value, expected = fused.meta_step(huge, fused_optimizer), plain_meta_step(plain, plain_optimizer, huge)
+    assert not math.isfinite(expected) and not math.isfinite(value)
