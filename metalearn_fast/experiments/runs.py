@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -105,7 +105,7 @@ def validation_steps(steps: int, count: int) -> set[int]:
 
 def train(
     phase: Phase,
-    step: Callable[[Any], Tensor],
+    step: Callable[[Any], Union[float, Tensor]],
     next_batch: Callable[[], Any],
     *,
     validate: Callable[[], float],
@@ -117,8 +117,8 @@ def train(
     checkpoint_every: Optional[int] = None,
     x_per_step: float = 1.0,
 ) -> None:
-    """Runs ``phase`` to its end: ``step(next_batch())`` returns each step's loss (a 0-dim tensor, kept
-    without a host sync). ``validate()`` scores the model off the clock, before the first step and after
+    """Runs ``phase`` to its end: ``step(next_batch())`` returns each step's loss (a number, or a 0-dim
+    tensor, kept without a host sync). ``validate()`` scores the model off the clock, before the first step and after
     the steps in ``validate_after``, recorded at x = steps * x_per_step. ``checkpoint()`` runs every
     ``checkpoint_every`` steps and at the end, off the clock. Resumes where ``phase.done`` says."""
     if not phase.validation:
