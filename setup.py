@@ -1,8 +1,14 @@
 """Build metalearn_fast._C: CPU kernels always, CUDA kernels when they can be built.
 
+Without a working C++ compiler (or when the build fails for any other reason) the package installs
+without its extension, with a warning, and runs on the pure-torch fallback (same results, slower).
+
 Switches (environment variables):
-  METALEARN_FAST_CUDA=0   build the CPU kernels only
-  METALEARN_FAST_CUDA=1   build the CUDA kernels too, and fail if that is impossible
+  METALEARN_FAST_EXTENSION=0  skip the extension on purpose: a pure-torch install
+  METALEARN_FAST_EXTENSION=1  the extension is required: a failed build fails the install
+  METALEARN_FAST_CUDA=0       build the CPU kernels only
+  METALEARN_FAST_CUDA=1       build the CUDA kernels too, and fail if that is impossible (implies
+                              METALEARN_FAST_EXTENSION=1)
   TORCH_CUDA_ARCH_LIST    GPU architectures; default "8.0;9.0+PTX" when no GPU is visible
   CUDA_HOME               the CUDA toolkit root (found from nvcc when unset)
   MAX_JOBS                parallel compile jobs (ninja)
@@ -65,11 +71,23 @@ def pip_nvidia_dirs():
     return list(dict.fromkeys(includes)), list(dict.fromkeys(libs))
 
 
+def switch(name):
+    """The value of a 0/1 switch, or "" when unset."""
+    value = os.environ.get(name, "").strip()
+    if value not in ("", "0", "1"):
+        sys.exit(f"{name} must be 0 or 1, got {value!r}")
+    return value
+
+
+EXTENSION = switch("METALEARN_FAST_EXTENSION")
+REQUIRED = EXTENSION == "1" or switch("METALEARN_FAST_CUDA") == "1"
+if EXTENSION == "0" and REQUIRED:
+    sys.exit("METALEARN_FAST_EXTENSION=0 contradicts METALEARN_FAST_CUDA=1")
+
+
 def cuda_plan():
     """Return (cuda_home, reason): cuda_home is None when CUDA kernels are not built, with the reason."""
-    wanted = os.environ.get("METALEARN_FAST_CUDA", "").strip()
-    if wanted not in ("", "0", "1"):
-        sys.exit(f"METALEARN_FAST_CUDA must be 0 or 1, got {wanted!r}")
+    wanted = switch("METALEARN_FAST_CUDA")
     if wanted == "0":
         return None, "METALEARN_FAST_CUDA=0"
     import torch
@@ -86,7 +104,7 @@ def cuda_plan():
     return None, reason
 
 
-cuda_home, no_cuda_reason = cuda_plan()
+cuda_home, no_cuda_reason = cuda_plan() if EXTENSION != "0" else (None, "METALEARN_FAST_EXTENSION=0")
 if cuda_home:
     os.environ["CUDA_HOME"] = cuda_home  # read by torch.utils.cpp_extension at import time
 
@@ -146,13 +164,30 @@ def extension():
         sources + sorted(glob.glob("csrc/cuda/*.cu")),
         include_dirs=include_dirs + (nvidia_includes if missing else []),
         library_dirs=link_dirs,
-        extra_compile_args={"cxx": cxx_flags + ["-DMETALEARN_FAST_CUDA"],
-                            "nvcc": ["-O3", "-DMETALEARN_FAST_CUDA", "--expt-relaxed-constexpr"]},
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr"]},
         extra_link_args=["-fopenmp", cublaslt],
     )
 
 
+class OptionalBuildExtension(cpp_extension.BuildExtension):
+    """Builds the extension; when that fails and it is not required, installs without it, with a warning."""
+
+    def run(self):
+        try:
+            super().run()
+        except (Exception, SystemExit) as error:  # a missing compiler raises CalledProcessError, setuptools SystemExit
+            if REQUIRED:
+                raise
+            line = "=" * 78
+            print(f"\n{line}\nWARNING: metalearn_fast: the C++/CUDA extension could not be built "
+                  f"({type(error).__name__}: {error}).\nInstalling the pure-torch package: same results, slower. "
+                  "Set METALEARN_FAST_EXTENSION=1 to make this an error,\nor METALEARN_FAST_EXTENSION=0 to skip "
+                  f"the build on purpose.\n{line}\n", file=sys.stderr, flush=True)
+
+
+if EXTENSION == "0":
+    print("metalearn_fast: METALEARN_FAST_EXTENSION=0: installing the pure-torch package, no extension", flush=True)
 setup(
-    ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
+    ext_modules=[] if EXTENSION == "0" else [extension()],
+    cmdclass={"build_ext": OptionalBuildExtension.with_options(use_ninja=True)},
 )

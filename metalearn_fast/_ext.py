@@ -6,6 +6,7 @@ else the pure-torch fallback with one warning), ``torch`` (always the fallback) 
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import warnings
 from types import ModuleType
@@ -38,6 +39,9 @@ def load() -> Optional[ModuleType]:
     try:
         import torch  # noqa: F401  (the extension links against torch's libraries)
 
+        if importlib.util.find_spec(f"{__package__}._C") is None:
+            raise ModuleNotFoundError("metalearn_fast was installed without it (no working C++ compiler at "
+                                      "install time, or METALEARN_FAST_EXTENSION=0)")
         from . import _C as module
     except Exception as error:  # a missing, stale or broken build must never break the import
         _reason = f"the compiled extension did not load: {type(error).__name__}: {error}"
@@ -45,7 +49,8 @@ def load() -> Optional[ModuleType]:
             raise ImportError(f"METALEARN_FAST_BACKEND=extension but {_reason}") from error
         warnings.warn(
             f"metalearn_fast: {_reason}. Running on the pure-torch fallback (same results, slower). "
-            "Rebuild with `pip install --no-build-isolation -e .` and see `metalearn-fast info`.",
+            "Rebuild with `pip install --no-build-isolation -e .` and see `metalearn-fast info`; "
+            "METALEARN_FAST_BACKEND=torch selects the fallback without this warning.",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -257,6 +257,37 @@ def _failure_message(where: str, bucket_device: torch.device, failed_ranks: list
     return f"{where}: " + "; ".join(reasons) + " (no rank updated its weights at this step)"
 
 
+def step_on_mean_gradients(optimizer: torch.optim.Optimizer, loss_of_shard: Callable[[], Tensor], tasks: int,
+                           where: str) -> float:
+    """One optimizer step on the gradients of the whole meta-batch: each rank backpropagates
+    ``loss_of_shard()`` (the mean loss of its ``tasks`` tasks), the gradients of every parameter the optimizer
+    steps are averaged over the ranks, each weighted by its task count, then every rank steps. Returns the mean
+    loss over all tasks. If any rank raises, every rank raises RankFailedError before any weight changes."""
+    stepped, seen = [], set()  # exactly what the optimizer steps, in an order every rank shares
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if id(p) not in seen:
+                seen.add(id(p))
+                stepped.append(p)
+    optimizer.zero_grad()
+
+    def local_mean_gradients():
+        loss = loss_of_shard()
+        loss.backward()
+        return tasks, loss.detach(), [p.grad for p in stepped]
+
+    loss, grads = _weighted_mean_over_ranks(local_mean_gradients, stepped, where)
+    for p, grad in zip(stepped, grads):
+        if grad is None:
+            p.grad = None
+        elif p.grad is None:
+            p.grad = grad.clone()
+        else:
+            p.grad.copy_(grad)
+    optimizer.step()
+    return loss
+
+
 def _weighted_mean_over_ranks(
     compute: Callable[[], tuple[int, Tensor, Sequence[Optional[Tensor]]]],
     layout: Sequence[Tensor],

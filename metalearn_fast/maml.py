@@ -19,7 +19,6 @@ update equals that of one process on the whole batch (see metalearn_fast/distrib
 from __future__ import annotations
 
 import numbers
-import warnings
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -27,17 +26,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
-from .nn import linear_stack
-from .ops import (
-    _number_as_rate,
-    linear_relu,
-    maml_mlp_loss,
-    maml_mlp_meta_step_,
-    reptile_mlp_step_,
-    sgd_step,
-    sgd_step_,
-)
-from .optim import FusedUpdate, _layout
+from .ops import _number_as_rate, maml_mlp_loss, maml_mlp_meta_step_, reptile_mlp_step_, sgd_step, sgd_step_
+from .optim import FusedUpdate, UpdateCache
+from .plan import ModelPlan
 from .tasks import TaskBatch, check_task_set
 
 __all__ = ["MAML", "Reptile"]
@@ -82,14 +73,13 @@ def _check_steps(name: str, value, minimum: int) -> int:
 
 
 class _TaskBatchedLearner(nn.Module):
-    """What MAML and Reptile share: the model, the loss, and a forward pass on per-task parameters."""
+    """What MAML and Reptile share: the model, the loss, its plan (metalearn_fast/plan.py) and the checks."""
 
     def __init__(self, model: nn.Module, loss: LossArg) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        named = list(model.named_parameters())
-        if not named:
+        if next(model.parameters(), None) is None:
             raise ValueError("model has no parameters to meta-learn")
         if isinstance(loss, str):
             if loss not in BUILTIN_LOSSES:
@@ -102,20 +92,15 @@ class _TaskBatchedLearner(nn.Module):
             raise TypeError(f"loss must be 'mse', 'cross_entropy' or a callable, got {type(loss).__name__}")
         self.model = model
         self.loss = loss
-        self._parameter_names = [name for name, _ in named]
-        layers = linear_stack(model)
         # the structure is fixed here; the weights are read from the model on every call
-        self._relu_after = None if layers is None else [relu for _, _, relu in layers]
-        # the fused ops cover MLPs with a ReLU after every hidden layer and the built-in losses
-        self._fused = layers is not None and all(self._relu_after[:-1]) and isinstance(loss, str)
-        self._generic_uses_vmap = True
+        self.plan = ModelPlan(model, builtin_loss=isinstance(loss, str))
         # under torch.distributed, the first meta_step gives every rank rank 0's weights
         self._weights_broadcast = False
 
     @property
     def uses_fast_path(self) -> bool:
-        """True when the model is a Linear(+ReLU) stack that runs on the batched fast path."""
-        return self._relu_after is not None
+        """True when the model is a Linear(+ReLU) stack that runs on the batched fast path (or the fused op)."""
+        return self.plan.is_stack
 
     def _meta_parameters(self) -> list[Tensor]:
         return list(self.model.parameters())
@@ -128,22 +113,20 @@ class _TaskBatchedLearner(nn.Module):
 
     # ---- checks ----
 
-    def _check_x(self, x: Tensor, name: str, first: Optional[Tensor] = None) -> None:
-        """x [T, N, ...] must match the model's dtype and device (and its input size on the fast path), that
-        is, those of its first parameter ``first``."""
-        first = next(self.model.parameters()) if first is None else first
-        if x.dtype != first.dtype:
-            raise TypeError(f"{name} must have the model's dtype {first.dtype}, got {x.dtype}")
-        if x.device != first.device:
-            raise ValueError(f"{name} must be on the model's device {first.device}, got {x.device}")
-        if self.uses_fast_path and (x.dim() != 3 or x.shape[-1] != first.shape[1]):
-            raise ValueError(f"{name} must be [T, N, {first.shape[1]}] for this model, got shape {list(x.shape)}")
-
     def _check_batch(self, batch: TaskBatch, first: Optional[Tensor] = None) -> None:
         if not isinstance(batch, TaskBatch):
             raise TypeError(f"batch must be a metalearn_fast.TaskBatch, got {type(batch).__name__}")
-        self._check_x(batch.x_support, "x_support", first)
-        self._check_x(batch.x_query, "x_query", first)
+        first = next(self.model.parameters()) if first is None else first
+        self.plan.check_input(batch.x_support, "x_support", first)
+        self.plan.check_input(batch.x_query, "x_query", first)
+
+    def _check_labels(self, batch: TaskBatch, outputs: int, sets: int = 2) -> None:
+        """Class labels of the first ``sets`` sets (support, query) must index the model's outputs: cross_entropy
+        would index out of bounds (a device-side assert on CUDA)."""
+        if self._loss_fn is _cross_entropy_per_task:
+            for name, largest in list(zip(("y_support", "y_query"), batch.largest_labels))[:sets]:
+                if largest >= outputs:
+                    raise ValueError(f"{name} holds class label {largest} but the model has {outputs} outputs")
 
     def _task_losses(self, pred: Tensor, target: Tensor, target_name: str, largest_label: int) -> Tensor:
         """The loss of each task: pred [T, K, out], target [T, K, ...] -> [T]. largest_label: the largest class
@@ -173,60 +156,9 @@ class _TaskBatchedLearner(nn.Module):
                 raise ValueError(f"loss='cross_entropy' needs int64 class labels in {target_name}, got {target.dtype}")
             if len(pred_shape) != 3:
                 raise ValueError(f"loss='cross_entropy' needs model outputs [T, K, classes], got {pred_shape}")
-            # cross_entropy would index out of bounds (a device-side assert on CUDA)
             if largest_label >= pred_shape[-1]:
                 raise ValueError(
                     f"{target_name} holds class label {largest_label} but the model has {pred_shape[-1]} outputs")
-
-    # ---- forward on per-task parameters ----
-
-    def _fast_layers(self, params: Sequence[Tensor], h: Tensor, first_layer: int = 0) -> Tensor:
-        """Layers first_layer.. of the stack for every task at once.
-
-        params: [weight [T, O, I], bias [T, O]] for each of those layers, flat; h: [T, N, I] -> [T, N, out].
-        """
-        for relu, weight, bias in zip(self._relu_after[first_layer:], params[0::2], params[1::2]):
-            if relu:
-                h = linear_relu(h, weight, bias)
-            else:
-                h = torch.baddbmm(bias.unsqueeze(1), h, weight.transpose(1, 2))
-        return h
-
-    def _generic_forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
-        """The model on each task's parameters: params [T, ...] in model.parameters() order, x [T, N, ...]."""
-
-        def run_task(task_params, task_x):
-            return torch.func.functional_call(self.model, dict(zip(self._parameter_names, task_params)), (task_x,))
-
-        if self._generic_uses_vmap:
-            try:
-                return torch.func.vmap(run_task)(list(params), x)
-            except Exception as vmap_error:
-                reason = f"{type(vmap_error).__name__}: {vmap_error}"
-        try:
-            out = torch.stack([run_task([p[t] for p in params], x[t]) for t in range(x.shape[0])])
-        except Exception as error:
-            raise TypeError(
-                f"model could not run on per-task parameters through torch.func.functional_call: "
-                f"{type(error).__name__}: {error}"
-            ) from error
-        if self._generic_uses_vmap:
-            # vmap failed where a plain loop works, so the model itself cannot run under vmap
-            self._generic_uses_vmap = False
-            warnings.warn(
-                f"{type(self).__name__}: the model does not run under torch.func.vmap ({reason}); "
-                "running its tasks one by one instead (same results, slower)",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-        return out
-
-    def _forward(self, params: Sequence[Tensor], x: Tensor) -> Tensor:
-        """The model on each task's parameters: params [T, ...] in model.parameters() order, x [T, N, ...]
-        -> [T, N, out]."""
-        if self.uses_fast_path:
-            return self._fast_layers(params, x)
-        return self._generic_forward(params, x)
 
 
 class MAML(_TaskBatchedLearner):
@@ -268,43 +200,44 @@ class MAML(_TaskBatchedLearner):
             _head_indices(model, parameters) if adapt_head_only else list(range(len(parameters)))
         )
         # the first layer the inner loop adapts, in the fused ops' terms (ANIL: the last)
-        self._first_adapted_layer = len(self._relu_after) - 1 if self.uses_fast_path and adapt_head_only else 0
+        self._first_adapted_layer = self.plan.head_layer() if self.plan.is_stack and adapt_head_only else 0
         self.inner_lrs: Optional[nn.ParameterList] = None
         if learn_inner_lr:
             self.inner_lrs = nn.ParameterList(
                 [nn.Parameter(torch.full_like(parameters[i].detach(), self.inner_lr)) for i in self._adapted_indices]
             )
+        self._updates = UpdateCache()
 
     def extra_repr(self) -> str:
         return (
             f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
-            f"learn_inner_lr={self.learn_inner_lr}, adapt_head_only={self.adapt_head_only}, "
-            f"fast_path={self.uses_fast_path}"
+            f"learn_inner_lr={self.learn_inner_lr}, adapt_head_only={self.adapt_head_only}, plan={self.plan.kind}"
         )
-
-    # ---- public API ----
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
         """Mean over tasks of the query loss after adapting on the support set: a scalar, differentiable
         w.r.t. the model's parameters (and ``inner_lrs`` under Meta-SGD)."""
         self._check_batch(batch)
-        if self.uses_fast_path:
-            return self._fast_meta_loss(batch)
-        return self._generic_meta_loss(batch)
+        if self.plan.kind == "fused":
+            return self._fused_meta_loss(batch)
+        start = [p.expand(batch.num_tasks, *p.shape) for p in self._meta_parameters()]  # views: gradients flow back
+        adapted = self._adapt(start, batch.x_support, batch.y_support, self.inner_steps, not self.first_order,
+                              batch.largest_labels[0])
+        query = self.plan.forward(adapted, batch.x_query)
+        return self._task_losses(query, batch.y_query, "y_query", batch.largest_labels[1]).mean()
 
     def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
         """One meta-update: zero_grad, backward of ``meta_loss(batch)``, optimizer.step(). Returns the loss.
 
-        Under a torch.distributed process group of more than one process, ``batch`` is this rank's shard
-        of the meta-batch: the gradients of every parameter the optimizer steps are averaged over the ranks,
-        each weighted by its task count, before the step, and the returned loss is the mean over all tasks.
-        The first call broadcasts rank 0's parameters and buffers. If this step raises on any rank, it
-        raises a RuntimeError naming that rank on every rank, and no rank's weights change.
-        """
+        Under a torch.distributed process group of more than one process, ``batch`` is this rank's shard of the
+        meta-batch and the step is that of one process on the whole batch (distributed.step_on_mean_gradients);
+        the first call broadcasts rank 0's parameters and buffers."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if distributed.is_distributed():
-            return self._distributed_meta_step(batch, optimizer)
+            self._broadcast_once()
+            return distributed.step_on_mean_gradients(optimizer, lambda: self.meta_loss(batch), batch.num_tasks,
+                                                      "MAML.meta_step")
         update = self._fused_update(optimizer)
         if not isinstance(update, str):
             return self._fused_meta_step(batch, update)
@@ -322,74 +255,6 @@ class MAML(_TaskBatchedLearner):
         update = self._fused_update(optimizer)
         return update if isinstance(update, str) else "fused"
 
-    def _fused_update(self, optimizer: torch.optim.Optimizer) -> Union[FusedUpdate, str]:
-        """The optimizer's update as the fused meta-step applies it, or why it cannot (a 'python: ...'
-        sentence). Made once per optimizer and param-group layout."""
-        cached = getattr(self, "_fused_update_cache", None)
-        if cached is not None and (cached.is_current(optimizer) if isinstance(cached, FusedUpdate)
-                                   else cached[0] is optimizer and cached[1] == _layout(optimizer)):
-            return cached if isinstance(cached, FusedUpdate) else cached[2]
-        if not self._fused:
-            result = "python: the model is not an MLP with a built-in loss"
-        elif self.learn_inner_lr and self.adapt_head_only:
-            result = "python: Meta-SGD with ANIL learns rates for the head only"
-        else:
-            tensors = self._meta_parameters() + (list(self.inner_lrs) if self.learn_inner_lr else [])
-            result = FusedUpdate.plan(optimizer, tensors)
-            if isinstance(result, str):
-                result = f"python: {result}"
-        self._fused_update_cache = result if isinstance(result, FusedUpdate) else (optimizer, _layout(optimizer),
-                                                                                     result)
-        return result
-
-    def _fused_meta_step(self, batch: TaskBatch, update: FusedUpdate) -> float:
-        """meta_step as one op: ops.maml_mlp_meta_step_ (meta-loss, meta-gradient into .grad, optimizer
-        update). Class labels are checked by the op."""
-        params = update.tensors[: len(update.tensors) - (len(self.inner_lrs) if self.learn_inner_lr else 0)]
-        self._check_batch(batch, params[0])
-        if self.loss == "cross_entropy":
-            for name, largest in zip(("y_support", "y_query"), batch.largest_labels):
-                if largest >= params[-2].shape[0]:
-                    raise ValueError(f"{name} holds class label {largest} but the model has {params[-2].shape[0]} "
-                                     "outputs")
-        rates = list(self.inner_lrs) if self.learn_inner_lr else [self._inner_lr_tensor(params[0])]
-        grads, state, settings = update.arguments()
-        with torch.no_grad():
-            loss = maml_mlp_meta_step_(
-                params, rates, grads, state, batch.x_support, batch.y_support, batch.x_query, batch.y_query,
-                self.inner_steps, self.first_order, self.loss, self._first_adapted_layer, self.learn_inner_lr,
-                update.kind, settings)
-        update.finish(state)
-        return float(loss)
-
-    def _distributed_meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
-        """meta_step on this rank's shard, with the gradients averaged over the ranks before the step."""
-        self._broadcast_once()
-        # exactly what the optimizer steps (learned Meta-SGD rates included), in an order every rank shares
-        stepped, seen = [], set()
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    stepped.append(p)
-        optimizer.zero_grad()
-
-        def local_mean_gradients():
-            loss = self.meta_loss(batch)
-            loss.backward()
-            return batch.num_tasks, loss.detach(), [p.grad for p in stepped]
-
-        loss, grads = distributed._weighted_mean_over_ranks(local_mean_gradients, stepped, "MAML.meta_step")
-        for p, grad in zip(stepped, grads):
-            if grad is None:
-                p.grad = None
-            elif p.grad is None:
-                p.grad = grad.clone()
-            else:
-                p.grad.copy_(grad)
-        optimizer.step()
-        return loss
-
     def adapt(self, x_support: Tensor, y_support: Tensor, steps: Optional[int] = None) -> list[Tensor]:
         """Adapt to each task's support set: ``steps`` (default inner_steps) SGD steps from the meta parameters.
 
@@ -399,13 +264,12 @@ class MAML(_TaskBatchedLearner):
         """
         steps = self.inner_steps if steps is None else _check_steps("steps", steps, minimum=0)
         largest = check_task_set(x_support, y_support, "x_support", "y_support")
-        self._check_x(x_support, "x_support")
-        tasks = x_support.shape[0]
+        parameters = self._meta_parameters()
+        self.plan.check_input(x_support, "x_support", parameters[0])
         with torch.enable_grad():
             # leaves of their own: adapting needs no graph into the meta parameters
-            start = [p.detach().expand(tasks, *p.shape).requires_grad_() for p in self._meta_parameters()]
-            adapt = self._fast_adapt if self.uses_fast_path else self._generic_adapt
-            adapted = adapt(start, x_support, y_support, steps, False, largest)
+            start = [p.detach().expand(x_support.shape[0], *p.shape).requires_grad_() for p in parameters]
+            adapted = self._adapt(start, x_support, y_support, steps, False, largest)
         return [p.detach() for p in adapted]
 
     def predict(self, adapted: Sequence[Tensor], x: Tensor) -> Tensor:
@@ -418,77 +282,34 @@ class MAML(_TaskBatchedLearner):
             raise ValueError("adapted must be the list returned by adapt(): one [T, *p.shape] tensor per parameter")
         if not isinstance(x, Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        self._check_x(x, "x")
+        self.plan.check_input(x, "x", parameters[0])
         if x.dim() < 2 or x.shape[0] != adapted[0].shape[0]:
             raise ValueError(
                 f"x must be [T, Q, ...] with T = {adapted[0].shape[0]} tasks like adapted, got {list(x.shape)}"
             )
-        return self._forward(adapted, x)
+        return self.plan.forward(adapted, x)
 
-    # ---- the inner loop ----
+    def _adapt(self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int, create_graph: bool,
+               largest_label: int) -> list[Tensor]:
+        """``steps`` SGD steps on each task's support loss from ``start`` (per-task [T, ...] tensors in
+        model.parameters() order), updating the adapted parameters only. Returns the new list.
 
-    def _inner_loop(
-        self,
-        forward: Callable[[Sequence[Tensor], Tensor], Tensor],
-        params: Sequence[Tensor],
-        adapted_indices: Sequence[int],
-        x_support: Tensor,
-        y_support: Tensor,
-        steps: int,
-        create_graph: bool,
-        largest_label: int,
-    ) -> list[Tensor]:
-        """``steps`` SGD steps on each task's support loss, updating params[i] for i in adapted_indices.
-
-        params: per-task tensors [T, ...] that forward(params, x_support) consumes. Returns the new list.
-        """
-        params = list(params)
+        On a stack under ANIL the body's features are the same at every inner step, so they are computed
+        once, on the meta weights all tasks share, and only the head runs per step."""
+        params, indices, inputs, first_layer = list(start), self._adapted_indices, x_support, 0
+        if self.plan.is_stack and self.adapt_head_only:
+            first_layer = self.plan.head_layer()
+            inputs = self.plan.shared_body(start, x_support)
         rates = list(self.inner_lrs) if self.inner_lrs is not None else self.inner_lr
         for _ in range(steps):
-            losses = self._task_losses(forward(params, x_support), y_support, "y_support", largest_label)
-            adapted = [params[i] for i in adapted_indices]
+            pred = self.plan.forward(params[2 * first_layer:], inputs, first_layer)
+            losses = self._task_losses(pred, y_support, "y_support", largest_label)
+            adapted = [params[i] for i in indices]
             # the sum, not the mean: task t's parameters then get the gradient of task t's own loss
             grads = torch.autograd.grad(losses.sum(), adapted, create_graph=create_graph)
-            for i, new in zip(adapted_indices, sgd_step(adapted, grads, rates)):
+            for i, new in zip(indices, sgd_step(adapted, grads, rates)):
                 params[i] = new
         return params
-
-    def _fast_adapt(self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int, create_graph: bool,
-                    largest_label: int) -> list[Tensor]:
-        """The fast path's inner loop. start: per-task [T, ...] tensors of the meta parameters, flat
-        [weight, bias] per layer; x_support: [T, K, I]. Returns the adapted list, same layout."""
-        if not self.adapt_head_only:
-            return self._inner_loop(
-                self._fast_layers, start, range(len(start)), x_support, y_support, steps, create_graph, largest_label
-            )
-        # ANIL: the body is not adapted, so its features are the same at every inner step; compute them
-        # once, with the meta weights shared by all tasks (one matrix product per layer for the whole batch)
-        head_layer = len(self._relu_after) - 1
-        tasks, examples = x_support.shape[:2]
-        h = x_support.reshape(tasks * examples, -1)
-        for relu, weight, bias in zip(self._relu_after[:head_layer], start[0::2], start[1::2]):
-            weight, bias = weight[0], bias[0]  # every task holds the meta weights
-            h = linear_relu(h, weight, bias) if relu else torch.addmm(bias, h, weight.t())
-        features = h.reshape(tasks, examples, -1)
-
-        def head(params, h):
-            return self._fast_layers(params, h, first_layer=head_layer)
-
-        adapted_head = self._inner_loop(head, start[2 * head_layer :], (0, 1), features, y_support, steps, create_graph,
-                                        largest_label)
-        return start[: 2 * head_layer] + adapted_head
-
-    def _generic_adapt(self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int,
-                       create_graph: bool, largest_label: int) -> list[Tensor]:
-        """The generic path's inner loop on per-task [T, ...] tensors in model.parameters() order."""
-        return self._inner_loop(
-            self._generic_forward, start, self._adapted_indices, x_support, y_support, steps, create_graph,
-            largest_label
-        )
-
-    def _start_parameters(self, tasks: int) -> list[Tensor]:
-        """Every task starts from the meta parameters: views [T, ...] that send gradients back to them."""
-        return [p.expand(tasks, *p.shape) for p in self._meta_parameters()]
 
     def _inner_lr_tensor(self, like: Tensor) -> Tensor:
         """inner_lr as a 0-dim tensor of like's dtype and device, made once rather than every step."""
@@ -498,8 +319,16 @@ class MAML(_TaskBatchedLearner):
             cached = self._inner_lr_cache = (key, _number_as_rate(self.inner_lr, like))
         return cached[1]
 
+    def _fused_update(self, optimizer: torch.optim.Optimizer) -> Union[FusedUpdate, str]:
+        """The optimizer's update as the fused meta-step applies it, or why it cannot (a 'python: ...' sentence)."""
+        if self.plan.kind != "fused":
+            return "python: the model is not an MLP with a built-in loss"
+        if self.learn_inner_lr and self.adapt_head_only:
+            return "python: Meta-SGD with ANIL learns rates for the head only"
+        return self._updates.get(optimizer, self._meta_parameters() + list(self.inner_lrs or []))
+
     def _fused_meta_loss(self, batch: TaskBatch) -> Tensor:
-        """The whole meta-step as one op (ops.maml_mlp_loss): inner loop and analytic meta-gradient."""
+        """The whole meta-loss as one op (ops.maml_mlp_loss): inner loop and analytic meta-gradient."""
         parameters = self._meta_parameters()
         if self.inner_lrs is None:
             rates: Union[Tensor, list[Tensor]] = self._inner_lr_tensor(parameters[0])
@@ -511,37 +340,24 @@ class MAML(_TaskBatchedLearner):
         for x, y, name, largest in ((batch.x_support, batch.y_support, "y_support", batch.largest_labels[0]),
                                     (batch.x_query, batch.y_query, "y_query", batch.largest_labels[1])):
             self._check_target((*x.shape[:2], outputs), y, name, largest)
-        return maml_mlp_loss(
-            parameters,
-            rates,
-            batch.x_support,
-            batch.y_support,
-            batch.x_query,
-            batch.y_query,
-            inner_steps=self.inner_steps,
-            first_order=self.first_order,
-            loss=self.loss,
-            first_adapted_layer=self._first_adapted_layer,
-        )
+        return maml_mlp_loss(parameters, rates, batch.x_support, batch.y_support, batch.x_query, batch.y_query,
+                             inner_steps=self.inner_steps, first_order=self.first_order, loss=self.loss,
+                             first_adapted_layer=self._first_adapted_layer)
 
-    def _fast_meta_loss(self, batch: TaskBatch) -> Tensor:
-        """meta_loss on the fast path: every task at once through batched matrix products, or the
-        fused op when the model is an MLP (ReLU between all layers) with a built-in loss."""
-        if self._fused:
-            return self._fused_meta_loss(batch)
-        start = self._start_parameters(batch.num_tasks)
-        adapted = self._fast_adapt(start, batch.x_support, batch.y_support, self.inner_steps, not self.first_order,
-                                   batch.largest_labels[0])
-        query = self._fast_layers(adapted, batch.x_query)
-        return self._task_losses(query, batch.y_query, "y_query", batch.largest_labels[1]).mean()
-
-    def _generic_meta_loss(self, batch: TaskBatch) -> Tensor:
-        """meta_loss on the generic path: torch.func.functional_call under vmap over tasks."""
-        start = self._start_parameters(batch.num_tasks)
-        adapted = self._generic_adapt(start, batch.x_support, batch.y_support, self.inner_steps, not self.first_order,
-                                      batch.largest_labels[0])
-        query = self._generic_forward(adapted, batch.x_query)
-        return self._task_losses(query, batch.y_query, "y_query", batch.largest_labels[1]).mean()
+    def _fused_meta_step(self, batch: TaskBatch, update: FusedUpdate) -> float:
+        """meta_step as one op: ops.maml_mlp_meta_step_ (meta-loss, meta-gradient into .grad, optimizer update)."""
+        params = update.tensors[: len(update.tensors) - (len(self.inner_lrs) if self.learn_inner_lr else 0)]
+        self._check_batch(batch, params[0])
+        self._check_labels(batch, params[-2].shape[0])
+        rates = list(self.inner_lrs) if self.learn_inner_lr else [self._inner_lr_tensor(params[0])]
+        grads, state, settings = update.arguments()
+        with torch.no_grad():
+            loss = maml_mlp_meta_step_(
+                params, rates, grads, state, batch.x_support, batch.y_support, batch.x_query, batch.y_query,
+                self.inner_steps, self.first_order, self.loss, self._first_adapted_layer, self.learn_inner_lr,
+                update.kind, settings)
+        update.finish(state)
+        return float(loss)
 
 
 class Reptile(_TaskBatchedLearner):
@@ -560,10 +376,7 @@ class Reptile(_TaskBatchedLearner):
         self.outer_lr = _check_positive("outer_lr", outer_lr)
 
     def extra_repr(self) -> str:
-        return (
-            f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, outer_lr={self.outer_lr}, "
-            f"fast_path={self.uses_fast_path}"
-        )
+        return f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, outer_lr={self.outer_lr}, plan={self.plan.kind}"
 
     def meta_step(self, batch: TaskBatch) -> float:
         """One Reptile update of the model's weights, in place. Returns the mean over tasks of the support
@@ -578,7 +391,7 @@ class Reptile(_TaskBatchedLearner):
         """
         if distributed.is_distributed():
             return self._distributed_meta_step(batch)
-        if self._fused:
+        if self.plan.kind == "fused":
             return self._fused_meta_step(batch)
         task_params, support_loss = self._adapt_copies(batch)
         with torch.no_grad():
@@ -590,15 +403,13 @@ class Reptile(_TaskBatchedLearner):
         """How ``meta_step`` runs: "fused" (one C++ call, ops.reptile_mlp_step_) or "python: <why not>"."""
         if distributed.is_distributed():
             return "python: the adapted weights are averaged over the ranks before the update"
-        return "fused" if self._fused else "python: the model is not an MLP with a built-in loss"
+        return "fused" if self.plan.kind == "fused" else "python: the model is not an MLP with a built-in loss"
 
     def _fused_meta_step(self, batch: TaskBatch) -> float:
         """meta_step as one op: every task's inner loop and the update, ops.reptile_mlp_step_."""
         params = self._meta_parameters()
         self._check_batch(batch, params[0])
-        if self.loss == "cross_entropy" and batch.largest_labels[0] >= params[-2].shape[0]:
-            raise ValueError(f"y_support holds class label {batch.largest_labels[0]} but the model has "
-                             f"{params[-2].shape[0]} outputs")
+        self._check_labels(batch, params[-2].shape[0], sets=1)
         with torch.no_grad():
             loss = reptile_mlp_step_(params, batch.x_support, batch.y_support, self.inner_steps, self.inner_lr,
                                      self.outer_lr, self.loss)
@@ -614,8 +425,8 @@ class Reptile(_TaskBatchedLearner):
         support_loss = None
         for step in range(self.inner_steps):
             with torch.enable_grad():
-                losses = self._task_losses(self._forward(task_params, batch.x_support), batch.y_support, "y_support",
-                                           batch.largest_labels[0])
+                losses = self._task_losses(self.plan.forward(task_params, batch.x_support), batch.y_support,
+                                           "y_support", batch.largest_labels[0])
                 # the sum, not the mean: each task's copy gets the gradient of its own loss
                 grads = torch.autograd.grad(losses.sum(), task_params)
             if step == 0:

@@ -13,7 +13,7 @@ capturable or differentiable mode, step hooks, parameters outside ``tensors``) k
 """
 from __future__ import annotations
 
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.optim.optimizer as optimizer_module
@@ -155,3 +155,21 @@ class FusedUpdate:
 
 def _layout(optimizer: torch.optim.Optimizer) -> tuple:
     return tuple((id(group), len(group["params"])) for group in optimizer.param_groups)
+
+
+class UpdateCache:
+    """The FusedUpdate of the last optimizer asked about (or why there is none, a 'python: ...' sentence),
+    made anew when the optimizer or its param groups change."""
+
+    def __init__(self) -> None:
+        self._optimizer: Optional[torch.optim.Optimizer] = None
+        self._key: tuple = ()
+        self._value: Union[FusedUpdate, str] = ""
+
+    def get(self, optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> Union[FusedUpdate, str]:
+        key = (_layout(optimizer), tuple(id(t) for t in tensors))
+        if optimizer is not self._optimizer or key != self._key:
+            update = FusedUpdate.plan(optimizer, tensors)
+            self._optimizer, self._key = optimizer, key
+            self._value = update if isinstance(update, FusedUpdate) else f"python: {update}"
+        return self._value

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .nn import linear_stack
+from .plan import ModelPlan
 from .ops import mlp_train_epoch_
 from .optim import FusedUpdate
 
@@ -132,8 +132,7 @@ class _FusedTraining:
     def plan(cls, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: Tensor,
              y: Tensor) -> Union["_FusedTraining", str]:
         """The fused epoch for these arguments, or why the Python loop must run them (a sentence)."""
-        stack = linear_stack(model)
-        if stack is None or not all(relu for _, _, relu in stack[:-1]):
+        if not ModelPlan(model, builtin_loss=True).is_mlp:
             return ("the model is not an MLP (MLP, SimpleNet, or nn.Sequential of nn.Linear with nn.ReLU between "
                     "them)")
         loss = _builtin_loss(loss_fn)
@@ -141,7 +140,7 @@ class _FusedTraining:
             return f"loss_fn is {type(loss_fn).__name__}; the fused step computes nn.MSELoss and nn.CrossEntropyLoss"
         if _has_hooks(model):
             return "the model has hooks"
-        params = [p for weight, bias, _ in stack for p in (weight, bias)]
+        params = list(model.parameters())  # [weight, bias] per layer: linear_stack checked the order
         if not all(p.requires_grad for p in params):
             return "some parameters are frozen (requires_grad=False)"
         if params[0].device.type not in ("cpu", "cuda") or torch.is_autocast_enabled():

@@ -43,6 +43,9 @@ def test_pretrain_and_adapt_reproduce_plain_torch(shuffle):
     plain_opt = torch.optim.Adam(plain.parameters(), lr=1e-3)
     expected = founding_train(plain, plain_opt, nn.MSELoss(), as_t(x), as_t(y), 5, 32, shuffle)
     founding_train(plain, plain_opt, nn.MSELoss(), as_t(new_x), as_t(new_y), 3, 32, shuffle)
+    # a DataLoader draws from the global RNG every epoch, shuffled or not: code run after training sees
+    # the same random numbers as after the plain loop
+    next_draw = torch.rand(4)
 
     torch.manual_seed(42)
     ours = mf.SimpleNet(10, 1)
@@ -54,6 +57,7 @@ def test_pretrain_and_adapt_reproduce_plain_torch(shuffle):
     assert adapted is ours
     for a, b in zip(ours.parameters(), plain.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    assert torch.equal(torch.rand(4), next_draw)
 
 
 def test_adapt_returns_a_copy_and_leaves_the_original_bit_identical():
@@ -73,19 +77,36 @@ def test_adapt_returns_a_copy_and_leaves_the_original_bit_identical():
     assert any(not torch.equal(a, b) for a, b in zip(adapted.parameters(), model.parameters()))
 
 
-def test_adapt_with_optimizer_factory_and_custom_loss():
+@pytest.mark.parametrize("train", ["pretrain", "adapt"])
+def test_optimizer_factory_and_custom_loss_are_used(train):
+    """A factory's optimizer (SGD here, not the default Adam) and a custom loss (L1): the result is that of
+    the plain loop with that optimizer and loss."""
     x, y = data(4)
+    torch.manual_seed(3)
     model = mf.SimpleNet(10, 1)
-    losses = []
+    plain = PlainSimpleNet(10, 1)
+    plain.load_state_dict(model.state_dict())
+    calls = []
 
     def loss_fn(pred, target):
-        loss = (pred - target).abs().mean()
-        losses.append(float(loss.detach()))
-        return loss
+        calls.append(1)
+        return (pred - target).abs().mean()
 
-    adapted = mf.adapt(model, x, y, epochs=2, optimizer=lambda ps: torch.optim.SGD(ps, lr=0.05), loss_fn=loss_fn)
-    assert len(losses) == 2 * 7 and losses[-1] < losses[0]
-    assert adapted is not model
+    factory = lambda ps: torch.optim.SGD(ps, lr=0.05, momentum=0.5)  # noqa: E731
+    as_t = lambda a: torch.as_tensor(a, dtype=torch.float32)  # noqa: E731
+    torch.manual_seed(5)
+    expected = founding_train(plain, factory(plain.parameters()), nn.L1Loss(), as_t(x), as_t(y), 2, 32)
+    torch.manual_seed(5)
+    if train == "pretrain":
+        np.testing.assert_allclose(mf.pretrain(model, x, y, epochs=2, optimizer=factory, loss_fn=loss_fn), expected,
+                                   rtol=1e-5, atol=1e-6)
+        trained = model
+    else:
+        trained = mf.adapt(model, x, y, epochs=2, optimizer=factory, loss_fn=loss_fn)
+        assert trained is not model
+    assert len(calls) == 2 * 7
+    for a, b in zip(trained.parameters(), plain.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
 def test_compat_runs_the_founding_example():
@@ -141,3 +162,14 @@ def test_pretrain_does_not_modify_the_callers_data():
     copy = xt.clone()
     mf.pretrain(mf.SimpleNet(10, 1), xt, y, epochs=1, shuffle=True)
     assert torch.equal(xt, copy)
+
+
+def test_the_example_command_trains_on_both_tasks(capsys):
+    from metalearn_fast import cli
+    from metalearn_fast.experiments import founding
+
+    result = founding.run(epochs=3, seed=0)
+    assert result["task_after"] < 0.5 * result["task_before"]
+    assert result["new_task_after"] < result["new_task_before"]
+    assert cli.main(["example", "--epochs", "1"]) == 0
+    assert "MSE on the new task" in capsys.readouterr().out

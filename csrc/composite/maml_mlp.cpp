@@ -81,7 +81,7 @@ Tensor task_weight_grad(const Tensor& d, const Tensor& a, bool per_task) {
 
 // Gradient of a layer's weight and bias from d [T,K,O] and a [T,K,I]: one per task, or summed over tasks.
 std::pair<Tensor, Tensor> layer_grads(const Tensor& d, const Tensor& a, bool per_task) {
-  return {task_weight_grad(d, a, per_task), per_task ? d.sum(1) : d.sum({0, 1})};
+  return {task_weight_grad(d, a, per_task), per_task ? d.sum(1) : d.sum(at::IntArrayRef{0, 1})};
 }
 
 struct Loss {

@@ -21,6 +21,59 @@ from torch import Tensor
 CHECKPOINT = "checkpoint.pt"
 
 
+class UsageError(ValueError):
+    """A job's option that cannot work (a device this machine lacks, a folder it cannot write): the command
+    line reports it on one line with exit status 2."""
+
+
+def check_device(text: str) -> str:
+    """The --device text as a device this machine has (cpu, cuda, cuda:N, mps); UsageError otherwise."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {text!r} is not a device (use cpu, cuda, cuda:N or mps)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text}: CUDA is not available on this machine (torch {torch.__version__})")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {text}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    elif device.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise UsageError(f"--device {text}: MPS is not available on this machine")
+    elif device.type != "cpu":
+        raise UsageError(f"--device {text!r}: unsupported device type {device.type!r} (use cpu, cuda, cuda:N or mps)")
+    return str(device)
+
+
+def check_out(text: str) -> Path:
+    """The --out folder, made if needed; UsageError when it is a file or cannot be written."""
+    out = Path(text)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {text} is a file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".metalearn-fast-write-check"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as error:
+        raise UsageError(f"--out {text}: cannot write there ({error.strerror or error})") from None
+    return out
+
+
+def checkpoint_to_resume(folder: str, job: str) -> dict:
+    """The checkpoint in --resume ``folder`` of ``job``; UsageError when there is none, it cannot be read, or it
+    is another job's."""
+    try:
+        state = load_checkpoint(Path(folder))
+    except (FileNotFoundError, NotADirectoryError) as error:
+        raise UsageError(f"--resume {folder}: {error}") from None
+    except Exception as error:  # a damaged or foreign file
+        raise UsageError(f"--resume {folder}: cannot read its checkpoint ({type(error).__name__}: {error})") from None
+    if state.get("job") != job:
+        raise UsageError(f"--resume {folder}: its checkpoint is of the {state.get('job')!r} job, not {job}")
+    return state
+
+
 def write_atomically(path: Path, write: Callable[[Path], None]) -> None:
     """``write(temporary_path)``, then rename it to ``path``: readers never see a partial file."""
     path = Path(path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
 import time
 from pathlib import Path
@@ -124,9 +125,42 @@ class Run:
         return run
 
 
+QUICK = {"meta_steps": 500, "test_tasks": 200, "loop_timing_steps": 3}  # what --quick changes
+
+
+def config_from_options(options: dict) -> Config:
+    """A run's configuration from the command line's options (None: the default, or --quick's); UsageError for
+    combinations that cannot work."""
+    options = {name: value for name, value in options.items() if value is not None}
+    if options.get("quick"):
+        options = {**QUICK, **options}
+    config = config_from_dict({"log_every": None, **options})
+    if config.log_every is None:
+        config.log_every = max(1, config.meta_steps // 200)
+    config.device = runs.check_device(config.device)
+    if config.test_tasks < 2:
+        raise runs.UsageError(f"--test-tasks must be at least 2 (for the 95% interval), got {config.test_tasks}")
+    largest_k = max(config.eval_k)
+    if largest_k >= config.test_points:
+        raise runs.UsageError(
+            f"--eval-k {largest_k} is larger than the points a test task can spare: --test-points "
+            f"{config.test_points} holds K support points plus at least one query point, so K <= "
+            f"{config.test_points - 1}")
+    return config
+
+
+def resumed(folder: str) -> tuple[Config, dict]:
+    """The configuration and state of the run whose checkpoint is in ``folder``; UsageError when there is none or
+    its device is not on this machine."""
+    state = runs.checkpoint_to_resume(folder, "sine")
+    config = config_from_dict(state["config"])
+    runs.check_device(config.device)
+    return config, state
+
+
 def config_from_dict(values: dict) -> Config:
     values = dict(values)
-    values["eval_k"] = tuple(values["eval_k"])
+    values["eval_k"] = tuple(sorted(values["eval_k"]))
     return Config(**values)
 
 
@@ -142,24 +176,90 @@ def query_mse(learner: MAML, x_support, y_support, x_query, y_query, steps: int)
         return (learner.predict(adapted, x_query) - y_query).pow(2).flatten(1).mean(1)
 
 
-def run(config: Config, out: Path, resume: Optional[dict] = None) -> dict:
+def run(config: Config, out: Path, resume: Optional[dict] = None, command: Optional[list] = None) -> dict:
     """Trains (or continues ``resume``, a checkpoint's state), evaluates, writes the figures and
-    results.json into ``out``, and returns the results."""
+    results.json (with ``command``, the command line that ran it) into ``out``, removes the checkpoint (the
+    run is complete: results.json is its record), and returns the results."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        return _run(config, out, resume, command)
+    finally:  # the caller may be a longer-lived process (the tests are)
+        torch.set_num_threads(threads)
+
+
+def _run(config: Config, out: Path, resume: Optional[dict], command: Optional[list]) -> dict:
     run_started = time.perf_counter()
     job = Run(config) if resume is None else Run.from_state_dict(resume)
     config = job.config
     device = torch.device(config.device)
     learners = {"maml": job.maml, "pretrained": inner_learner(job.pretrained, config),
                 "random_init": inner_learner(job.start_model, config)}
-    held_out = SinusoidTasks(k_support=config.k_support, k_query=VALIDATION_QUERY, seed=VALIDATION_SEED)
-    validation_tasks = held_out.sample(VALIDATION_TASKS, device=device)
+    validate = _validation(learners, config)
+    _train(job, validate, out)
+    random_init_validation = validate("random_init")()
 
-    def validate(method: str) -> Callable[[], float]:
-        """Mean query MSE on the held-out tasks after the training number of inner steps."""
-        v = validation_tasks
+    timing_batch = SinusoidTasks(k_support=config.k_support, k_query=config.k_query, seed=config.seed + 1).sample(
+        config.meta_batch, device=device)
+    loop_seconds = per_task_loop_seconds(job.start_model, timing_batch, config)
+
+    evaluation_started = time.perf_counter()
+    largest_k = config.eval_k[-1]
+    pool = SinusoidTasks(k_support=largest_k, k_query=config.test_points - largest_k, seed=TEST_SEED)
+    test = pool.sample(config.test_tasks, device=device)
+    rows = evaluate(learners, test, config)
+    evaluation_seconds = time.perf_counter() - evaluation_started
+
+    maml_phase, pretrain_phase = job.phases["maml"], job.phases["pretrain"]
+    curve = _learning_curve(job)
+    validation = {"maml": maml_phase.validation, "pretrained": pretrain_phase.validation}
+    fit_path, curve_path = out / "sine_fit.png", out / "sine_learning_curve.png"
+    plot_fits(learners, test, config, fit_path)
+    plot_learning_curve(curve, validation, random_init_validation, config, curve_path)
+    results = {
+        "config": {**dataclasses.asdict(config), "eval_inner_steps": list(EVAL_INNER_STEPS), "test_seed": TEST_SEED},
+        "backend": backend_info()["active"],
+        "torch": torch.__version__,
+        "resumed": resume is not None,
+        "seconds": {"total": time.perf_counter() - run_started, "maml": maml_phase.seconds,
+                    "pretrain": pretrain_phase.seconds, "evaluation": evaluation_seconds},
+        "speed": {"meta_steps_per_second": config.meta_steps / maml_phase.seconds,
+                  "ms_per_meta_step": 1000 * maml_phase.seconds / config.meta_steps,
+                  "per_task_loop_ms_per_meta_step": 1000 * loop_seconds},
+        "budget": {
+            "maml_meta_steps": config.meta_steps,
+            "pretrain_steps": pretrain_phase.steps,
+            "per_example_gradients": config.meta_steps * config.meta_batch * (
+                config.inner_steps * config.k_support + config.k_query),
+        },
+        "learning_curve": curve,
+        "validation": {"tasks": VALIDATION_TASKS, "k": config.k_support, "inner_steps": config.inner_steps,
+                       **validation, "random_init": random_init_validation},
+        "results": rows,
+        "figures": {"fit": fit_path.name, "fit_k": config.figure_k, "learning_curve": curve_path.name},
+        "command": command,
+    }
+    runs.write_text(out / "results.json", json.dumps(results, indent=1) + "\n")
+    (out / runs.CHECKPOINT).unlink(missing_ok=True)
+    return results
+
+
+def _validation(learners: dict, config: Config) -> Callable[[str], Callable[[], float]]:
+    """validation(method)(): the method's mean query MSE on held-out tasks after the training number of
+    inner steps."""
+    held_out = SinusoidTasks(k_support=config.k_support, k_query=VALIDATION_QUERY, seed=VALIDATION_SEED)
+    v = held_out.sample(VALIDATION_TASKS, device=torch.device(config.device))
+
+    def validation(method: str) -> Callable[[], float]:
         return lambda: float(query_mse(learners[method], v.x_support, v.y_support, v.x_query, v.y_query,
                                        config.inner_steps).mean())
 
+    return validation
+
+
+def _train(job: Run, validate: Callable[[str], Callable[[], float]], out: Path) -> None:
+    """Meta-trains MAML, then pretrains the baseline, each phase from where the job's checkpoint left it."""
+    config, device = job.config, torch.device(job.config.device)
     checkpoint = None
     if config.checkpoint_every is not None:
         checkpoint = lambda: runs.save_checkpoint(out, job.state_dict())  # noqa: E731
@@ -177,71 +277,32 @@ def run(config: Config, out: Path, resume: Optional[dict] = None) -> dict:
         optimizer.step()
         return loss.detach()
 
-    pretrain_steps = job.phases["pretrain"].steps
     common = dict(log_every=config.log_every, checkpoint=checkpoint, checkpoint_every=config.checkpoint_every)
     for name, step, desc, label, x_per_step in (
         ("maml", maml_step, "meta-training MAML", "meta-loss", 1.0),
-        ("pretrain", pretrain_step, "pretraining the baseline", "loss", config.meta_steps / pretrain_steps),
+        ("pretrain", pretrain_step, "pretraining the baseline", "loss", config.meta_steps / job.phases["pretrain"].steps),
     ):
         phase, sampler = job.phases[name], job.samplers[name]
         runs.train(phase, step, lambda: sampler.sample(config.meta_batch, device=device),
                    validate=validate("maml" if name == "maml" else "pretrained"),
                    validate_after=runs.validation_steps(phase.steps, VALIDATION_POINTS), desc=desc, label=label,
                    x_per_step=x_per_step, **common)
-    random_init_validation = validate("random_init")()
 
-    timing_batch = SinusoidTasks(k_support=config.k_support, k_query=config.k_query, seed=config.seed + 1).sample(
-        config.meta_batch, device=device)
-    loop_seconds = per_task_loop_seconds(job.start_model, timing_batch, config)
 
-    evaluation_started = time.perf_counter()
-    largest_k = config.eval_k[-1]
-    pool = SinusoidTasks(k_support=largest_k, k_query=config.test_points - largest_k, seed=TEST_SEED)
-    test = pool.sample(config.test_tasks, device=device)
-    rows = evaluate(learners, test, config)
-    evaluation_seconds = time.perf_counter() - evaluation_started
-
-    maml_phase, pretrain_phase = job.phases["maml"], job.phases["pretrain"]
-    steps, maml_curve = interval_means(maml_phase.losses.cpu(), config.log_every)
+def _learning_curve(job: Run) -> dict:
+    """The training losses averaged over intervals of log_every meta-steps (the pretraining's on the
+    meta-step axis)."""
+    config = job.config
+    pretrain_steps = job.phases["pretrain"].steps
+    steps, maml_curve = interval_means(job.phases["maml"].losses.cpu(), config.log_every)
     pretrain_every = max(1, round(config.log_every * pretrain_steps / config.meta_steps))
-    pretrain_ends, pretrain_curve = interval_means(pretrain_phase.losses.cpu(), pretrain_every)
-    curve = {
+    pretrain_ends, pretrain_curve = interval_means(job.phases["pretrain"].losses.cpu(), pretrain_every)
+    return {
         "step": steps,
         "maml_meta_loss": maml_curve,
         "pretrain_step": [end * config.meta_steps / pretrain_steps for end in pretrain_ends],
         "pretrain_loss": pretrain_curve,
     }
-    validation = {"maml": maml_phase.validation, "pretrained": pretrain_phase.validation}
-    fit_path, curve_path = out / "sine_fit.png", out / "sine_learning_curve.png"
-    plot_fits(learners, test, config, fit_path)
-    plot_learning_curve(curve, validation, random_init_validation, config, curve_path)
-
-    results = {
-        "config": {**dataclasses.asdict(config), "eval_inner_steps": list(EVAL_INNER_STEPS), "test_seed": TEST_SEED},
-        "backend": backend_info()["active"],
-        "torch": torch.__version__,
-        "resumed": resume is not None,
-        "seconds": {"total": time.perf_counter() - run_started, "maml": maml_phase.seconds,
-                    "pretrain": pretrain_phase.seconds, "evaluation": evaluation_seconds},
-        "speed": {"meta_steps_per_second": config.meta_steps / maml_phase.seconds,
-                  "ms_per_meta_step": 1000 * maml_phase.seconds / config.meta_steps,
-                  "per_task_loop_ms_per_meta_step": 1000 * loop_seconds},
-        "budget": {
-            "maml_meta_steps": config.meta_steps,
-            "pretrain_steps": pretrain_steps,
-            "per_example_gradients": config.meta_steps * config.meta_batch * (
-                config.inner_steps * config.k_support + config.k_query),
-        },
-        "learning_curve": curve,
-        "validation": {
-            "tasks": VALIDATION_TASKS, "k": config.k_support, "inner_steps": config.inner_steps,
-            "maml": maml_phase.validation, "pretrained": pretrain_phase.validation,
-            "random_init": random_init_validation,
-        },
-        "results": rows,
-        "figures": {"fit": fit_path.name, "fit_k": config.figure_k, "learning_curve": curve_path.name},
-    }
-    return results
 
 
 def per_task_loop_seconds(model, batch, config: Config) -> float:
@@ -287,6 +348,43 @@ def evaluate(learners: dict, test, config: Config) -> list[dict]:
                 rows.append({"method": method, "k": k, "inner_steps": steps, "mean": float(mse.mean()),
                              "ci95": ci95, "tasks": mse.numel()})
     return rows
+
+
+def introduction(config: Config, backend: str) -> str:
+    """What the run is, before it starts."""
+    variant = ("first-order " if config.first_order else "") + ("Meta-SGD" if config.meta_sgd else "MAML")
+    return (
+        f"metalearn-fast sine: {variant} on the sinusoid family y = A·sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], "
+        f"x ~ U[−5, 5] (Finn et al. 2017, 5.1)\n"
+        f"backend {backend}, device {config.device}, seed {config.seed}; MLP 1-40-40-1, K = {config.k_support} "
+        f"support and {config.k_query} query points, {config.inner_steps} inner step(s) of SGD lr {config.inner_lr}, "
+        f"Adam lr {config.meta_lr}, {config.meta_batch} tasks per meta-batch, {config.meta_steps} meta-steps")
+
+
+def summary(results: dict, config: Config) -> str:
+    """The run's timings, the table and the headline comparison, as printed at the end."""
+    seconds, speed, budget, backend = results["seconds"], results["speed"], results["budget"], results["backend"]
+    step_ms, loop_ms = speed["ms_per_meta_step"], speed["per_task_loop_ms_per_meta_step"]
+    cell = {(r["method"], r["k"], r["inner_steps"]): r["mean"] for r in results["results"]}
+    k = config.figure_k
+    maml_mse = cell["maml", k, 1]
+    return "\n".join([
+        "",
+        f"meta-training: {config.meta_steps} meta-steps in {seconds['maml']:.1f} s "
+        f"({speed['meta_steps_per_second']:.0f} steps/s, {step_ms:.2f} ms per meta-step of {config.meta_batch} "
+        f"tasks on the {backend} backend)",
+        f"the same meta-step as a per-task loop in plain torch: {loop_ms:.1f} ms ({loop_ms / step_ms:.0f}x slower)",
+        f"pretrained baseline: {budget['pretrain_steps']} Adam steps on {config.meta_batch} tasks x "
+        f"{config.k_support + config.k_query} points in {seconds['pretrain']:.1f} s (the same number of "
+        "per-example gradients as MAML)",
+        "",
+        f"query MSE on {config.test_tasks} new test tasks (mean ± 95% interval) after 0, 1 and 10 inner SGD steps "
+        f"on K support points, lr {config.inner_lr}:",
+        format_table(results["results"], config.eval_k),
+        "",
+        f"K = {k}, 1 inner step: MAML's error is {cell['pretrained', k, 1] / maml_mse:.1f}x lower than the "
+        f"pretrained network's and {cell['random_init', k, 1] / maml_mse:.1f}x lower than a random init's",
+    ])
 
 
 def format_table(rows: list[dict], eval_k) -> str:
