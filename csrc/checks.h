@@ -23,6 +23,22 @@ inline void check_x_weight(const char* op, const at::Tensor& x, const at::Tensor
   TORCH_CHECK_VALUE(weight.numel() > 0, op, ": weight is empty (shape ", weight.sizes(), ")");
 }
 
+// Class labels y (int64) in [0, classes): an out-of-range label would index past the logits. On the CPU the
+// error names the labels found; on a GPU the check is a device-side assert, so that a training step never
+// waits for the device to report them (no host sync).
+inline void check_labels_in_range(const char* op, const char* name, const at::Tensor& y, int64_t classes) {
+  if (y.numel() == 0) return;
+  if (!y.device().is_cpu()) {
+    at::_assert_async(at::logical_and(y >= 0, y < classes).all(), std::string(op) + ": " + name +
+                      " must hold class labels in [0, " + std::to_string(classes) + ")");
+    return;
+  }
+  const auto [low, high] = at::aminmax(y);
+  const int64_t lowest = low.item<int64_t>(), highest = high.item<int64_t>();
+  TORCH_CHECK_VALUE(lowest >= 0 && highest < classes, op, ": ", name, " must hold class labels in [0, ", classes,
+                    "), got labels from ", lowest, " to ", highest);
+}
+
 // A tensor shaped like the layer's output [T,N,O]|[N,O] (the output itself, or its gradient).
 inline void check_like_out(const char* op, const char* name, const at::Tensor& t, const at::Tensor& x,
                            const at::Tensor& weight) {

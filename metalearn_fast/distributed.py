@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import numbers
 import os
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -40,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ._checks import check_int
 from .tasks import TaskBatch
 
 __all__ = [
@@ -141,17 +141,11 @@ def _end_process_group(synchronised_exit: bool) -> None:
         dist.destroy_process_group()
 
 
-def _check_index(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
-
-
 def shard_sizes(num_tasks: int, world_size: int) -> list[int]:
     """How many of num_tasks tasks each rank holds: torch.tensor_split's split, the first
     ``num_tasks % world_size`` ranks one more. Every rank needs at least one task."""
-    num_tasks = _check_index("num_tasks", num_tasks, 1)
-    world_size = _check_index("world_size", world_size, 1)
+    num_tasks = check_int("num_tasks", num_tasks, 1)
+    world_size = check_int("world_size", world_size, 1)
     if num_tasks < world_size:
         raise ValueError(
             f"a meta-batch of {num_tasks} tasks cannot be split across a world size of {world_size}: "
@@ -163,8 +157,8 @@ def shard_sizes(num_tasks: int, world_size: int) -> list[int]:
 
 def _rank_and_world(rank: Optional[int], world_size: Optional[int]) -> tuple[int, int]:
     default_rank, default_world = rank_and_world_size()
-    world_size = default_world if world_size is None else _check_index("world_size", world_size, 1)
-    rank = default_rank if rank is None else _check_index("rank", rank, 0)
+    world_size = default_world if world_size is None else check_int("world_size", world_size, 1)
+    rank = default_rank if rank is None else check_int("rank", rank, 0)
     if rank >= world_size:
         raise ValueError(f"rank must be < world_size = {world_size}, got {rank}")
     return rank, world_size
@@ -257,10 +251,11 @@ def _failure_message(where: str, bucket_device: torch.device, failed_ranks: list
     return f"{where}: " + "; ".join(reasons) + " (no rank updated its weights at this step)"
 
 
-def step_on_mean_gradients(optimizer: torch.optim.Optimizer, loss_of_shard: Callable[[], Tensor], tasks: int,
-                           where: str) -> float:
-    """One optimizer step on the gradients of the whole meta-batch: each rank backpropagates
-    ``loss_of_shard()`` (the mean loss of its ``tasks`` tasks), the gradients of every parameter the optimizer
+def step_on_mean_gradients(optimizer: torch.optim.Optimizer, backward_of_shard: Callable[[], Tensor], tasks: int,
+                           where: str) -> Tensor:
+    """One optimizer step on the gradients of the whole meta-batch: each rank runs ``backward_of_shard()`` (the
+    backward of the mean loss of its ``tasks`` tasks, returning that loss detached), the gradients of every
+    parameter the optimizer
     steps are averaged over the ranks, each weighted by its task count, then every rank steps. Returns the mean
     loss over all tasks. If any rank raises, every rank raises RankFailedError before any weight changes."""
     stepped, seen = [], set()  # exactly what the optimizer steps, in an order every rank shares
@@ -272,9 +267,8 @@ def step_on_mean_gradients(optimizer: torch.optim.Optimizer, loss_of_shard: Call
     optimizer.zero_grad()
 
     def local_mean_gradients():
-        loss = loss_of_shard()
-        loss.backward()
-        return tasks, loss.detach(), [p.grad for p in stepped]
+        loss = backward_of_shard()
+        return tasks, loss, [p.grad for p in stepped]
 
     loss, grads = _weighted_mean_over_ranks(local_mean_gradients, stepped, where)
     for p, grad in zip(stepped, grads):
@@ -292,7 +286,7 @@ def _weighted_mean_over_ranks(
     compute: Callable[[], tuple[int, Tensor, Sequence[Optional[Tensor]]]],
     layout: Sequence[Tensor],
     where: str,
-) -> tuple[float, list[Optional[Tensor]]]:
+) -> tuple[Tensor, list[Optional[Tensor]]]:
     """The mean over the whole meta-batch of quantities each rank computes on its own tasks.
 
     ``compute()`` returns (T_r, this rank's mean loss over its tasks as a 0-dim tensor, this rank's mean
@@ -342,7 +336,7 @@ def _weighted_mean_over_ranks(
         message = _failure_message(where, device, failed_ranks, rank, local_message)
         raise RankFailedError(message) from local_error
     total = head[world_size]
-    loss = head[world_size + 1] / total
+    loss = bucket[world_size + 1] / bucket[world_size]  # a 0-dim tensor, as a single process returns it
     means: list[Optional[Tensor]] = []
     offset = head_size
     for i, like in enumerate(layout):

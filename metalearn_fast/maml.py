@@ -12,13 +12,16 @@ parameters expanded along a new leading task dimension, then updated per task).
 
 Both paths give the same numbers as a per-task loop with ``torch.autograd.grad``.
 
+Names: ANIL's ``adapt_head_only=True`` is, in the fused ops (``ops.maml_mlp_loss``, ``maml_mlp_meta_step_``)
+and their C++, ``first_adapted_layer`` = the index of the last layer: the inner loop adapts layers
+first_adapted_layer.. only. A learning rate means what ``ops.LearningRate`` says, in every op.
+
 Under an initialised torch.distributed process group of more than one process, ``meta_step`` splits the
 meta-batch across ranks: each rank passes its own shard (``metalearn_fast.distributed.shard``) and the
 update equals that of one process on the whole batch (see metalearn_fast/distributed.py).
 """
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Optional, Sequence, Union
 
 import torch
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import distributed
+from ._checks import check_int, check_positive
 from .ops import _number_as_rate, maml_mlp_loss, maml_mlp_meta_step_, reptile_mlp_step_, sgd_step, sgd_step_
 from .optim import FusedUpdate, UpdateCache
 from .plan import ModelPlan
@@ -58,24 +62,21 @@ def _head_indices(model: nn.Module, parameters: Sequence[Tensor]) -> list[int]:
     return [i for i, p in enumerate(parameters) if id(p) in head]
 
 
-def _check_positive(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
-    if not value > 0 or value == float("inf"):
-        raise ValueError(f"{name} must be a positive finite number, got {value}")
-    return float(value)
-
-
-def _check_steps(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+def _check_normalization(model: nn.Module) -> None:
+    """Batch statistics must be each task's own: running statistics, which one buffer keeps for the whole model,
+    would mix the tasks of a meta-batch (and under vmap cannot be updated per task), so they are refused."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            raise ValueError(
+                f"model.{name} ({type(module).__name__}) keeps running statistics, which would mix the tasks of a "
+                "meta-batch; build it with track_running_stats=False: every forward pass then normalises with its "
+                "own task's batch statistics, in the inner and the outer loop, as the MAML paper's models do")
 
 
 class _TaskBatchedLearner(nn.Module):
     """What MAML and Reptile share: the model, the loss, its plan (metalearn_fast/plan.py) and the checks."""
 
-    def __init__(self, model: nn.Module, loss: LossArg) -> None:
+    def __init__(self, model: nn.Module, loss: LossArg, max_tasks_per_chunk: Optional[int]) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -90,10 +91,13 @@ class _TaskBatchedLearner(nn.Module):
             self._loss_fn = loss
         else:
             raise TypeError(f"loss must be 'mse', 'cross_entropy' or a callable, got {type(loss).__name__}")
+        _check_normalization(model)
         self.model = model
         self.loss = loss
         # the structure is fixed here; the weights are read from the model on every call
         self.plan = ModelPlan(model, builtin_loss=isinstance(loss, str))
+        self.max_tasks_per_chunk = (None if max_tasks_per_chunk is None
+                                    else check_int("max_tasks_per_chunk", max_tasks_per_chunk, minimum=1))
         # under torch.distributed, the first meta_step gives every rank rank 0's weights
         self._weights_broadcast = False
 
@@ -176,6 +180,10 @@ class MAML(_TaskBatchedLearner):
 
     MAML is an nn.Module wrapping the model, so ``torch.optim.Adam(maml.parameters())`` trains the
     meta parameters and, under Meta-SGD, the learned rates.
+
+    ``max_tasks_per_chunk``: None runs every task at once; an integer N makes ``meta_step`` run the meta-batch in
+    chunks of at most N tasks, accumulating the meta-gradient chunk by chunk: the same update, with the peak
+    memory of one chunk. ``meta_loss`` always takes the whole batch (its graph holds every task).
     """
 
     def __init__(
@@ -187,32 +195,28 @@ class MAML(_TaskBatchedLearner):
         learn_inner_lr: bool = False,
         adapt_head_only: bool = False,
         loss: LossArg = "mse",
+        max_tasks_per_chunk: Optional[int] = None,
     ) -> None:
-        super().__init__(model, loss)
-        self.inner_lr = _check_positive("inner_lr", inner_lr)
-        self.inner_steps = _check_steps("inner_steps", inner_steps, minimum=1)
+        super().__init__(model, loss, max_tasks_per_chunk)
+        self.inner_lr = check_positive("inner_lr", inner_lr)
+        self.inner_steps = check_int("inner_steps", inner_steps, minimum=1)
         self.first_order = bool(first_order)
         self.learn_inner_lr = bool(learn_inner_lr)
         self.adapt_head_only = bool(adapt_head_only)
         parameters = self._meta_parameters()
         # indices (in model.parameters() order) of the parameters the inner loop updates
-        self._adapted_indices = (
-            _head_indices(model, parameters) if adapt_head_only else list(range(len(parameters)))
-        )
+        self._adapted_indices = _head_indices(model, parameters) if adapt_head_only else list(range(len(parameters)))
         # the first layer the inner loop adapts, in the fused ops' terms (ANIL: the last)
         self._first_adapted_layer = self.plan.head_layer() if self.plan.is_stack and adapt_head_only else 0
         self.inner_lrs: Optional[nn.ParameterList] = None
         if learn_inner_lr:
-            self.inner_lrs = nn.ParameterList(
-                [nn.Parameter(torch.full_like(parameters[i].detach(), self.inner_lr)) for i in self._adapted_indices]
-            )
+            self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full_like(parameters[i].detach(), self.inner_lr))
+                                               for i in self._adapted_indices])
         self._updates = UpdateCache()
 
     def extra_repr(self) -> str:
-        return (
-            f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, "
-            f"learn_inner_lr={self.learn_inner_lr}, adapt_head_only={self.adapt_head_only}, plan={self.plan.kind}"
-        )
+        return (f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, learn_inner_"
+                f"lr={self.learn_inner_lr}, adapt_head_only={self.adapt_head_only}, plan={self.plan.kind}")
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
         """Mean over tasks of the query loss after adapting on the support set: a scalar, differentiable
@@ -226,30 +230,42 @@ class MAML(_TaskBatchedLearner):
         query = self.plan.forward(adapted, batch.x_query)
         return self._task_losses(query, batch.y_query, "y_query", batch.largest_labels[1]).mean()
 
-    def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> float:
-        """One meta-update: zero_grad, backward of ``meta_loss(batch)``, optimizer.step(). Returns the loss.
-
-        Under a torch.distributed process group of more than one process, ``batch`` is this rank's shard of the
-        meta-batch and the step is that of one process on the whole batch (distributed.step_on_mean_gradients);
-        the first call broadcasts rank 0's parameters and buffers."""
+    def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> Tensor:
+        """One meta-update: zero_grad, backward of ``meta_loss(batch)``, optimizer.step(). Returns the meta-loss,
+        detached, as a 0-dim tensor on the model's device: reading it (``float(loss)``) is the only host sync.
+        Under a torch.distributed process group of more than one process, ``batch`` is this rank's shard and the
+        step that of one process on the whole batch (distributed.step_on_mean_gradients)."""
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if distributed.is_distributed():
             self._broadcast_once()
-            return distributed.step_on_mean_gradients(optimizer, lambda: self.meta_loss(batch), batch.num_tasks,
+            return distributed.step_on_mean_gradients(optimizer, lambda: self._backward(batch), batch.num_tasks,
                                                       "MAML.meta_step")
         update = self._fused_update(optimizer)
-        if not isinstance(update, str):
+        if not isinstance(update, str) and len(batch.chunks(self.max_tasks_per_chunk)) == 1:
             return self._fused_meta_step(batch, update)
         optimizer.zero_grad()
-        loss = self.meta_loss(batch)
-        loss.backward()
+        loss = self._backward(batch)
         optimizer.step()
-        return float(loss.detach())
+        return loss
+
+    def _backward(self, batch: TaskBatch) -> Tensor:
+        """meta_loss(batch).backward(), in chunks of at most max_tasks_per_chunk tasks (each chunk's loss weighted
+        by its share of the tasks, so that the gradients add up to the batch's): peak memory is one chunk's.
+        Returns the meta-loss, detached."""
+        total = None
+        for chunk in batch.chunks(self.max_tasks_per_chunk):
+            loss = self.meta_loss(chunk)
+            if chunk is not batch:
+                loss = loss * (chunk.num_tasks / batch.num_tasks)
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        return total
 
     def meta_step_path(self, optimizer: torch.optim.Optimizer) -> str:
-        """How ``meta_step(batch, optimizer)`` runs: "fused" (one C++ call: the meta-gradient and the
-        optimizer's update on its own state) or "python: <why not>" (meta_loss, backward, optimizer.step)."""
+        """How ``meta_step(batch, optimizer)`` runs: "fused" (one C++ call: the meta-gradient and the optimizer's
+        update on its own state; a batch of more than max_tasks_per_chunk tasks runs in chunks, meta_loss and
+        backward each, then optimizer.step) or "python: <why not>" (meta_loss, backward, optimizer.step)."""
         if distributed.is_distributed():
             return "python: the meta-gradients are averaged over the ranks before the step"
         update = self._fused_update(optimizer)
@@ -262,7 +278,7 @@ class MAML(_TaskBatchedLearner):
         every task, detached: one [T, *p.shape] tensor per p in model.parameters() (under ANIL the body's
         entries are the meta parameters). Works under torch.no_grad().
         """
-        steps = self.inner_steps if steps is None else _check_steps("steps", steps, minimum=0)
+        steps = self.inner_steps if steps is None else check_int("steps", steps, minimum=0)
         largest = check_task_set(x_support, y_support, "x_support", "y_support")
         parameters = self._meta_parameters()
         self.plan.check_input(x_support, "x_support", parameters[0])
@@ -277,16 +293,7 @@ class MAML(_TaskBatchedLearner):
 
         x: [T, Q, ...] -> [T, Q, out]."""
         adapted = list(adapted)
-        parameters = self._meta_parameters()
-        if len(adapted) != len(parameters) or any(a.shape[1:] != p.shape for a, p in zip(adapted, parameters)):
-            raise ValueError("adapted must be the list returned by adapt(): one [T, *p.shape] tensor per parameter")
-        if not isinstance(x, Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        self.plan.check_input(x, "x", parameters[0])
-        if x.dim() < 2 or x.shape[0] != adapted[0].shape[0]:
-            raise ValueError(
-                f"x must be [T, Q, ...] with T = {adapted[0].shape[0]} tasks like adapted, got {list(x.shape)}"
-            )
+        self.plan.check_adapted(adapted, x, self._meta_parameters())
         return self.plan.forward(adapted, x)
 
     def _adapt(self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int, create_graph: bool,
@@ -313,11 +320,9 @@ class MAML(_TaskBatchedLearner):
 
     def _inner_lr_tensor(self, like: Tensor) -> Tensor:
         """inner_lr as a 0-dim tensor of like's dtype and device, made once rather than every step."""
-        key = (self.inner_lr, like.dtype, like.device)
-        cached = getattr(self, "_inner_lr_cache", None)
-        if cached is None or cached[0] != key:
-            cached = self._inner_lr_cache = (key, _number_as_rate(self.inner_lr, like))
-        return cached[1]
+        if getattr(self, "_rate_key", None) != (self.inner_lr, like.dtype, like.device):
+            self._rate_key, self._rate = (self.inner_lr, like.dtype, like.device), _number_as_rate(self.inner_lr, like)
+        return self._rate
 
     def _fused_update(self, optimizer: torch.optim.Optimizer) -> Union[FusedUpdate, str]:
         """The optimizer's update as the fused meta-step applies it, or why it cannot (a 'python: ...' sentence)."""
@@ -344,7 +349,7 @@ class MAML(_TaskBatchedLearner):
                              inner_steps=self.inner_steps, first_order=self.first_order, loss=self.loss,
                              first_adapted_layer=self._first_adapted_layer)
 
-    def _fused_meta_step(self, batch: TaskBatch, update: FusedUpdate) -> float:
+    def _fused_meta_step(self, batch: TaskBatch, update: FusedUpdate) -> Tensor:
         """meta_step as one op: ops.maml_mlp_meta_step_ (meta-loss, meta-gradient into .grad, optimizer update)."""
         params = update.tensors[: len(update.tensors) - (len(self.inner_lrs) if self.learn_inner_lr else 0)]
         self._check_batch(batch, params[0])
@@ -357,7 +362,7 @@ class MAML(_TaskBatchedLearner):
                 self.inner_steps, self.first_order, self.loss, self._first_adapted_layer, self.learn_inner_lr,
                 update.kind, settings)
         update.finish(state)
-        return float(loss)
+        return loss
 
 
 class Reptile(_TaskBatchedLearner):
@@ -367,20 +372,19 @@ class Reptile(_TaskBatchedLearner):
     Uses only the support sets of a TaskBatch. ``loss`` is as for MAML.
     """
 
-    def __init__(
-        self, model: nn.Module, inner_lr: float, inner_steps: int, outer_lr: float, loss: LossArg = "mse"
-    ) -> None:
-        super().__init__(model, loss)
-        self.inner_lr = _check_positive("inner_lr", inner_lr)
-        self.inner_steps = _check_steps("inner_steps", inner_steps, minimum=1)
-        self.outer_lr = _check_positive("outer_lr", outer_lr)
+    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, outer_lr: float, loss: LossArg = "mse",
+                 max_tasks_per_chunk: Optional[int] = None) -> None:
+        super().__init__(model, loss, max_tasks_per_chunk)
+        self.inner_lr = check_positive("inner_lr", inner_lr)
+        self.inner_steps = check_int("inner_steps", inner_steps, minimum=1)
+        self.outer_lr = check_positive("outer_lr", outer_lr)
 
     def extra_repr(self) -> str:
         return f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, outer_lr={self.outer_lr}, plan={self.plan.kind}"
 
-    def meta_step(self, batch: TaskBatch) -> float:
+    def meta_step(self, batch: TaskBatch) -> Tensor:
         """One Reptile update of the model's weights, in place. Returns the mean over tasks of the support
-        loss at the weights before the update (that is, at the first inner step).
+        loss at the weights before the update (that is, at the first inner step), a detached 0-dim tensor.
 
         Under a torch.distributed process group of more than one process, ``batch`` is this rank's shard
         of the meta-batch: the mean of the adapted weights is taken over all ranks' tasks (each rank weighted
@@ -391,21 +395,25 @@ class Reptile(_TaskBatchedLearner):
         """
         if distributed.is_distributed():
             return self._distributed_meta_step(batch)
-        if self.plan.kind == "fused":
+        if self.plan.kind == "fused" and len(batch.chunks(self.max_tasks_per_chunk)) == 1:
             return self._fused_meta_step(batch)
-        task_params, support_loss = self._adapt_copies(batch)
+        support_loss, means = self._mean_adapted(batch)
         with torch.no_grad():
-            for p, adapted in zip(self._meta_parameters(), task_params):
-                p.add_(self.outer_lr * (adapted.mean(0) - p))
-        return float(support_loss)
+            for p, mean in zip(self._meta_parameters(), means):
+                p.add_(self.outer_lr * (mean - p))
+        return support_loss
 
     def meta_step_path(self) -> str:
         """How ``meta_step`` runs: "fused" (one C++ call, ops.reptile_mlp_step_) or "python: <why not>"."""
         if distributed.is_distributed():
             return "python: the adapted weights are averaged over the ranks before the update"
-        return "fused" if self.plan.kind == "fused" else "python: the model is not an MLP with a built-in loss"
+        if self.plan.kind != "fused":
+            return "python: the model is not an MLP with a built-in loss"
+        if self.max_tasks_per_chunk is None:
+            return "fused"
+        return f"fused for meta-batches of up to {self.max_tasks_per_chunk} tasks, else in chunks of that many"
 
-    def _fused_meta_step(self, batch: TaskBatch) -> float:
+    def _fused_meta_step(self, batch: TaskBatch) -> Tensor:
         """meta_step as one op: every task's inner loop and the update, ops.reptile_mlp_step_."""
         params = self._meta_parameters()
         self._check_batch(batch, params[0])
@@ -413,7 +421,19 @@ class Reptile(_TaskBatchedLearner):
         with torch.no_grad():
             loss = reptile_mlp_step_(params, batch.x_support, batch.y_support, self.inner_steps, self.inner_lr,
                                      self.outer_lr, self.loss)
-        return float(loss)
+        return loss
+
+    def _mean_adapted(self, batch: TaskBatch) -> tuple[Tensor, list[Tensor]]:
+        """The mean support loss at the first inner step (0-dim) and each parameter's mean over the tasks of its
+        adapted copies, in chunks of at most max_tasks_per_chunk tasks (peak memory: one chunk's copies)."""
+        loss, means = None, None
+        for chunk in batch.chunks(self.max_tasks_per_chunk):
+            task_params, chunk_loss = self._adapt_copies(chunk)
+            share = chunk.num_tasks / batch.num_tasks
+            parts = [adapted.mean(0) * share for adapted in task_params]
+            loss = chunk_loss * share if loss is None else loss + chunk_loss * share
+            means = parts if means is None else [m + part for m, part in zip(means, parts)]
+        return loss, means
 
     def _adapt_copies(self, batch: TaskBatch) -> tuple[list[Tensor], Tensor]:
         """Each task's adapted copy of the weights ([T, ...] per parameter) and the mean support loss at the
@@ -435,14 +455,13 @@ class Reptile(_TaskBatchedLearner):
                 sgd_step_(task_params, grads, self.inner_lr)
         return task_params, support_loss
 
-    def _distributed_meta_step(self, batch: TaskBatch) -> float:
+    def _distributed_meta_step(self, batch: TaskBatch) -> Tensor:
         """meta_step on this rank's shard, moving toward the mean adapted weights over all ranks' tasks."""
         self._broadcast_once()
         meta = self._meta_parameters()
 
         def local_mean_weights():
-            task_params, support_loss = self._adapt_copies(batch)
-            return batch.num_tasks, support_loss, [adapted.mean(0) for adapted in task_params]
+            return batch.num_tasks, *self._mean_adapted(batch)
 
         loss, means = distributed._weighted_mean_over_ranks(local_mean_weights, meta, "Reptile.meta_step")
         with torch.no_grad():

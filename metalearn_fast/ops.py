@@ -232,6 +232,13 @@ def linear_relu_backward(
 
 
 LearningRate = Union[float, Tensor, Sequence[Tensor]]
+"""The inner-loop learning rate every op takes, with one meaning everywhere:
+
+- a number, or a 0-dim tensor (which can be learned): one rate for every parameter;
+- a list with one tensor per parameter, each 0-dim or broadcast against its parameter from the right
+  (Meta-SGD: one learned rate per element);
+- ops on per-task parameters [T, ...] (``sgd_step``, ``sgd_step_``) also take a [T] tensor: one rate per task.
+"""
 
 
 def _number_as_rate(lr: float, like: Tensor) -> Tensor:
@@ -239,20 +246,17 @@ def _number_as_rate(lr: float, like: Tensor) -> Tensor:
     return torch.tensor(float(lr), dtype=like.dtype, device=like.device)
 
 
-def _rates(params: Sequence[Tensor], lr: LearningRate) -> list[Tensor]:
-    """Normalise lr to the op's form: one tensor shared by all params, or one per param.
-
-    A number or 0-dim tensor is one rate for everything; a 1-dim tensor of length T is one rate per
-    task (params carry a leading T); a list or tuple holds one tensor per param, each broadcast
-    against its param from the right (Meta-SGD: the param's shape without T)."""
+def _rates(params: Sequence[Tensor], lr: LearningRate, op: str = "sgd_step") -> list[Tensor]:
+    """lr (a LearningRate) in the ops' form: one tensor shared by all params, or one per param. A [T] tensor is
+    taken only by the ops on per-task parameters (op "sgd_step")."""
     if len(params) == 0:
-        raise ValueError("sgd_step: params is empty")
+        raise ValueError(f"{op}: params is empty")
     if isinstance(lr, numbers.Real):
         return [_number_as_rate(lr, params[0])]
     if isinstance(lr, Tensor):
         if lr.dim() == 0:
             return [lr]
-        if lr.dim() == 1:
+        if lr.dim() == 1 and op == "sgd_step":
             for i, p in enumerate(params):
                 if p.dim() == 0 or p.shape[0] != lr.shape[0]:
                     raise ValueError(
@@ -260,19 +264,18 @@ def _rates(params: Sequence[Tensor], lr: LearningRate) -> list[Tensor]:
                         f"has shape {list(p.shape)}; pass a list for one rate tensor per param"
                     )
             return [lr.view(lr.shape[0], *([1] * (p.dim() - 1))) for p in params]
-        raise ValueError(
-            f"sgd_step: lr must be a number, a 0-dim tensor, a [T] tensor or a list of tensors, got shape {list(lr.shape)}"
-        )
+        per_task = ", a [T] tensor" if op == "sgd_step" else ""
+        raise ValueError(f"{op}: lr must be a number, a 0-dim tensor{per_task} or a list of tensors, got shape "
+                         f"{list(lr.shape)}")
     if isinstance(lr, (list, tuple)):
         return list(lr)
-    raise TypeError(f"sgd_step: lr must be a number, a tensor or a list of tensors, got {type(lr).__name__}")
+    raise TypeError(f"{op}: lr must be a number, a tensor or a list of tensors, got {type(lr).__name__}")
 
 
 def sgd_step(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LearningRate) -> list[Tensor]:
     """[p - lr * g for every param] in one call: the batched inner-loop step of MAML.
 
-    Differentiable in params, grads and lr. lr is a number, a [T] tensor (one rate per task) or a
-    list with one tensor per param (Meta-SGD)."""
+    Differentiable in params, grads and lr (a LearningRate: one rate, one per task, or one per param)."""
     params = list(params)
     return _sgd_step(params, list(grads), _rates(params, lr))
 
@@ -285,7 +288,7 @@ def sgd_step_(params: Sequence[Tensor], grads: Sequence[Tensor], lr: LearningRat
 
 def maml_mlp_loss(
     params: Sequence[Tensor],
-    lr: Union[float, Tensor, Sequence[Tensor]],
+    lr: LearningRate,
     x_support: Tensor,
     y_support: Tensor,
     x_query: Tensor,
@@ -298,20 +301,14 @@ def maml_mlp_loss(
 ) -> Tensor:
     """MAML meta-loss of an MLP (ReLU between layers) over a meta-batch, differentiable w.r.t. params and lr.
 
-    params: [W0 [O,I], b0 [O], W1, b1, ...] shared by the tasks; lr: a number, a tensor (scalar or
-    shaped like every param) or one tensor per param (Meta-SGD); x_*: [T, K, I]; y_*: [T, K, D] for
+    params: [W0 [O,I], b0 [O], W1, b1, ...] shared by the tasks; lr: a LearningRate (one rate, or one tensor
+    per param for Meta-SGD); x_*: [T, K, I]; y_*: [T, K, D] for
     "mse" or [T, K] int64 labels for "cross_entropy". The mean over tasks of the query loss after
     inner_steps SGD steps on each task's support loss; layers before first_adapted_layer stay fixed
     in the inner loop (ANIL). Differentiable once: with the extension, its gradient comes from the
     op's analytic reverse sweep (one autograd node, in C++); on the fallback, from autograd."""
     params = list(params)
-    if isinstance(lr, numbers.Real):
-        rates = [_number_as_rate(lr, params[0])]
-    elif isinstance(lr, Tensor):
-        rates = [lr]
-    else:
-        rates = list(lr)
-    return _maml_mlp_loss(params, rates, x_support, y_support, x_query, y_query, int(inner_steps), bool(first_order),
+    return _maml_mlp_loss(params, _rates(params, lr, "maml_mlp_loss"), x_support, y_support, x_query, y_query, int(inner_steps), bool(first_order),
                           str(loss), int(first_adapted_layer))
 
 

@@ -59,6 +59,17 @@ class ModelPlan:
         if self.is_stack and (x.dim() != 3 or x.shape[-1] != first.shape[1]):
             raise ValueError(f"{name} must be [T, N, {first.shape[1]}] for this model, got shape {list(x.shape)}")
 
+    def check_adapted(self, adapted: list[Tensor], x: Tensor, parameters: Sequence[Tensor]) -> None:
+        """adapted: per-task parameters [T, *p.shape] for each of the model's ``parameters``; x: [T, Q, ...]."""
+        if len(adapted) != len(parameters) or any(a.shape[1:] != p.shape for a, p in zip(adapted, parameters)):
+            raise ValueError("adapted must be the list returned by adapt(): one [T, *p.shape] tensor per parameter")
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        self.check_input(x, "x", parameters[0])
+        if x.dim() < 2 or x.shape[0] != adapted[0].shape[0]:
+            raise ValueError(f"x must be [T, Q, ...] with T = {adapted[0].shape[0]} tasks like adapted, got "
+                             f"{list(x.shape)}")
+
     def forward(self, params: Sequence[Tensor], x: Tensor, first_layer: int = 0) -> Tensor:
         """The model on each task's parameters: params [T, ...] in model.parameters() order (for a stack, those
         of layers first_layer.. only), x [T, N, ...] -> [T, N, out]."""

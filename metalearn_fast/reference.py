@@ -283,9 +283,20 @@ def _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_s
                 raise ValueError(f"{op}: {name} must be [T, K] class labels for cross_entropy, got {list(y.shape)}")
             if y.dtype != torch.int64:
                 raise TypeError(f"{op}: {name} must be int64 labels, got {y.dtype}")
-            low, high = int(y.min()), int(y.max())
-            if low < 0 or high >= width:
-                raise ValueError(f"{op}: {name} must hold class labels in [0, {width}), got labels from {low} to {high}")
+            _check_labels_in_range(op, name, y, width)
+
+
+def _check_labels_in_range(op: str, name: str, y: Tensor, classes: int) -> None:
+    """As csrc/checks.h: on the CPU an error naming the labels found; elsewhere a device-side assert, so that a
+    training step never waits for the device (no host sync)."""
+    if y.numel() == 0:
+        return
+    if y.device.type != "cpu":
+        torch._assert_async(((y >= 0) & (y < classes)).all(), f"{op}: {name} must hold class labels in [0, {classes})")
+        return
+    low, high = int(y.min()), int(y.max())
+    if low < 0 or high >= classes:
+        raise ValueError(f"{op}: {name} must hold class labels in [0, {classes}), got labels from {low} to {high}")
 
 
 def maml_mlp_loss(
@@ -496,9 +507,7 @@ def _check_train_args(params, grads, x, y, order, batch_size, loss) -> None:
             raise TypeError(f"{op}: y must be int64 class labels, got {y.dtype}")
         if list(y.shape) != [n]:
             raise ValueError(f"{op}: y must be [{n}] class labels, got {list(y.shape)}")
-        low, high = int(y.min()), int(y.max())
-        if low < 0 or high >= outputs:
-            raise ValueError(f"{op}: y must hold class labels in [0, {outputs}), got labels from {low} to {high}")
+        _check_labels_in_range(op, "y", y, outputs)
     if order is not None:
         if order.dtype != torch.int64 or order.shape != (n,) or order.device != x.device:
             raise ValueError(f"{op}: order must be an int64 [{n}] index tensor on x's device, got {order.dtype} "

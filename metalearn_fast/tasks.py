@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ._checks import check_int, tensor_of_numbers
+
 __all__ = ["TaskBatch", "check_task_set", "SinusoidTasks", "SinusoidTaskBatch", "FewShotTasks"]
 
 
@@ -144,14 +146,23 @@ class TaskBatch:
 
     def select(self, start: int, stop: int) -> "TaskBatch":
         """Tasks start..stop-1 as a batch of this batch's type: every field with the leading task dimension is
-        sliced (a SinusoidTaskBatch's amplitude and phase too)."""
+        sliced (a SinusoidTaskBatch's amplitude and phase too). A part of a checked batch is valid, so its data
+        are not scanned again: it keeps this batch's largest labels, a bound on its own."""
         total = self.num_tasks
-        sliced = {}
+        part = object.__new__(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if f.init and isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == total:
-                sliced[f.name] = value[start:stop]
-        return dataclasses.replace(self, **sliced)
+                value = value[start:stop]
+            object.__setattr__(part, f.name, value)
+        return part
+
+    def chunks(self, size: Optional[int]) -> list["TaskBatch"]:
+        """The batch in consecutive parts of at most ``size`` tasks ([self] when it fits, or size is None)."""
+        total = self.num_tasks
+        if size is None or size >= total:
+            return [self]
+        return [self.select(start, min(start + size, total)) for start in range(0, total, size)]
 
     @property
     def is_classification(self) -> bool:
@@ -161,12 +172,6 @@ class TaskBatch:
     def to(self, device: Union[str, torch.device]) -> "TaskBatch":
         """The same batch on ``device``."""
         return TaskBatch(*(t.to(device) for t in (self.x_support, self.y_support, self.x_query, self.y_query)))
-
-
-def _check_count(name: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_interval(name: str, value) -> tuple[float, float]:
@@ -275,8 +280,8 @@ class SinusoidTasks(_SeededSampler):
         self.amplitude = _check_interval("amplitude", amplitude)
         self.phase = _check_interval("phase", phase)
         self.x_range = _check_interval("x_range", x_range)
-        self.k_support = _check_count("k_support", k_support, minimum=1)
-        self.k_query = _check_count("k_query", k_query, minimum=1)
+        self.k_support = check_int("k_support", k_support, minimum=1)
+        self.k_query = check_int("k_query", k_query, minimum=1)
 
     def __repr__(self) -> str:
         return (
@@ -292,7 +297,7 @@ class SinusoidTasks(_SeededSampler):
         One draw of uniform numbers per batch, in this order: the amplitudes, the phases, then each task's
         k_support + k_query inputs; x_support and x_query are views of the inputs (the batch is made in a
         few ops, a few microseconds: it is drawn at every meta-step)."""
-        num_tasks = _check_count("num_tasks", num_tasks, minimum=1)
+        num_tasks = check_int("num_tasks", num_tasks, minimum=1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         device = torch.device(device)
@@ -318,18 +323,6 @@ class SinusoidTasks(_SeededSampler):
         return cache[key]
 
 
-def _as_tensor(name: str, data) -> Tensor:
-    if isinstance(data, Tensor):
-        return data
-    try:
-        array = np.asarray(data)
-    except Exception as error:
-        raise TypeError(f"{name} must be an array of numbers, got {type(data).__name__}") from error
-    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-        raise TypeError(f"{name} must be an array of numbers, got dtype {array.dtype}")
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
 class FewShotTasks(_SeededSampler):
     """N-way K-shot classification tasks drawn from any labelled examples.
 
@@ -343,10 +336,10 @@ class FewShotTasks(_SeededSampler):
 
     def __init__(self, x, y, ways: int, shots: int, query_shots: int, seed: Optional[int] = None) -> None:
         super().__init__(seed)
-        self.ways = _check_count("ways", ways, minimum=1)
-        self.shots = _check_count("shots", shots, minimum=1)
-        self.query_shots = _check_count("query_shots", query_shots, minimum=1)
-        x, y = _as_tensor("x", x), _as_tensor("y", y)
+        self.ways = check_int("ways", ways, minimum=1)
+        self.shots = check_int("shots", shots, minimum=1)
+        self.query_shots = check_int("query_shots", query_shots, minimum=1)
+        x, y = tensor_of_numbers("x", x), tensor_of_numbers("y", y)
         if x.is_complex() or x.dtype == torch.bool:
             raise TypeError(f"x must hold real numbers, got dtype {x.dtype}")
         if not x.is_floating_point():
@@ -395,7 +388,7 @@ class FewShotTasks(_SeededSampler):
     def sample(self, num_tasks: int, device: Union[None, str, torch.device] = None) -> TaskBatch:
         """num_tasks fresh tasks on ``device`` (default: x's device). The draws are made on the CPU,
         so a seed gives the same tasks on every device."""
-        num_tasks = _check_count("num_tasks", num_tasks, minimum=1)
+        num_tasks = check_int("num_tasks", num_tasks, minimum=1)
         generator = self._generator(torch.device("cpu"))
         ways, shots, queries = self.ways, self.shots, self.query_shots
         # the first `ways` classes of a random permutation: distinct, and their order is the relabelling

@@ -6,11 +6,11 @@ import math
 import warnings
 from typing import Callable, Optional, Union
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import tensor_of_numbers
 from .plan import ModelPlan
 from .ops import mlp_train_epoch_
 from .optim import FusedUpdate
@@ -30,16 +30,8 @@ def as_tensor(name: str, data, dtype: torch.dtype, device: torch.device, keep_in
     """data (numpy array, tensor or nested list) as a tensor of dtype on device, checked for emptiness and NaN.
 
     With keep_integers, integer data (class labels) becomes int64 instead of dtype."""
-    if isinstance(data, Tensor):
-        tensor = data
-    elif isinstance(data, (np.ndarray, list, tuple)):
-        array = np.asarray(data)
-        if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
-            raise TypeError(f"{name} must hold numbers, got a numpy array of dtype {array.dtype}")
-        tensor = torch.from_numpy(np.ascontiguousarray(array))
-    else:
-        raise TypeError(f"{name} must be a numpy array or a torch.Tensor, got {type(data).__name__}")
-    if tensor.is_complex() or tensor.dtype == torch.bool:
+    tensor = tensor_of_numbers(name, data)
+    if tensor.dtype == torch.bool:
         raise TypeError(f"{name} must be real numbers, got dtype {tensor.dtype}")
     if tensor.dim() == 0 or tensor.shape[0] == 0:
         raise ValueError(f"{name} is empty (shape {list(tensor.shape)})")

@@ -99,7 +99,7 @@ def make_batch(kind, step):
 
 
 def meta_step(learner, optimizer, batch):
-    return learner.meta_step(batch) if optimizer is None else learner.meta_step(batch, optimizer)
+    return float(learner.meta_step(batch) if optimizer is None else learner.meta_step(batch, optimizer))
 
 
 def train(config, seed, steps=range(STEPS), loss=None):

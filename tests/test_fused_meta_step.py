@@ -68,7 +68,7 @@ def test_fused_meta_steps_leave_what_the_plain_path_leaves(variant, inner_steps,
     fused, fused_optimizer = learner(variant, inner_steps, loss, dtype)
     plain, plain_optimizer = learner(variant, inner_steps, loss, dtype)
     assert fused.meta_step_path(fused_optimizer) == "fused"
-    fused_losses = [fused.meta_step(batch, fused_optimizer) for batch in batches(loss, dtype)]
+    fused_losses = [float(fused.meta_step(batch, fused_optimizer)) for batch in batches(loss, dtype)]
     plain_losses = [plain_meta_step(plain, plain_optimizer, batch) for batch in batches(loss, dtype)]
     tolerance = TOLERANCE[dtype]
     torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(plain_losses), **tolerance)
@@ -182,7 +182,7 @@ def test_fused_reptile_steps_match_a_per_task_loop(inner_steps, loss, dtype):
     start = [p.clone() for p in params]
     fused_losses, loop_losses = [], []
     for batch in batches(loss, dtype):
-        fused_losses.append(reptile.meta_step(batch))
+        fused_losses.append(float(reptile.meta_step(batch)))
         loop_losses.append(reptile_loop_step(params, batch, inner_steps, 0.1, 0.5, loss))
     tolerance = TOLERANCE[dtype]
     torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(loop_losses), **tolerance)

@@ -397,8 +397,8 @@ def test_meta_step_applies_the_loop_gradient(path):
     before = [p.detach().clone() for p in model.parameters()]
     optimizer = torch.optim.SGD(maml.parameters(), lr=0.5)
     returned = maml.meta_step(batch, optimizer)
-    assert isinstance(returned, float)
-    assert returned == pytest.approx(float(expected_loss.detach()), rel=1e-9)
+    assert isinstance(returned, torch.Tensor) and returned.dim() == 0 and not returned.requires_grad
+    assert float(returned) == pytest.approx(float(expected_loss.detach()), rel=1e-9)
     for p, old, grad in zip(model.parameters(), before, expected_grads):
         torch.testing.assert_close(p.detach(), old - 0.5 * grad, **CLOSE)
 
@@ -439,7 +439,7 @@ def test_reptile_update_matches_the_loop(path, loss):
     reptile = Reptile(model, inner_lr=inner_lr, inner_steps=steps, outer_lr=outer_lr, loss=loss)
     assert reptile.uses_fast_path == (path == "fast")
     returned = reptile.meta_step(batch)
-    assert returned == pytest.approx(sum(first_losses) / T, rel=1e-9)
+    assert float(returned) == pytest.approx(float(sum(first_losses) / T), rel=1e-9)
     assert_all_close([p.detach() for p in model.parameters()], [e.detach() for e in expected])
     assert not any(torch.equal(p.detach(), m.detach()) for p, m in zip(model.parameters(), meta))
 

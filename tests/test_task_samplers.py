@@ -212,7 +212,7 @@ def test_few_shot_class_with_too_few_examples_is_named():
         (dict(y="2d"), ValueError, "y must be \\[N\\]"),
         (dict(x="short"), ValueError, "x must be \\[N, ...\\] with N = 63"),
         (dict(x="nan"), ValueError, "x contains NaN"),
-        (dict(x="strings"), TypeError, "x must be an array of numbers"),
+        (dict(x="strings"), TypeError, "x must hold numbers"),
     ],
 )
 def test_few_shot_bad_arguments(change, error, message):

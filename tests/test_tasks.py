@@ -123,3 +123,25 @@ def test_mixed_devices_are_refused():
         TaskBatch(**replaced(tensors, y_support=tensors["y_support"].cuda()))
     with pytest.raises(ValueError, match="x_query must be on"):
         TaskBatch(**replaced(tensors, x_query=tensors["x_query"].cuda(), y_query=tensors["y_query"].cuda()))
+
+
+def test_numpy_arrays_are_accepted_as_tensors_would_be():
+    """Data as users have it: float arrays become torch's default dtype, integer arrays int64 class labels, and
+    a MAML meta-step on the numpy batch equals one on the tensor batch."""
+    import numpy as np
+
+    from metalearn_fast import MAML, MLP
+
+    tensors = classification_tensors()
+    arrays = {name: t.numpy().astype(np.float64 if t.is_floating_point() else np.int32) for name, t in tensors.items()}
+    batch = TaskBatch(**arrays)
+    assert batch.x_support.dtype == torch.get_default_dtype() and batch.y_support.dtype == torch.int64
+    assert batch.largest_labels == (int(tensors["y_support"].max()), int(tensors["y_query"].max()))
+    losses = []
+    for data in (batch, TaskBatch(**tensors)):
+        torch.manual_seed(0)
+        maml = MAML(MLP([2, 8, 3]), loss="cross_entropy")
+        losses.append(maml.meta_loss(data))
+    torch.testing.assert_close(losses[0], losses[1])
+    with pytest.raises(TypeError, match="x_support must hold numbers"):
+        TaskBatch(**{**arrays, "x_support": np.array([["a"]])})

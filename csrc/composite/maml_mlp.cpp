@@ -7,20 +7,20 @@
 // steps, v_s = v_{s+1} - H_s (lr * v_{s+1}), where the Hessian-vector product of the support loss
 // is taken by a forward tangent pass and a second backward pass (Pearlmutter's R-operator).
 // Written with batched ATen ops, so one implementation serves every device
-// (CompositeExplicitAutograd); on the CPU, MLPs with small layers take the per-task kernel of
-// cpu/maml_mlp_cpu.cpp instead, which hands the others back to maml_mlp_meta_grad_aten.
+// (CompositeExplicitAutograd) and the GPU runs it on the whole meta-batch; the CPU's kernel
+// (cpu/maml_mlp_cpu.cpp) takes MLPs with small layers one task at a time and runs the others here,
+// in chunks of tasks that fit in cache (maml_mlp_meta_grad_aten takes a chunk's share).
 //
 // Notation, layer l = 0..L-1: a_l its input (a_0 = x), z_l = a_l W_l^T + b_l,
 // a_{l+1} = relu(z_l), the output is z_{L-1}; d_l = dLoss/dz_l.
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <string>
 #include <vector>
 
+#include "checks.h"
 #include "composite/maml_mlp.h"
 #include "kernel_common.h"
 
@@ -237,92 +237,70 @@ void check_maml_args(at::TensorList params, at::TensorList lr, const Tensor& xs,
       TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == x.size(0) && y.size(1) == x.size(1), op, ": ", name,
                         " must be [T, K] class labels for cross_entropy, got ", y.sizes());
       TORCH_CHECK_TYPE(y.scalar_type() == at::kLong, op, ": ", name, " must be int64 labels, got ", y.scalar_type());
-      // out-of-range labels would index past the logits (a device-side assert on a GPU)
-      const auto [low, high] = at::aminmax(y);
-      const int64_t lowest = low.item<int64_t>(), highest = high.item<int64_t>();
-      TORCH_CHECK_VALUE(lowest >= 0 && highest < width, op, ": ", name, " must hold class labels in [0, ", width,
-                        "), got labels from ", lowest, " to ", highest);
+      check_labels_in_range(op, name, y, width);
     }
   }
 }
 
 namespace {
 
-// The meta-step for the tasks of x_support..y_query, which are part of a meta-batch of total_tasks:
-// the loss and gradients returned are their share of the meta-batch's (mean over all its tasks).
-MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr, const Tensor& x_support,
-                            const Tensor& y_support, const Tensor& x_query, const Tensor& y_query, int64_t inner_steps,
-                            bool first_order, LossKind kind, int64_t first_adapted, bool compute_grad,
-                            bool compute_lr_grad, int64_t total_tasks) {
-  const int64_t count = static_cast<int64_t>(params.size() / 2);
+// What the inner loop leaves for the reverse sweep: the layers at each step s (steps[0] the meta-parameters,
+// steps[S] the adapted ones), the support pass at each step, its gradients and (cross-entropy) probabilities.
+struct InnerLoop {
+  std::vector<std::vector<Layer>> steps;
+  std::vector<Pass> passes;
+  std::vector<std::vector<std::pair<Tensor, Tensor>>> grads;
+  std::vector<Tensor> probs;
+};
 
-  // Inner loop. steps[s] holds the layers at step s; passes[s] the support pass there.
-  std::vector<std::vector<Layer>> steps(1);
-  for (int64_t l = 0; l < count; ++l) steps[0].push_back({params[2 * l], params[2 * l + 1]});
-  std::vector<Pass> passes(inner_steps, Pass(count));
-  std::vector<std::vector<std::pair<Tensor, Tensor>>> inner_grads(inner_steps);
+InnerLoop inner_loop(at::TensorList params, const std::vector<Tensor>& lr, const Tensor& x_support,
+                     const Tensor& y_support, LossKind kind, int64_t inner_steps, int64_t first_adapted) {
+  const int64_t count = static_cast<int64_t>(params.size() / 2);
+  InnerLoop loop{std::vector<std::vector<Layer>>(1), std::vector<Pass>(inner_steps, Pass(count)),
+                 std::vector<std::vector<std::pair<Tensor, Tensor>>>(inner_steps), std::vector<Tensor>(inner_steps)};
+  for (int64_t l = 0; l < count; ++l) loop.steps[0].push_back({params[2 * l], params[2 * l + 1]});
   Loss support_loss{kind, y_support, 1.0, Tensor()};
-  std::vector<Tensor> support_probs(inner_steps);
   // The body (layers before the first adapted one) never changes in the inner loop: run it once.
   // Second-order ANIL still differentiates through it, so its backward goes all the way down then.
-  const int64_t inner_stop = first_adapted;
-  const int64_t hessian_stop = compute_grad ? 0 : first_adapted;
   for (int64_t s = 0; s < inner_steps; ++s) {
-    Pass& pass = passes[s];
+    Pass& pass = loop.passes[s];
     if (s == 0) {
       pass.inputs[0] = x_support;
     } else {
       for (int64_t l = 0; l <= first_adapted; ++l) {
-        pass.inputs[l] = passes[0].inputs[l];
-        pass.masks[l] = passes[0].masks[l];
+        pass.inputs[l] = loop.passes[0].inputs[l];
+        pass.masks[l] = loop.passes[0].masks[l];
       }
     }
     const int64_t from = s == 0 ? 0 : first_adapted;
-    inner_grads[s] = forward_backward(pass, steps[s], support_loss, from, inner_stop, first_adapted, false);
-    support_probs[s] = support_loss.probs;
-    std::vector<Layer> next = steps[s];
+    loop.grads[s] = forward_backward(pass, loop.steps[s], support_loss, from, first_adapted, first_adapted, false);
+    loop.probs[s] = support_loss.probs;
+    std::vector<Layer> next = loop.steps[s];
     for (int64_t l = first_adapted; l < count; ++l) {
-      next[l].weight = at::addcmul(steps[s][l].weight, inner_grads[s][l].first, rate(lr, 2 * l), -1);
-      next[l].bias = at::addcmul(steps[s][l].bias, inner_grads[s][l].second, rate(lr, 2 * l + 1), -1);
+      next[l].weight = at::addcmul(loop.steps[s][l].weight, loop.grads[s][l].first, rate(lr, 2 * l), -1);
+      next[l].bias = at::addcmul(loop.steps[s][l].bias, loop.grads[s][l].second, rate(lr, 2 * l + 1), -1);
     }
-    steps.push_back(std::move(next));
+    loop.steps.push_back(std::move(next));
   }
+  return loop;
+}
 
-  // Query loss at the adapted weights, mean over tasks, and its gradient.
-  Pass query(count);
-  query.inputs[0] = x_query;
-  Loss query_loss{kind, y_query, 1.0 / static_cast<double>(total_tasks), Tensor()};
-  // First order without rate gradients needs only the task-summed query gradient.
-  const bool sweep = !first_order || compute_lr_grad;
-  const int64_t query_stop = compute_grad ? 0 : (compute_lr_grad ? first_adapted : count);
-  auto query_grads = forward_backward(query, steps[inner_steps], query_loss, 0, query_stop,
-                                      sweep ? first_adapted : count, true);
-  if (!compute_grad && !compute_lr_grad) return {query.loss, {}, {}};
-  if (!sweep) {
-    std::vector<Tensor> grads;
-    for (const auto& [weight, bias] : query_grads) {
-      grads.push_back(weight.contiguous());
-      grads.push_back(bias);
-    }
-    return {query.loss, grads, {}};
-  }
-
-  // Reverse sweep over the inner steps. v holds the per-task gradient w.r.t. the adapted
-  // parameters at step s; body_grads collects the (task-summed) body gradient.
-  std::vector<Tensor> v(params.size()), body_grads(params.size());
-  for (int64_t l = 0; l < count; ++l) {
-    auto& target = l >= first_adapted ? v : body_grads;
-    target[2 * l] = query_grads[l].first;
-    target[2 * l + 1] = query_grads[l].second;
-  }
+// The reverse sweep over the inner steps. On entry v holds the per-task query gradient w.r.t. the adapted
+// parameters and body_grads the (task-summed) body gradient; on return v holds the gradient w.r.t. the
+// meta-parameters (summed over tasks when the step-0 Hessian term was taken, per task otherwise) and
+// body_grads the body's. Returns d lr = -sum over steps and tasks of g_s * v_{s+1} (reduced to lr's shapes).
+std::vector<Tensor> reverse_sweep(const InnerLoop& loop, const std::vector<Tensor>& lr, LossKind kind,
+                                  const Tensor& y_support, int64_t first_adapted, bool first_order, bool compute_grad,
+                                  bool compute_lr_grad, std::vector<Tensor>& v, std::vector<Tensor>& body_grads) {
+  const int64_t count = static_cast<int64_t>(v.size() / 2), inner_steps = static_cast<int64_t>(loop.passes.size());
+  const int64_t hessian_stop = compute_grad ? 0 : first_adapted;
   const bool scalar_lr = lr.size() == 1 && lr[0].dim() == 0;
-  // d lr = -sum over steps and tasks of g_s * v_{s+1} (reduced to lr's shape).
   std::vector<Tensor> lr_grads(lr.size());
   // The Hessian term at step 0 only feeds the parameters' gradient: it is taken when that is asked
   // for, and summed over tasks (v holds task sums from then on).
   const bool step0_hessian = !first_order && compute_grad;
   for (int64_t s = inner_steps - 1; s >= 0; --s) {
-    const auto& g = inner_grads[s];
+    const auto& g = loop.grads[s];
     for (int64_t l = first_adapted; l < count && compute_lr_grad; ++l) {
       for (int64_t which = 0; which < 2; ++which) {
         const size_t i = 2 * l + which;
@@ -343,8 +321,8 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
     if (s == 0) {
       for (int64_t i = 2 * first_adapted; i < static_cast<int64_t>(v.size()); ++i) v[i] = v[i].sum(0);
     }
-    Loss at_step{kind, y_support, 1.0, support_probs[s]};
-    auto hv = hessian_times(passes[s], steps[s], at_step, direction, first_adapted, hessian_stop, s > 0);
+    Loss at_step{kind, y_support, 1.0, loop.probs[s]};
+    auto hv = hessian_times(loop.passes[s], loop.steps[s], at_step, direction, first_adapted, hessian_stop, s > 0);
     for (int64_t l = hessian_stop; l < count; ++l) {
       auto& target = l >= first_adapted ? v : body_grads;
       for (int64_t which = 0; which < 2; ++which) {
@@ -358,11 +336,46 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
       }
     }
   }
+  if (step0_hessian) return lr_grads;
+  for (int64_t i = 2 * first_adapted; i < static_cast<int64_t>(v.size()); ++i) v[i] = v[i].sum(0);
+  return lr_grads;
+}
+
+}  // namespace
+
+MetaGrad maml_mlp_meta_grad_aten(at::TensorList params, at::TensorList lr_in, const Tensor& x_support,
+                                 const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
+                                 int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
+                                 bool compute_grad, bool compute_lr_grad, int64_t total_tasks) {
+  const std::vector<Tensor> lr(lr_in.begin(), lr_in.end());
+  const int64_t count = static_cast<int64_t>(params.size() / 2);
+  const InnerLoop loop = inner_loop(params, lr, x_support, y_support, kind, inner_steps, first_adapted);
+
+  // Query loss at the adapted weights, mean over tasks, and its gradient.
+  Pass query(count);
+  query.inputs[0] = x_query;
+  Loss query_loss{kind, y_query, 1.0 / static_cast<double>(total_tasks), Tensor()};
+  // First order without rate gradients needs only the task-summed query gradient.
+  const bool sweep = !first_order || compute_lr_grad;
+  const int64_t query_stop = compute_grad ? 0 : (compute_lr_grad ? first_adapted : count);
+  auto query_grads = forward_backward(query, loop.steps[inner_steps], query_loss, 0, query_stop,
+                                      sweep ? first_adapted : count, true);
+  if (!compute_grad && !compute_lr_grad) return {query.loss, {}, {}};
+  std::vector<Tensor> v(params.size()), body_grads(params.size()), lr_grads;
+  for (int64_t l = 0; l < count; ++l) {
+    auto& target = !sweep || l < first_adapted ? body_grads : v;
+    target[2 * l] = query_grads[l].first;
+    target[2 * l + 1] = query_grads[l].second;
+  }
+  if (sweep) {
+    lr_grads = reverse_sweep(loop, lr, kind, y_support, first_adapted, first_order, compute_grad, compute_lr_grad, v,
+                             body_grads);
+  }
   std::vector<Tensor> grads;
   for (size_t i = 0; i < params.size() && compute_grad; ++i) {
     // contiguous outputs, whatever layout the GEMMs above left
-    const bool adapted = static_cast<int64_t>(i / 2) >= first_adapted;
-    grads.push_back((adapted ? (step0_hessian ? v[i] : v[i].sum(0)) : body_grads[i]).contiguous());
+    const bool adapted = sweep && static_cast<int64_t>(i / 2) >= first_adapted;
+    grads.push_back((adapted ? v[i] : body_grads[i]).contiguous());
   }
   if (!compute_lr_grad) lr_grads.clear();
   for (auto& t : lr_grads) {
@@ -370,16 +383,6 @@ MetaGrad meta_grad_of_tasks(at::TensorList params, const std::vector<Tensor>& lr
   }
   return {query.loss, grads, lr_grads};
 }
-
-// On the CPU the meta-batch runs in chunks of tasks, one thread per chunk, each chunk's ops single-
-// threaded: per-task weights of a large MLP would not fit in cache for a whole meta-batch (every
-// pass would stream them from memory), and a meta-batch's ops are too small to split across threads
-// one by one (a fork and join per op). A chunk's per-task weights stay within kCpuChunkBytes (a
-// core's L2 cache, about), and there are at least as many chunks as threads. The chunks' shares of
-// the loss and gradients add up to the meta-batch's. The GPU takes the whole meta-batch at once.
-constexpr int64_t kCpuChunkBytes = 1 << 20;
-
-}  // namespace
 
 MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const Tensor& x_support,
                                  const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
@@ -399,41 +402,6 @@ LossKind maml_loss_kind(c10::string_view loss_name) {
   return loss_name == "mse" ? LossKind::kMse : LossKind::kCrossEntropy;
 }
 
-MetaGrad maml_mlp_meta_grad_aten(at::TensorList params, at::TensorList lr_in, const Tensor& x_support,
-                                 const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
-                                 int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
-                                 bool compute_grad, bool compute_lr_grad) {
-  const std::vector<Tensor> lr(lr_in.begin(), lr_in.end());
-  const int64_t tasks = x_support.size(0);
-  int64_t bytes_per_task = 0;
-  for (const auto& p : params) bytes_per_task += p.numel() * p.element_size();
-  auto share = [&](int64_t start, int64_t n) {
-    return meta_grad_of_tasks(params, lr, x_support.narrow(0, start, n), y_support.narrow(0, start, n),
-                              x_query.narrow(0, start, n), y_query.narrow(0, start, n), inner_steps, first_order, kind,
-                              first_adapted, compute_grad, compute_lr_grad, tasks);
-  };
-  if (!x_support.is_cpu()) return share(0, tasks);
-  const int64_t threads = at::get_num_threads();
-  const int64_t by_cache = std::max<int64_t>(1, kCpuChunkBytes / bytes_per_task);
-  const int64_t chunk = std::min(by_cache, (tasks + threads - 1) / threads);
-  const int64_t chunks = (tasks + chunk - 1) / chunk;
-  std::vector<MetaGrad> shares(chunks);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    // worker threads start with autograd on: the kernel's ATen calls must not record a graph
-    at::AutoDispatchBelowADInplaceOrView below_autograd;
-    c10::AutoGradMode no_grad(false);
-    for (int64_t c = begin; c < end; ++c) shares[c] = share(c * chunk, std::min(chunk, tasks - c * chunk));
-  });
-  MetaGrad total = std::move(shares[0]);
-  for (int64_t c = 1; c < chunks; ++c) {
-    auto& [loss, grads, lr_grads] = shares[c];
-    std::get<0>(total).add_(loss);
-    for (size_t i = 0; i < grads.size(); ++i) std::get<1>(total)[i].add_(grads[i]);
-    for (size_t i = 0; i < lr_grads.size(); ++i) std::get<2>(total)[i].add_(lr_grads[i]);
-  }
-  return total;
-}
-
 namespace {
 
 MetaGrad maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const Tensor& x_support, const Tensor& y_support,
@@ -443,7 +411,7 @@ MetaGrad maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const Tens
   const LossKind kind = maml_loss_kind(loss_name);
   check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted);
   return maml_mlp_meta_grad_aten(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, kind,
-                                 first_adapted, compute_grad, compute_lr_grad);
+                                 first_adapted, compute_grad, compute_lr_grad, x_support.size(0));
 }
 
 // maml_mlp_loss below autograd (no gradient wanted): the loss alone, from the device's

@@ -25,11 +25,13 @@ MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const
                                  int64_t inner_steps, bool first_order, c10::string_view loss, int64_t first_adapted,
                                  bool compute_grad, bool compute_lr_grad);
 
-// The meta-step in batched ATen ops, arguments already checked.
+// The meta-step in batched ATen ops on any device, arguments already checked, for the tasks of
+// x_support..y_query, which are part of a meta-batch of total_tasks: the loss and gradients returned are their
+// share of the meta-batch's (mean over all its tasks), so that shares of a meta-batch add up.
 MetaGrad maml_mlp_meta_grad_aten(at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
                                  const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
                                  int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
-                                 bool compute_grad, bool compute_lr_grad);
+                                 bool compute_grad, bool compute_lr_grad, int64_t total_tasks);
 
 // Reptile on an MLP: the loss of reptile_mlp_step_, and the arguments checked.
 LossKind check_reptile_args(at::TensorList params, const at::Tensor& x_support, const at::Tensor& y_support,

@@ -2,6 +2,7 @@
 // the same model (addmm, relu, mse_loss or log_softmax + nll_loss, and their backward functions), so
 // no Python, no autograd graph and no optimizer object is involved per step. One implementation for
 // every device (CompositeExplicitAutograd); the CPU runs small MLPs in cpu/mlp_train_cpu.cpp instead.
+#include "checks.h"
 #include "composite/mlp_train.h"
 
 #include <ATen/ATen.h>
@@ -56,11 +57,7 @@ std::pair<LossKind, TrainBatches> check_mlp_train_args(at::TensorList params, at
   } else {
     TORCH_CHECK_TYPE(y.scalar_type() == at::kLong, op, ": y must be int64 class labels, got ", y.scalar_type());
     TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == n, op, ": y must be [", n, "] class labels, got ", y.sizes());
-    // an out-of-range label would index past the logits
-    const auto [low, high] = at::aminmax(y);
-    const int64_t lowest = low.item<int64_t>(), highest = high.item<int64_t>();
-    TORCH_CHECK_VALUE(lowest >= 0 && highest < outputs, op, ": y must hold class labels in [0, ", outputs,
-                      "), got labels from ", lowest, " to ", highest);
+    check_labels_in_range(op, "y", y, outputs);
   }
   if (order.has_value()) {
     const at::Tensor& o = *order;

@@ -15,6 +15,7 @@
 // share the weights across tasks, other dtypes, and CPUs without AVX2 take the composite.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <c10/core/GradMode.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -129,27 +130,55 @@ class TaskKernel {
 
   void run(int64_t task, Share<T>& share) {
     const Problem<T>& p = p_;
-    const int64_t L = p.layers, S = p.steps, K = p.support, Q = p.query, fa = p.first_adapted, C = p.out[L - 1];
-    const T* xs = p.x_support + task * K * p.in[0];
-    const T* xq = p.x_query + task * Q * p.in[0];
-    const T* ys = p.kind == LossKind::kMse ? p.y_support + task * K * C : nullptr;
-    const T* yq = p.kind == LossKind::kMse ? p.y_query + task * Q * C : nullptr;
-    const int64_t* ls = p.kind == LossKind::kCrossEntropy ? p.label_support + task * K : nullptr;
-    const int64_t* lq = p.kind == LossKind::kCrossEntropy ? p.label_query + task * Q : nullptr;
-    auto input = [&](int64_t s, int64_t l) { return l == 0 ? xs : act_[s * L + l]; };
+    const int64_t K = p.support, Q = p.query, C = p.out[p.layers - 1];
+    const bool mse = p.kind == LossKind::kMse;
+    const Task t{p.x_support + task * K * p.in[0], p.x_query + task * Q * p.in[0],
+                 mse ? p.y_support + task * K * C : nullptr, mse ? p.y_query + task * Q * C : nullptr,
+                 mse ? nullptr : p.label_support + task * K, mse ? nullptr : p.label_query + task * Q};
+    inner_loop(t, share);
+    if (p.reptile) {
+      const T share_of_task = static_cast<T>(1.0 / static_cast<double>(p.total_tasks));
+      for (int64_t l = 0; l < p.layers; ++l) {
+        add_scaled(share.grads[2 * l].data(), w_[p.steps * p.layers + l], share_of_task, p.out[l] * p.in[l]);
+        add_scaled(share.grads[2 * l + 1].data(), b_[p.steps * p.layers + l], share_of_task, p.out[l]);
+      }
+      return;
+    }
+    // First order without rate gradients needs no sweep.
+    const bool sweep = !p.first_order || p.compute_lr_grad;
+    if (!query_pass(t, sweep, share) || !sweep) return;
+    reverse_sweep(t, share);
+    if (!p.compute_grad) return;
+    for (int64_t l = p.first_adapted; l < p.layers; ++l) {
+      add(share.grads[2 * l].data(), v_[l], p.out[l] * p.in[l]);
+      add(share.grads[2 * l + 1].data(), vb_[l], p.out[l]);
+    }
+  }
 
-    // Inner loop: the support pass at step s, its gradient, and the SGD step to s + 1.
-    for (int64_t s = 0; s < S; ++s) {
+ private:
+  // One task's data in the meta-batch's arrays (targets for mse, labels for cross-entropy).
+  struct Task {
+    const T *xs, *xq, *ys, *yq;
+    const int64_t *ls, *lq;
+  };
+
+  const T* input(const Task& t, int64_t s, int64_t l) const { return l == 0 ? t.xs : act_[s * p_.layers + l]; }
+
+  // The support pass at each inner step, its gradient, and the SGD step to the next.
+  void inner_loop(const Task& t, Share<T>& share) {
+    const Problem<T>& p = p_;
+    const int64_t L = p.layers, K = p.support, fa = p.first_adapted, C = p.out[L - 1];
+    for (int64_t s = 0; s < p.steps; ++s) {
       for (int64_t l = s == 0 ? 0 : fa; l < L; ++l) {
         T* z = l + 1 < L ? act_[s * L + l + 1] : logits_;
-        mm(z, input(s, l), weight_t(s, l), K, p.in[l], p.out[l], Start::kRow, bias(s, l));
+        mm(z, input(t, s, l), weight_t(s, l), K, p.in[l], p.out[l], Start::kRow, bias(s, l));
         if (l + 1 < L) relu(z, K * p.out[l]);
       }
-      const double support_loss = loss_and_grad(p.kind, logits_, ys, ls, K, C, 1.0, delta_[s * L + L - 1], probs_[s]);
-      if (p.reptile && s == 0) share.loss += support_loss / static_cast<double>(p.total_tasks);
+      const double loss = loss_and_grad(p.kind, logits_, t.ys, t.ls, K, C, 1.0, delta_[s * L + L - 1], probs_[s]);
+      if (p.reptile && s == 0) share.loss += loss / static_cast<double>(p.total_tasks);
       for (int64_t l = L - 1; l >= fa; --l) {
         const T* d = delta_[s * L + l];
-        mm_tn(g_[s * L + l], d, input(s, l), K, p.out[l], p.in[l], Start::kZero);
+        mm_tn(g_[s * L + l], d, input(t, s, l), K, p.out[l], p.in[l], Start::kZero);
         column_sums(gb_[s * L + l], d, K, p.out[l], Start::kZero);
         if (l > fa) {
           mm(delta_[s * L + l - 1], d, weight(s, l), K, p.out[l], p.in[l], Start::kZero);
@@ -162,33 +191,27 @@ class TaskKernel {
         transpose(wt_[(s + 1) * L + l], w_[(s + 1) * L + l], p.out[l], p.in[l]);
       }
     }
+  }
 
-    if (p.reptile) {
-      const T share_of_task = static_cast<T>(1.0 / static_cast<double>(p.total_tasks));
-      for (int64_t l = 0; l < L; ++l) {
-        add_scaled(share.grads[2 * l].data(), w_[S * L + l], share_of_task, p.out[l] * p.in[l]);
-        add_scaled(share.grads[2 * l + 1].data(), b_[S * L + l], share_of_task, p.out[l]);
-      }
-      return;
-    }
-
-    // Query pass at the adapted weights, its loss (the task's share of the mean) and gradient.
+  // The query pass at the adapted weights, its loss (the task's share of the mean) and its gradient: per task
+  // into v for the adapted layers when the sweep follows, summed into the share otherwise. False when no
+  // gradient is wanted.
+  bool query_pass(const Task& t, bool sweep, Share<T>& share) {
+    const Problem<T>& p = p_;
+    const int64_t L = p.layers, S = p.steps, Q = p.query, fa = p.first_adapted, C = p.out[L - 1];
     for (int64_t l = 0; l < L; ++l) {
       T* z = l + 1 < L ? qact_[l + 1] : logits_;
-      mm(z, l == 0 ? xq : qact_[l], weight_t(S, l), Q, p.in[l], p.out[l], Start::kRow, bias(S, l));
+      mm(z, l == 0 ? t.xq : qact_[l], weight_t(S, l), Q, p.in[l], p.out[l], Start::kRow, bias(S, l));
       if (l + 1 < L) relu(z, Q * p.out[l]);
     }
     T* qd = qd_;
     T* qe = qe_;
     share.loss +=
-        loss_and_grad(p.kind, logits_, yq, lq, Q, C, 1.0 / static_cast<double>(p.total_tasks), qd, query_probs_);
-    if (!p.compute_grad && !p.compute_lr_grad) return;
-    // v: the per-task gradient of the adapted layers, for the sweep; everything else is summed now.
-    // First order without rate gradients needs no sweep.
-    const bool sweep = !p.first_order || p.compute_lr_grad;
+        loss_and_grad(p.kind, logits_, t.yq, t.lq, Q, C, 1.0 / static_cast<double>(p.total_tasks), qd, query_probs_);
+    if (!p.compute_grad && !p.compute_lr_grad) return false;
     const int64_t query_stop = p.compute_grad ? 0 : fa;
     for (int64_t l = L - 1; l >= query_stop; --l) {
-      const T* a = l == 0 ? xq : qact_[l];
+      const T* a = l == 0 ? t.xq : qact_[l];
       const bool per_task = sweep && l >= fa;
       mm_tn(per_task ? v_[l] : share.grads[2 * l].data(), qd, a, Q, p.out[l], p.in[l],
             per_task ? Start::kZero : Start::kKeep);
@@ -200,11 +223,16 @@ class TaskKernel {
         std::swap(qd, qe);
       }
     }
-    if (!sweep) return;
+    return true;
+  }
 
-    // Reverse sweep over the inner steps.
+  // The reverse sweep over the inner steps: rate gradients, and v_s = v_{s+1} - H_s (lr * v_{s+1}) by a tangent
+  // forward and backward pass (the body's share of H u goes straight into the share's gradients).
+  void reverse_sweep(const Task& t, Share<T>& share) {
+    const Problem<T>& p = p_;
+    const int64_t L = p.layers, K = p.support, fa = p.first_adapted, C = p.out[L - 1];
     const int64_t hessian_stop = p.compute_grad ? 0 : fa;
-    for (int64_t s = S - 1; s >= 0; --s) {
+    for (int64_t s = p.steps - 1; s >= 0; --s) {
       if (p.compute_lr_grad) {
         // d lr -= g_s * v_{s+1}, summed to the rate's shape
         for (int64_t l = fa; l < L; ++l) {
@@ -223,7 +251,7 @@ class TaskKernel {
       // tangent forward: r z_l = a_l U_l^T + ub_l + r a_l W_l^T, r a_{l+1} = r z_l masked
       for (int64_t l = fa; l < L; ++l) {
         T* rz = l + 1 < L ? ra_[l + 1] : rz_;
-        mm(rz, input(s, l), ut_[l], K, p.in[l], p.out[l], Start::kRow, ub_[l]);
+        mm(rz, input(t, s, l), ut_[l], K, p.in[l], p.out[l], Start::kRow, ub_[l]);
         if (l > fa) mm(rz, ra_[l], weight_t(s, l), K, p.in[l], p.out[l], Start::kKeep);
         if (l + 1 < L) mask(rz, act_[s * L + l + 1], K * p.out[l]);
       }
@@ -232,7 +260,7 @@ class TaskKernel {
       loss_hessian_times(p.kind, rz_, probs_[s], K, C, rd);
       // tangent backward: H u = (rd_l^T a_l + d_l^T r a_l, sum rd_l) per layer
       for (int64_t l = L - 1; l >= hessian_stop; --l) {
-        mm_tn(hw_, rd, input(s, l), K, p.out[l], p.in[l], Start::kZero);
+        mm_tn(hw_, rd, input(t, s, l), K, p.out[l], p.in[l], Start::kZero);
         if (l > fa) mm_tn(hw_, delta_[s * L + l], ra_[l], K, p.out[l], p.in[l], Start::kKeep);
         column_sums(hb_, rd, K, p.out[l], Start::kZero);
         const bool adapted = l >= fa;
@@ -246,14 +274,8 @@ class TaskKernel {
         }
       }
     }
-    if (!p.compute_grad) return;
-    for (int64_t l = fa; l < L; ++l) {
-      add(share.grads[2 * l].data(), v_[l], p.out[l] * p.in[l]);
-      add(share.grads[2 * l + 1].data(), vb_[l], p.out[l]);
-    }
   }
 
- private:
   // The layer's parameters at inner step s (step 0 and the body: the meta-parameters).
   bool own(int64_t s, int64_t l) const { return s > 0 && l >= p_.first_adapted; }
   const T* weight(int64_t s, int64_t l) const { return own(s, l) ? w_[s * p_.layers + l] : p_.weight[l]; }
@@ -412,6 +434,47 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
 }
 #endif  // METALEARN_FAST_SMALL_KERNELS
 
+// The composite's meta-step on the CPU, in chunks of tasks, one thread per chunk, each chunk's ops single-
+// threaded: per-task weights of a large MLP would not fit in cache for a whole meta-batch (every pass would
+// stream them from memory), and a meta-batch's ops are too small to split across threads one by one (a fork
+// and join per op). A chunk's per-task weights stay within kCpuChunkBytes (a core's L2 cache, about), and
+// there are at least as many chunks as threads. The chunks' shares of the loss and gradients add up to the
+// meta-batch's.
+constexpr int64_t kCpuChunkBytes = 1 << 20;
+
+MetaGrad meta_grad_in_chunks(at::TensorList params, at::TensorList lr, const Tensor& x_support,
+                             const Tensor& y_support, const Tensor& x_query, const Tensor& y_query, int64_t inner_steps,
+                             bool first_order, LossKind kind, int64_t first_adapted, bool compute_grad,
+                             bool compute_lr_grad) {
+  const int64_t tasks = x_support.size(0);
+  int64_t bytes_per_task = 0;
+  for (const auto& p : params) bytes_per_task += p.numel() * p.element_size();
+  const int64_t threads = at::get_num_threads();
+  const int64_t by_cache = std::max<int64_t>(1, kCpuChunkBytes / bytes_per_task);
+  const int64_t chunk = std::min(by_cache, (tasks + threads - 1) / threads);
+  const int64_t chunks = (tasks + chunk - 1) / chunk;
+  std::vector<MetaGrad> shares(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    // worker threads start with autograd on: the kernel's ATen calls must not record a graph
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    c10::AutoGradMode no_grad(false);
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t start = c * chunk, n = std::min(chunk, tasks - start);
+      shares[c] = maml_mlp_meta_grad_aten(params, lr, x_support.narrow(0, start, n), y_support.narrow(0, start, n),
+                                          x_query.narrow(0, start, n), y_query.narrow(0, start, n), inner_steps,
+                                          first_order, kind, first_adapted, compute_grad, compute_lr_grad, tasks);
+    }
+  });
+  MetaGrad total = std::move(shares[0]);
+  for (int64_t c = 1; c < chunks; ++c) {
+    auto& [loss, grads, lr_grads] = shares[c];
+    std::get<0>(total).add_(loss);
+    for (size_t i = 0; i < grads.size(); ++i) std::get<1>(total)[i].add_(grads[i]);
+    for (size_t i = 0; i < lr_grads.size(); ++i) std::get<2>(total)[i].add_(lr_grads[i]);
+  }
+  return total;
+}
+
 MetaGrad maml_mlp_meta_grad_cpu(at::TensorList params, at::TensorList lr, const Tensor& x_support,
                                 const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
                                 int64_t inner_steps, bool first_order, c10::string_view loss_name,
@@ -426,8 +489,8 @@ MetaGrad maml_mlp_meta_grad_cpu(at::TensorList params, at::TensorList lr, const 
     });
   }
 #endif
-  return maml_mlp_meta_grad_aten(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, kind,
-                                 first_adapted, compute_grad, compute_lr_grad);
+  return meta_grad_in_chunks(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, kind,
+                             first_adapted, compute_grad, compute_lr_grad);
 }
 
 // reptile_mlp_step_ on the CPU: the per-task kernel's inner loop where it applies, else the composite's.

@@ -6,6 +6,11 @@ Options:
   --device cpu|cuda|cuda:N   where every workload runs (default cpu)
   --quick                    small workloads only and a shorter time per entry (under a minute on 2 cores)
 
+Memory: after the timing, one more call is made with its peak memory recorded (``extra_info["peak_mib"]``,
+a column of the report): on CUDA the peak of torch's allocator above what was allocated before the call; on a
+Linux CPU the peak resident set size above the one before the call (the kernel's high-water mark, reset for
+the call, with glibc's free memory returned first), which counts every allocation, torch's or not.
+
 Timing: each entry runs once first, the check that it computes the same result as plain torch,
 which also warms it up and tells how long a call takes. Then rounds of ``iterations`` calls are timed with
 ``benchmark.pedantic``: enough iterations per round that a round lasts at least a millisecond, and
@@ -14,6 +19,7 @@ enough rounds to fill ``--benchmark-max-time`` (default 1 s; 0.1 s with --quick)
 """
 from __future__ import annotations
 
+import ctypes
 import importlib.metadata
 import math
 import os
@@ -115,6 +121,35 @@ def time_once(fn: Callable[[], object], device: torch.device):
     return time.perf_counter() - start, result
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+def peak_memory_mib(fn: Callable[[], object], device: torch.device):
+    """The peak memory one call of fn() takes above what was in use before it, in MiB; None where this machine
+    cannot tell (a CPU that is not Linux's)."""
+    if device.type == "cuda":
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        synchronize(device)
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as clear:
+            clear.write("5")  # resets the high-water mark VmHWM to the current resident set
+        before = _status_kib("VmRSS")
+    except (OSError, KeyError, AttributeError):
+        return None
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
+
+
 @pytest.fixture
 def measure(benchmark, request, device):
     """measure(group, entry, fn, first_call_seconds): time fn() in ``group`` as ``entry``.
@@ -143,6 +178,9 @@ def measure(benchmark, request, device):
         iterations = max(1, math.ceil(MIN_ROUND_SECONDS / max(seconds, 1e-9)))
         rounds = max(min_rounds, int(max_time / (seconds * iterations)))
         benchmark.pedantic(timed, rounds=rounds, iterations=iterations, warmup_rounds=1 if seconds < 0.1 else 0)
+        peak = peak_memory_mib(fn, device)
+        if peak is not None:
+            benchmark.extra_info["peak_mib"] = round(peak, 1)
 
     return run
 

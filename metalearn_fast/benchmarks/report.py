@@ -13,7 +13,7 @@ import argparse
 import json
 import re
 
-from .entries import ENTRY_ORDER, PLAIN_TORCH
+from .entries import ENTRY_ORDER, PLAIN_TORCH, TORCH_FUNC
 
 
 def format_time(seconds: float) -> str:
@@ -81,7 +81,9 @@ def report(data: dict, baseline: str = PLAIN_TORCH) -> str:
     """The Markdown report of one pytest-benchmark JSON document: a section titled by its device."""
     groups: dict[str, dict[str, dict]] = {}
     for bench in data.get("benchmarks", []):
-        groups.setdefault(bench.get("group") or bench["name"], {})[entry_name(bench)] = bench["stats"]
+        extra = bench.get("extra_info") or {}
+        stats = {**bench["stats"], **({"peak_mib": extra["peak_mib"]} if "peak_mib" in extra else {})}
+        groups.setdefault(bench.get("group") or bench["name"], {})[entry_name(bench)] = stats
     ours = (data.get("machine_info") or {}).get("metalearn_fast") or {}
     on_gpu = str(ours.get("device", "cpu")).startswith("cuda")
     lines = [f"## GPU: {ours.get('device_name') or ours.get('device')}" if on_gpu else "## CPU", ""]
@@ -98,14 +100,18 @@ def report(data: dict, baseline: str = PLAIN_TORCH) -> str:
         lines += ["No benchmark ran.", ""]
     for group in sorted(groups, key=_group_order):  # stable: the run's order within a suite
         entries = groups[group]
-        base = entries.get(baseline, {}).get("median")
-        lines += [f"### {group}", "", f"| entry | median | IQR | rounds | speedup vs {baseline} |",
-                  "|---|---:|---:|---:|---:|"]
+        # groups without the baseline (the any-module models, which no batched plain torch runs) use torch.func's
+        reference = baseline if baseline in entries else TORCH_FUNC if TORCH_FUNC in entries else baseline
+        base = entries.get(reference, {}).get("median")
+        memory = any("peak_mib" in stats for stats in entries.values())
+        lines += [f"### {group}", "", f"| entry | median | IQR | rounds | speedup vs {reference} |"
+                  + (" peak memory |" if memory else ""), "|---|---:|---:|---:|---:|" + ("---:|" if memory else "")]
         for name in sorted(entries, key=_order):
             stats = entries[name]
             speedup = f"{base / stats['median']:.2f}x" if base else "n/a"
+            peak = f" {stats['peak_mib']:.0f} MiB |" if "peak_mib" in stats else " n/a |"
             lines.append(f"| {name} | {format_time(stats['median'])} | {format_time(stats['iqr'])} | "
-                         f"{stats['rounds']} | {speedup} |")
+                         f"{stats['rounds']} | {speedup} |" + (peak if memory else ""))
         lines.append("")
     return "\n".join(lines)
 

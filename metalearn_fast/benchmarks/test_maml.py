@@ -37,6 +37,7 @@ from metalearn_fast.benchmarks.entries import (
     PLAIN_TORCH,
     TORCH_FUNC,
 )
+from metalearn_fast.benchmarks.peers import higher_meta_backward, learn2learn_meta_backward, torch_func_meta_backward
 from metalearn_fast.benchmarks.plugin import PEERS, assert_same, plain_torch_result, require_peer, time_once
 from metalearn_fast.optim import FusedUpdate
 
@@ -195,29 +196,8 @@ def plain_torch(workload, model, batch):
 
 
 def torch_func(workload, model, batch):
-    net = plain_twin(model)
-    params = dict(net.named_parameters())
-    loss_fn = task_loss(workload)
-
-    def loss_of(weights, x, y):
-        return loss_fn(torch.func.functional_call(net, weights, (x,)), y)
-
-    def adapted_query_loss(weights, x_support, y_support, x_query, y_query):
-        for _ in range(workload.inner_steps):
-            grads = torch.func.grad(loss_of)(weights, x_support, y_support)
-            if workload.first_order:
-                grads = {name: g.detach() for name, g in grads.items()}
-            weights = {name: w - workload.inner_lr * grads[name] for name, w in weights.items()}
-        return loss_of(weights, x_query, y_query)
-
-    per_task = torch.func.vmap(adapted_query_loss, in_dims=(None, 0, 0, 0, 0))
-
-    def meta_backward():
-        loss = per_task(params, *batch).mean()
-        loss.backward()
-        return loss.detach()
-
-    return meta_backward
+    return torch_func_meta_backward(plain_twin(model), task_loss(workload), batch, workload.inner_lr,
+                                    workload.inner_steps, workload.first_order)
 
 
 def per_task_loop(workload, model, batch):
@@ -249,49 +229,13 @@ def per_task_loop(workload, model, batch):
 
 
 def with_higher(workload, model, batch):
-    import higher
-
-    net = plain_twin(model)
-    params = list(net.parameters())
-    inner_optimizer = torch.optim.SGD(params, lr=workload.inner_lr)
-    loss_fn = task_loss(workload)
-
-    def meta_backward():
-        total = 0
-        for x_support, y_support, x_query, y_query in zip(*batch):
-            with higher.innerloop_ctx(net, inner_optimizer, copy_initial_weights=False,
-                                      track_higher_grads=not workload.first_order) as (fnet, diffopt):
-                for _ in range(workload.inner_steps):
-                    diffopt.step(loss_fn(fnet(x_support), y_support))
-                loss = loss_fn(fnet(x_query), y_query) / workload.tasks
-                if workload.first_order:  # the adapted weights are leaves: their gradient is the meta-gradient
-                    accumulate(params, torch.autograd.grad(loss, list(fnet.parameters())))
-                else:
-                    loss.backward()
-            total = total + loss.detach()
-        return total
-
-    return meta_backward
+    return higher_meta_backward(plain_twin(model), task_loss(workload), batch, workload.inner_lr, workload.inner_steps,
+                                workload.first_order)
 
 
 def with_learn2learn(workload, model, batch):
-    import learn2learn
-
-    maml = learn2learn.algorithms.MAML(plain_twin(model), lr=workload.inner_lr, first_order=workload.first_order)
-    loss_fn = task_loss(workload)
-
-    def meta_backward():
-        total = 0
-        for x_support, y_support, x_query, y_query in zip(*batch):
-            learner = maml.clone()
-            for _ in range(workload.inner_steps):
-                learner.adapt(loss_fn(learner(x_support), y_support))
-            loss = loss_fn(learner(x_query), y_query) / workload.tasks
-            loss.backward()
-            total = total + loss.detach()
-        return total
-
-    return meta_backward
+    return learn2learn_meta_backward(plain_twin(model), task_loss(workload), batch, workload.inner_lr,
+                                     workload.inner_steps, workload.first_order)
 
 
 ENTRIES = {
