@@ -1,16 +1,19 @@
 """The MAML engine: MAML and its family (FOMAML, Meta-SGD, ANIL) in class MAML, and Reptile.
 
 Both run a whole meta-batch of T tasks at once on per-task parameters ``[T, ...]`` (the meta
-parameters expanded along a new leading task dimension, then updated per task).
+parameters expanded along a new leading task dimension, then updated per task), the way the model's
+``ModelPlan`` (metalearn_fast/plan.py) says, chosen once in ``__init__``:
 
-- Fast path: a model that is a stack of Linear(+ReLU) layers (``MLP``, ``SimpleNet``, or an
-  ``nn.Sequential`` of ``nn.Linear``/``nn.ReLU``/``FusedLinearReLU``/``nn.Identity`` with ReLU only
-  between layers) runs as batched matrix products: ``ops.linear_relu`` per hidden layer,
-  ``torch.baddbmm`` for the last, one ``ops.sgd_step`` per inner step. No Python loop over tasks.
-- Generic path: any other ``nn.Module`` runs through ``torch.func.functional_call`` under
-  ``torch.func.vmap`` over tasks (or a loop over tasks when the model cannot run under vmap).
+- "fused": an MLP with a built-in loss: the whole meta-step is one op (``ops.maml_mlp_loss``, and with
+  torch.optim's Adam/AdamW/SGD ``ops.maml_mlp_meta_step_``, the optimizer's update included);
+- "batched": any other stack of Linear(+ReLU) layers (``MLP``, ``SimpleNet``, ``nn.Sequential`` of
+  ``nn.Linear``/``nn.ReLU``/``FusedLinearReLU``/``nn.Identity``), or an MLP with a callable loss: batched
+  matrix products, ``ops.linear_relu`` per hidden layer, one ``ops.sgd_step`` per inner step;
+- "module": any other ``nn.Module``, through ``torch.func.functional_call`` under ``torch.func.vmap`` over
+  tasks (or a loop over tasks when the model cannot run under vmap).
 
-Both paths give the same numbers as a per-task loop with ``torch.autograd.grad``.
+Every plan gives the numbers of a per-task loop with ``torch.autograd.grad``. ``max_tasks_per_chunk`` bounds
+the tasks any of them holds at once.
 
 Names: ANIL's ``adapt_head_only=True`` is, in the fused ops (``ops.maml_mlp_loss``, ``maml_mlp_meta_step_``)
 and their C++, ``first_adapted_layer`` = the index of the last layer: the inner loop adapts layers
