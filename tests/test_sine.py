@@ -162,9 +162,10 @@ def test_console_error_has_no_traceback(tmp_path):
     assert finished.returncode == 2
     assert finished.stdout == ""
     assert "Traceback" not in finished.stderr
-    assert finished.stderr.strip().splitlines() == [
-        "metalearn-fast sine: error: argument --meta-steps: must be a positive integer, got '-3'"
-    ]
+    lines = finished.stderr.strip().splitlines()
+    assert lines[-1] == "metalearn-fast sine: error: argument --meta-steps: must be a positive integer, got '-3'"
+    # before it, only the import's one warning of an install without the extension (its message and source line)
+    assert len(lines) == 1 or (len(lines) == 3 and "installed without it" in lines[0]), lines
 
 
 def test_info_prints_the_backend_report(capsys):
