@@ -112,6 +112,10 @@ class _TaskBatchedLearner(nn.Module):
     def _meta_parameters(self) -> list[Tensor]:
         return list(self.model.parameters())
 
+    def _fits_one_chunk(self, batch: TaskBatch) -> bool:
+        """Whether max_tasks_per_chunk lets the whole batch run at once (then the fused ops may take it)."""
+        return self.max_tasks_per_chunk is None or batch.num_tasks <= self.max_tasks_per_chunk
+
     def _broadcast_once(self) -> None:
         """Rank 0's parameters and buffers on every rank, before the first distributed update."""
         if not self._weights_broadcast:
@@ -245,7 +249,7 @@ class MAML(_TaskBatchedLearner):
             return distributed.step_on_mean_gradients(optimizer, lambda: self._backward(batch), batch.num_tasks,
                                                       "MAML.meta_step")
         update = self._fused_update(optimizer)
-        if not isinstance(update, str) and len(batch.chunks(self.max_tasks_per_chunk)) == 1:
+        if not isinstance(update, str) and self._fits_one_chunk(batch):
             return self._fused_meta_step(batch, update)
         optimizer.zero_grad()
         loss = self._backward(batch)
@@ -398,7 +402,7 @@ class Reptile(_TaskBatchedLearner):
         """
         if distributed.is_distributed():
             return self._distributed_meta_step(batch)
-        if self.plan.kind == "fused" and len(batch.chunks(self.max_tasks_per_chunk)) == 1:
+        if self.plan.kind == "fused" and self._fits_one_chunk(batch):
             return self._fused_meta_step(batch)
         support_loss, means = self._mean_adapted(batch)
         with torch.no_grad():

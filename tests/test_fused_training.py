@@ -26,7 +26,7 @@ from metalearn_fast import ops, reference
 from metalearn_fast.optim import FusedUpdate
 from metalearn_fast.train import training_path
 
-from test_nn import PlainSimpleNet, plain_mlp
+from test_nn import plain_mlp
 
 # ---- the founding program, verbatim but for its import ----
 
