@@ -83,13 +83,8 @@ class EpochKernel {
       }
     }
     for (size_t i = 0; i < param_.size(); ++i) {
-      const ParamUpdate& u = update_.params[i];
-      const bool adam = update_.kind == OptimizerKind::kAdam;
-      const double count = adam ? increment_step(state_[u.state]) : 0;
-      const int64_t first = adam ? u.state + 1 : u.state;
-      T* state1 = update_.state_count(i) > (adam ? 1 : 0) ? state_[first].mutable_data_ptr<T>() : nullptr;
-      T* state2 = adam ? state_[first + 1].mutable_data_ptr<T>() : nullptr;
-      update_tensor<T>(update_.kind, u, param_[i], grad_[i], state1, state2, 0, numel_[i], count);
+      const TensorState<T> t = tensor_state<T>(update_, state_, i);
+      update_tensor<T>(update_.kind, update_.params[i], param_[i], grad_[i], t.state1, t.state2, 0, numel_[i], t.step);
     }
     for (int64_t l = 0; l < L; ++l) transpose(weight_t_[l], param_[2 * l], out_[l], in_[l]);
     return loss;

@@ -33,16 +33,13 @@ void optimizer_step_cpu(at::TensorList params, at::TensorList grads, at::TensorL
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "optimizer_step_cpu", [&] {
     for (size_t i = 0; i < params.size(); ++i) {
       const ParamUpdate& u = update.params[i];
-      const bool adam = update.kind == OptimizerKind::kAdam;
-      const double step = adam ? increment_step(state[u.state]) : 0;
-      const int64_t first = adam ? u.state + 1 : u.state;
-      scalar_t* state1 = update.state_count(i) > (adam ? 1 : 0) ? state[first].mutable_data_ptr<scalar_t>() : nullptr;
-      scalar_t* state2 = adam ? state[first + 1].mutable_data_ptr<scalar_t>() : nullptr;
+      // a struct, not a structured binding: a C++17 lambda cannot capture those
+      const TensorState<scalar_t> t = tensor_state<scalar_t>(update, state, i);
       scalar_t* param = params[i].mutable_data_ptr<scalar_t>();
       const scalar_t* grad = grads[i].const_data_ptr<scalar_t>();
       // elementwise: large tensors split across the threads, small ones run in this thread
       at::parallel_for(0, params[i].numel(), kGrain, [&](int64_t begin, int64_t end) {
-        update_tensor<scalar_t>(update.kind, u, param, grad, state1, state2, begin, end, step);
+        update_tensor<scalar_t>(update.kind, u, param, grad, t.state1, t.state2, begin, end, t.step);
       });
     }
   });

@@ -97,4 +97,24 @@ void update_tensor(OptimizerKind kind, const ParamUpdate& u, T* param, const T* 
   loops[index](param, grad, state1, begin, end, u);
 }
 
+// Tensor i's optimizer state in the op's state list, as update_tensor takes it: Adam's step tensor counted
+// up (the new count returned), its exp_avg and exp_avg_sq; SGD's momentum buffer, or none.
+template <typename T>
+struct TensorState {
+  double step;
+  T* state1;
+  T* state2;
+};
+
+template <typename T>
+TensorState<T> tensor_state(const OptimizerUpdate& update, at::TensorList state, size_t i) {
+  const ParamUpdate& u = update.params[i];
+  const bool adam = update.kind == OptimizerKind::kAdam;
+  const double step = adam ? increment_step(state[u.state]) : 0;
+  const int64_t first = adam ? u.state + 1 : u.state;
+  T* state1 = update.state_count(i) > (adam ? 1 : 0) ? state[first].mutable_data_ptr<T>() : nullptr;
+  T* state2 = adam ? state[first + 1].mutable_data_ptr<T>() : nullptr;
+  return {step, state1, state2};
+}
+
 }  // namespace metalearn_fast
