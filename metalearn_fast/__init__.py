@@ -12,6 +12,15 @@ from .train import adapt, pretrain
 
 __version__ = "0.1.0"
 
+
+def load_fewshot(path: str, device: str = "cpu") -> MAML:
+    """The MAML learner that ``metalearn-fast fewshot`` saved as model.pt, ready to ``adapt`` to a new task of
+    raw inputs and ``predict`` its query set (see metalearn_fast.experiments.fewshot.load)."""
+    from .experiments.fewshot import load
+
+    return load(path, device)
+
+
 __all__ = [
     "FewShotTasks",
     "FusedLinearReLU",
@@ -26,6 +35,7 @@ __all__ = [
     "fuse",
     "linear_relu",
     "linear_relu_backward",
+    "load_fewshot",
     "nn",
     "ops",
     "pretrain",

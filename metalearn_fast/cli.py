@@ -1,14 +1,14 @@
-"""The ``metalearn-fast`` command: sine (the main job), info, example, bench."""
+"""The ``metalearn-fast`` command: sine (the main job), fewshot (on your own data), glyphs, info, example, bench."""
 from __future__ import annotations
 
 import argparse
 import importlib.util
-import math
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+
+from .experiments import options
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -67,32 +67,8 @@ class _Parser(argparse.ArgumentParser):  # errors in one line, no usage dump: th
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _number(kind: type, description: str, accept: Callable[[float], bool]) -> Callable[[str], float]:
-    """An argparse type: the text as ``kind``, refused (one line, exit 2) unless ``accept(value)``."""
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
-        if not accept(value):
-            raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}")
-        return value
-
-    return parse
-
-
-_positive_int = _number(int, "a positive integer", lambda value: value >= 1)
-_non_negative_int = _number(int, "a non-negative integer", lambda value: value >= 0)
-_positive_float = _number(float, "a positive finite number", lambda value: value > 0 and math.isfinite(value))
-
-
-def _choice(*choices: str) -> Callable[[str], str]:
-    return _number(str, f"one of {', '.join(choices)}", lambda value: value in choices)
-
-
 def _k_list(text: str) -> list[int]:
-    return sorted({_positive_int(part) for part in text.split(",")})
+    return sorted({options.positive_int(part) for part in text.split(",")})
 
 
 def _resumed_config(args: argparse.Namespace, parser: argparse.ArgumentParser):
@@ -122,10 +98,7 @@ def _rerun_with_backend(args: argparse.Namespace, backend: str) -> int:
 def _sine(args: argparse.Namespace) -> int:
     from . import _ext
 
-    missing = [name for name in ("tqdm", "matplotlib") if importlib.util.find_spec(name) is None]
-    if missing:
-        print(f"{args.prog}: error: the sine job needs {' and '.join(missing)}: pip install 'metalearn-fast[jobs]'",
-              file=sys.stderr)
+    if _missing_job_packages(args, "sine"):
         return 2
     from .experiments import sine
     from .experiments.runs import check_out
@@ -171,33 +144,33 @@ def _run_sine(config, out: Path, state, args: argparse.Namespace) -> int:
 
 
 _SINE_OPTIONS = [  # flag, type (None: a switch), default, help
-    ("--meta-steps", _positive_int, None,
+    ("--meta-steps", options.positive_int, None,
      "meta-training steps (default 30000, 500 with --quick)"),
-    ("--meta-batch", _positive_int, 25, "tasks per meta-step (default 25)"),
-    ("--inner-steps", _positive_int, 1, "inner SGD steps during meta-training (default 1)"),
-    ("--inner-lr", _positive_float, 0.01, "inner SGD learning rate, for every method (default 0.01)"),
-    ("--meta-lr", _positive_float, 1e-3, "Adam learning rate of meta-training and pretraining (default 0.001)"),
+    ("--meta-batch", options.positive_int, 25, "tasks per meta-step (default 25)"),
+    ("--inner-steps", options.positive_int, 1, "inner SGD steps during meta-training (default 1)"),
+    ("--inner-lr", options.positive_float, 0.01, "inner SGD learning rate, for every method (default 0.01)"),
+    ("--meta-lr", options.positive_float, 1e-3, "Adam learning rate of meta-training and pretraining (default 0.001)"),
     ("--first-order", None, False, "first-order MAML (no second derivatives)"),
     ("--meta-sgd", None, False, "Meta-SGD: also learn one inner rate per weight"),
-    ("--k-support", _positive_int, 10, "support points per training task (default 10)"),
-    ("--k-query", _positive_int, 10, "query points per training task (default 10)"),
+    ("--k-support", options.positive_int, 10, "support points per training task (default 10)"),
+    ("--k-query", options.positive_int, 10, "query points per training task (default 10)"),
     ("--eval-k", _k_list, [5, 10, 20], "support-set sizes of the table, K[,K...] (default 5,10,20)"),
-    ("--test-tasks", _positive_int, None,
+    ("--test-tasks", options.positive_int, None,
      "test tasks (default 1000, 200 with --quick)"),
-    ("--test-points", _positive_int, 120, "points per test task: the support sets are its first K, the query set "
+    ("--test-points", options.positive_int, 120, "points per test task: the support sets are its first K, the query set "
      "its last test_points - max K (default 120)"),
-    ("--log-every", _positive_int, None, "meta-steps per point of the logged learning curve (default meta_steps / 200)"),
-    ("--seed", _non_negative_int, 0, "seed of the weights and the training tasks"),
+    ("--log-every", options.positive_int, None, "meta-steps per point of the logged learning curve (default meta_steps / 200)"),
+    ("--seed", options.non_negative_int, 0, "seed of the weights and the training tasks"),
     ("--device", str, "cpu", "cpu, cuda, cuda:N or mps (default cpu)"),
-    ("--threads", _positive_int, 1, "CPU threads for torch (default 1: the sine network's matrices are too small to "
+    ("--threads", options.positive_int, 1, "CPU threads for torch (default 1: the sine network's matrices are too small to "
      "gain from more, and extra threads slow it down badly on a busy machine)"),
     ("--out", str, "sine-results", "folder for the figures and results.json (default sine-results)"),
     ("--quick", None, False, "a run of a few seconds: fewer meta-steps and test tasks"),
-    ("--checkpoint-every", _positive_int, None, "save the whole run to OUT/checkpoint.pt every N training steps (and "
+    ("--checkpoint-every", options.positive_int, None, "save the whole run to OUT/checkpoint.pt every N training steps (and "
      "at the end of each training phase), written whole, so that --resume can continue it after an interruption"),
     ("--resume", str, None, "continue the run whose checkpoint is in DIR, with the options it was started with, to "
      "the same results as a run never interrupted; give no other options"),
-    ("--backend", _choice("auto", "torch"), None, "auto: the compiled kernels when they load; torch: the pure-torch "
+    ("--backend", options.choice("auto", "torch"), None, "auto: the compiled kernels when they load; torch: the pure-torch "
      "fallback (default: METALEARN_FAST_BACKEND, else auto)"),
 ]
 
@@ -214,22 +187,86 @@ def _add_sine_parser(commands) -> None:
             "writes sine_fit.png, sine_learning_curve.png and results.json into --out."
         ),
     )
-    for flag, kind, default, text in _SINE_OPTIONS:
-        if kind is None:
-            sine.add_argument(flag, action="store_true", help=text)
-        else:
-            sine.add_argument(flag, type=kind, default=default, help=text)
+    options.add_options(sine, _SINE_OPTIONS)
     sine.set_defaults(run=_sine, prog=sine.prog, parser=sine)
+
+
+def _missing_job_packages(args: argparse.Namespace, job: str) -> bool:
+    """True, after saying so on one line, when the [jobs] extra is not installed."""
+    missing = [name for name in ("tqdm", "matplotlib", "PIL") if importlib.util.find_spec(name) is None]
+    if missing:
+        print(f"{args.prog}: error: the {job} job needs {', '.join(missing)}: pip install 'metalearn-fast[jobs]'",
+              file=sys.stderr)
+    return bool(missing)
+
+
+def _fewshot(args: argparse.Namespace) -> int:
+    if _missing_job_packages(args, "fewshot"):
+        return 2
+    from .experiments import fewshot
+    from .experiments.runs import check_out
+
+    values = {name: getattr(args, name) for name in fewshot.Config.__dataclass_fields__ if hasattr(args, name)}
+    config = fewshot.config_from_options(values)
+    data, split = fewshot.prepare(config)
+    out = check_out(args.out)
+    print(fewshot.introduction(config, data, split))
+    try:
+        results = fewshot.run(config, data, split, out, command=["metalearn-fast", *args.argv])
+    except KeyboardInterrupt:
+        print(f"\n{args.prog}: interrupted", file=sys.stderr)
+        return 130
+    print(fewshot.summary(results, config))
+    written = ", ".join(str(out / name) for name in results["figures"].values())
+    print(f"\nwrote {written}, {out / 'results.json'} and {out / 'model.pt'} in {results['seconds']['total']:.0f} s")
+    return 0
+
+
+def _glyphs(args: argparse.Namespace) -> int:
+    from .experiments import fewshot_data
+
+    if _missing_job_packages(args, "glyphs"):
+        return 2
+    folder = fewshot_data.write_glyphs(args.folder, args.classes, args.per_class, args.size, args.seed)
+    print(f"wrote {args.classes} classes of {args.per_class} {args.size}x{args.size} images into {folder}")
+    return 0
+
+
+def _add_fewshot_parsers(commands) -> None:
+    from .experiments import fewshot
+
+    parser = commands.add_parser(
+        "fewshot",
+        help="N-way K-shot MAML on your own classes (image folders or .npz) vs pretrain-then-fine-tune",
+        description=(
+            "Splits the classes of DATA into meta-train, meta-validation and meta-test, meta-trains MAML on tasks of "
+            "the meta-train classes and scores it on test tasks of unseen classes against a classifier pretrained on "
+            "all meta-train classes with the same gradient budget (then fine-tuned with a new head) and the untrained "
+            "network. DATA: a folder of class folders of images (e.g. Omniglot's images_background, miniImageNet's "
+            "train folder), or an .npz with x [N, ...] and y [N]. Prints a table of query accuracy after 0, 1 and N "
+            "inner steps and writes results.json, figures and model.pt (metalearn_fast.load_fewshot) into --out."),
+    )
+    parser.add_argument("data", metavar="DATA", help="a folder of class folders of images, or an .npz file")
+    options.add_options(parser, fewshot.OPTIONS)
+    parser.set_defaults(run=_fewshot, prog=parser.prog)
+    glyphs = commands.add_parser("glyphs", help="write a generated set of handwritten-like characters to try fewshot on")
+    glyphs.add_argument("folder", metavar="FOLDER")
+    glyphs.add_argument("--classes", type=options.positive_int, default=100)
+    glyphs.add_argument("--per-class", type=options.positive_int, default=20)
+    glyphs.add_argument("--size", type=options.positive_int, default=28)
+    glyphs.add_argument("--seed", type=options.non_negative_int, default=0)
+    glyphs.set_defaults(run=_glyphs, prog=glyphs.prog)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="metalearn-fast", description="Fast meta-learning for PyTorch.")
     commands = parser.add_subparsers(dest="command", required=True)
     _add_sine_parser(commands)
+    _add_fewshot_parsers(commands)
     commands.add_parser("info", help="which kernels were compiled and which backend runs").set_defaults(run=_info)
     example = commands.add_parser("example", help="the founding example (pretrain, then learn a new task)")
-    example.add_argument("--epochs", type=_non_negative_int, default=10)
-    example.add_argument("--seed", type=_non_negative_int, default=0)
+    example.add_argument("--epochs", type=options.non_negative_int, default=10)
+    example.add_argument("--seed", type=options.non_negative_int, default=0)
     example.set_defaults(run=_example)
     _add_bench_parser(commands)
     return parser

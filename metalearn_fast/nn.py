@@ -9,7 +9,7 @@ from torch import Tensor, nn
 
 from .ops import linear_relu
 
-__all__ = ["FusedLinearReLU", "MLP", "SimpleNet", "fuse", "linear_stack"]
+__all__ = ["FusedLinearReLU", "MLP", "SimpleNet", "Standardize", "batchnorm_mlp", "conv4", "fuse", "linear_stack"]
 
 
 class FusedLinearReLU(nn.Linear):
@@ -134,3 +134,36 @@ def linear_stack(model: nn.Module) -> Optional[list[tuple[Tensor, Tensor, bool]]
     if len(stacked) != len(parameters) or any(a is not b for a, b in zip(stacked, parameters)):
         return None
     return [(weight, bias, relu) for weight, bias, relu in layers]
+
+
+def conv4(in_channels: int, ways: int, hidden: int = 64) -> nn.Sequential:
+    """The MAML paper's Omniglot network: 4 x [conv 3x3, ``hidden`` channels, stride 2, BatchNorm2d with each
+    batch's own statistics, ReLU], mean-pool, Linear(hidden, ways). [N, in_channels, H, W] -> [N, ways]."""
+    layers, channels = [], in_channels
+    for _ in range(4):
+        layers += [nn.Conv2d(channels, hidden, 3, stride=2, padding=1),
+                   nn.BatchNorm2d(hidden, track_running_stats=False), nn.ReLU()]
+        channels = hidden
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(hidden, ways))
+
+
+def batchnorm_mlp(sizes: Sequence[int]) -> nn.Sequential:
+    """The MAML paper's MLP (there 784-256-128-64-64-ways): Linear -> BatchNorm1d with each batch's own
+    statistics -> ReLU between the ``sizes``, a plain Linear last. [N, sizes[0]] -> [N, sizes[-1]]."""
+    layers = []
+    for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1]):
+        layers += [nn.Linear(fan_in, fan_out), nn.BatchNorm1d(fan_out, track_running_stats=False), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(sizes[-2], sizes[-1]))
+
+
+class Standardize(nn.Module):
+    """(x - mean) / std with fixed statistics (buffers, saved in the state_dict): a model that takes raw
+    inputs. mean and std broadcast against one example, e.g. [C, 1, 1] for [N, C, H, W] images."""
+
+    def __init__(self, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).clone())
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).clone())
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std

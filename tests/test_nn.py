@@ -115,3 +115,24 @@ def test_compile_fullgraph_gives_eager_result(backend):
     model(x).sum().backward()
     for g, p in zip(grads, model.parameters()):
         torch.testing.assert_close(g, p.grad)
+
+
+def test_the_papers_two_networks_and_standardize():
+    from torch import nn
+
+    from metalearn_fast.nn import Standardize, batchnorm_mlp, conv4
+
+    net = conv4(3, 5, hidden=8)
+    convs = [m for m in net if isinstance(m, nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels, c.kernel_size, c.stride) for c in convs] == \
+        [(3, 8, (3, 3), (2, 2))] + [(8, 8, (3, 3), (2, 2))] * 3
+    assert all(not m.track_running_stats for m in net if isinstance(m, nn.BatchNorm2d))
+    assert net(torch.rand(4, 3, 28, 28)).shape == (4, 5)
+    mlp = batchnorm_mlp([10, 7, 6, 3])
+    assert [(m.in_features, m.out_features) for m in mlp if isinstance(m, nn.Linear)] == [(10, 7), (7, 6), (6, 3)]
+    assert [type(m).__name__ for m in mlp][-4:] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]
+    mean, std = torch.tensor([[[0.5]], [[1.0]]]), torch.tensor([[[2.0]], [[4.0]]])
+    x = torch.rand(3, 2, 4, 4)
+    expected = torch.stack([(x[:, 0] - 0.5) / 2.0, (x[:, 1] - 1.0) / 4.0], 1)
+    torch.testing.assert_close(Standardize(mean, std)(x), expected)
+    assert set(Standardize(mean, std).state_dict()) == {"mean", "std"}

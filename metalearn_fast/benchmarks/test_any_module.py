@@ -41,19 +41,11 @@ INNER_LR, WAYS, SHOTS = 0.4, 5, 1
 
 
 def conv4() -> nn.Module:
-    layers, channels = [], 1
-    for _ in range(4):
-        layers += [nn.Conv2d(channels, 64, 3, stride=2, padding=1), nn.BatchNorm2d(64, track_running_stats=False),
-                   nn.ReLU()]
-        channels = 64
-    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, WAYS))
+    return mf.nn.conv4(1, WAYS)
 
 
 def bn_mlp() -> nn.Module:
-    layers, sizes = [], (784, 256, 128, 64, 64)
-    for fan_in, fan_out in zip(sizes[:-1], sizes[1:]):
-        layers += [nn.Linear(fan_in, fan_out), nn.BatchNorm1d(fan_out, track_running_stats=False), nn.ReLU()]
-    return nn.Sequential(*layers, nn.Linear(64, WAYS))
+    return mf.nn.batchnorm_mlp((784, 256, 128, 64, 64, WAYS))
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from .. import MAML, MLP, backend_info, reference
 from ..tasks import SinusoidTasks
 from . import runs
+from .options import given
 
 SIZES = [1, 40, 40, 1]  # the MAML paper's network: two hidden layers of 40 ReLU units
 EVAL_INNER_STEPS = (0, 1, 10)  # inner steps after which the table scores each method
@@ -131,10 +132,7 @@ QUICK = {"meta_steps": 500, "test_tasks": 200, "loop_timing_steps": 3}  # what -
 def config_from_options(options: dict) -> Config:
     """A run's configuration from the command line's options (None: the default, or --quick's); UsageError for
     combinations that cannot work."""
-    options = {name: value for name, value in options.items() if value is not None}
-    if options.get("quick"):
-        options = {**QUICK, **options}
-    config = config_from_dict({"log_every": None, **options})
+    config = config_from_dict({"log_every": None, **given(options, QUICK)})
     if config.log_every is None:
         config.log_every = max(1, config.meta_steps // 200)
     config.device = runs.check_device(config.device)

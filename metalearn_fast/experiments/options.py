@@ -1,0 +1,46 @@
+"""The jobs' command-line options: argparse types whose errors name what was expected, and option tables."""
+from __future__ import annotations
+
+import argparse
+import math
+from typing import Callable
+
+
+def number(kind: type, description: str, accept: Callable[[float], bool]) -> Callable[[str], float]:
+    """An argparse type: the text as ``kind``, refused (one line, exit 2) unless ``accept(value)``."""
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}") from None
+        if not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {description}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, "a positive integer", lambda value: value >= 1)
+non_negative_int = number(int, "a non-negative integer", lambda value: value >= 0)
+positive_float = number(float, "a positive finite number", lambda value: value > 0 and math.isfinite(value))
+
+
+def choice(*choices: str) -> Callable[[str], str]:
+    return number(str, f"one of {', '.join(choices)}", lambda value: value in choices)
+
+
+def add_options(parser: argparse.ArgumentParser, table) -> None:
+    """The options of ``table``: (flag, type or None for a switch, default, help) rows."""
+    for flag, kind, default, text in table:
+        if kind is None:
+            parser.add_argument(flag, action="store_true", help=text)
+        else:
+            parser.add_argument(flag, type=kind, default=default, help=text)
+
+
+def given(values: dict, quick: dict) -> dict:
+    """The options given on the command line (None: not given), with ``quick``'s values for those not given
+    when --quick is."""
+    values = {name: value for name, value in values.items() if value is not None}
+    return {**quick, **values} if values.get("quick") else values
