@@ -10,7 +10,9 @@ parameters expanded along a new leading task dimension, then updated per task), 
   ``nn.Linear``/``nn.ReLU``/``FusedLinearReLU``/``nn.Identity``), or an MLP with a callable loss: batched
   matrix products, ``ops.linear_relu`` per hidden layer, one ``ops.sgd_step`` per inner step;
 - "module": any other ``nn.Module``, through ``torch.func.functional_call`` under ``torch.func.vmap`` over
-  tasks (or a loop over tasks when the model cannot run under vmap).
+  tasks: ``meta_loss`` as an inner loop of ``torch.func.grad`` on the meta weights all tasks share
+  (``_func_grad_meta_loss``), ``adapt`` on per-task parameters (or a loop over tasks when the model cannot
+  run under vmap).
 
 Every plan gives the numbers of a per-task loop with ``torch.autograd.grad``. ``max_tasks_per_chunk`` bounds
 the tasks any of them holds at once.
@@ -231,6 +233,8 @@ class MAML(_TaskBatchedLearner):
         self._check_batch(batch)
         if self.plan.kind == "fused":
             return self._fused_meta_loss(batch)
+        if self.plan.uses_func_grad and not self.first_order:
+            return _func_grad_meta_loss(self, batch)
         start = [p.expand(batch.num_tasks, *p.shape) for p in self._meta_parameters()]  # views: gradients flow back
         adapted = self._adapt(start, batch.x_support, batch.y_support, self.inner_steps, not self.first_order,
                               batch.largest_labels[0])
@@ -370,6 +374,51 @@ class MAML(_TaskBatchedLearner):
                 update.kind, settings)
         update.finish(state)
         return loss
+
+
+def _func_grad_meta_loss(maml: MAML, batch: TaskBatch) -> Tensor:
+    """MAML.meta_loss on the module path, second order, as torch.func writes it: vmap over tasks of an inner
+    loop of torch.func.grad, the meta weights shared by all tasks (in_dims None). Shared weights let the first
+    inner step run as one convolution or matrix product over every task's examples and sum the meta-gradient
+    in one op, where per-task copies need grouped ones (BENCHMARKS.md: conv4 0.87x -> 1.00x torch.func's
+    time). First order keeps the per-task copies, whose inner gradient needs no graph (faster there). Models
+    that cannot run so fall back, once and for all, to MAML._adapt's per-task parameters (the same numbers)."""
+    names, parameters = maml.plan.parameter_names, maml._meta_parameters()
+    buffers = dict(maml.model.named_buffers())
+    rates = list(maml.inner_lrs) if maml.inner_lrs is not None else [maml.inner_lr] * len(maml._adapted_indices)
+    support_label, query_label = batch.largest_labels
+
+    def loss_of(weights, x, y, name, largest, model=maml.model):
+        pred = torch.func.functional_call(model, {**buffers, **dict(zip(names, weights))}, (x,))
+        return maml._task_losses(pred.unsqueeze(0), y.unsqueeze(0), name, largest)[0]
+
+    def query_loss(weights, x_support, y_support, x_query, y_query):
+        for _ in range(maml.inner_steps):
+            def support_loss(adapted):
+                merged = list(weights)
+                for i, p in zip(maml._adapted_indices, adapted):
+                    merged[i] = p
+                # differentiated twice: through the model with BatchNorm in plain ops
+                return loss_of(merged, x_support, y_support, "y_support", support_label, maml.plan.func_model())
+
+            adapted = [weights[i] for i in maml._adapted_indices]
+            grads = torch.func.grad(support_loss)(adapted)
+            weights = list(weights)
+            for i, p, g, rate in zip(maml._adapted_indices, adapted, grads, rates):
+                weights[i] = p - rate * g
+        return loss_of(weights, x_query, y_query, "y_query", query_label)
+
+    try:
+        losses = torch.func.vmap(query_loss, in_dims=(None, 0, 0, 0, 0))(
+            parameters, batch.x_support, batch.y_support, batch.x_query, batch.y_query)
+    except Exception:
+        maml.plan.uses_func_grad = False
+        try:
+            return maml.meta_loss(batch)
+        except Exception:  # the batch's or the loss's fault, not the model's: its error, and the path stays
+            maml.plan.uses_func_grad = True
+            raise
+    return losses.mean()
 
 
 class Reptile(_TaskBatchedLearner):

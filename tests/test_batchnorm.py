@@ -11,6 +11,7 @@ from torch import nn
 from torch.func import functional_call
 
 from metalearn_fast import MAML, Reptile, TaskBatch
+from metalearn_fast.plan import ModelPlan
 
 T, K, Q, INNER_LR, STEPS = 4, 6, 5, 0.1, 2
 
@@ -102,3 +103,28 @@ def test_running_statistics_are_refused_naming_the_module(learner):
             MAML(bn_mlp(track=True))
         else:
             Reptile(bn_mlp(track=True), inner_lr=0.1, inner_steps=1, outer_lr=0.1)
+
+
+@pytest.mark.parametrize("norm, shape", [(lambda: nn.BatchNorm1d(5, track_running_stats=False), (7, 5)),
+                                         (lambda: nn.BatchNorm1d(5, affine=False, track_running_stats=False), (7, 5, 3)),
+                                         (lambda: nn.BatchNorm2d(5, eps=1e-3, track_running_stats=False), (4, 5, 3, 2))])
+def test_the_torch_func_path_computes_batchnorm_as_torch_does(norm, shape):
+    """The module path runs BatchNorm in plain ops under torch.func (plan.ModelPlan.func_model): the same
+    values and first and second derivatives as torch's own."""
+    torch.manual_seed(0)
+    model = nn.Sequential(norm(), nn.Tanh()).double()
+    if model[0].affine:
+        nn.init.normal_(model[0].weight)
+        nn.init.normal_(model[0].bias)
+    twin = ModelPlan(model, builtin_loss=True).func_model()
+    assert type(twin[0]).__name__ == "_BatchNormFromOps"
+    assert [name for name, _ in twin.named_parameters()] == [name for name, _ in model.named_parameters()]
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    outputs = []
+    for net in (model, twin):
+        y = net(x)
+        (g,) = torch.autograd.grad(y.pow(3).sum(), x, create_graph=True)
+        (gg,) = torch.autograd.grad(g.pow(2).sum(), x)
+        outputs.append((y, g, gg))
+    for ours, torchs in zip(outputs[1], outputs[0]):
+        torch.testing.assert_close(ours, torchs, rtol=1e-10, atol=1e-12)

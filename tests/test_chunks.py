@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from metalearn_fast import MAML, MLP, Reptile, TaskBatch, ops
+from metalearn_fast import maml as maml_module
 
 T, CHUNK = 7, 3  # chunks of 3, 3 and 1 tasks
 VARIANTS = {
@@ -106,14 +107,16 @@ def test_no_computation_holds_more_than_a_chunk(plan, monkeypatch):
     maml = MAML(model(), inner_lr=0.1, loss=loss, max_tasks_per_chunk=CHUNK)
     seen = []
 
-    def recording(function, x_index):
+    def recording(function, x_index, tasks=lambda x: x.shape[0]):
         def record(*args, **kwargs):
-            seen.append(args[x_index].shape[0])
+            seen.append(tasks(args[x_index]))
             return function(*args, **kwargs)
         return record
 
     monkeypatch.setattr("metalearn_fast.maml.maml_mlp_loss", recording(ops.maml_mlp_loss, 2))
     monkeypatch.setattr("metalearn_fast.maml.maml_mlp_meta_step_", recording(ops.maml_mlp_meta_step_, 4))
     monkeypatch.setattr(maml.plan, "forward", recording(maml.plan.forward, 1))
+    monkeypatch.setattr("metalearn_fast.maml._func_grad_meta_loss",
+                        recording(maml_module._func_grad_meta_loss, 1, lambda batch: batch.num_tasks))
     maml.meta_step(make_batch(loss, torch.float32), torch.optim.Adam(maml.parameters(), lr=0.01))
     assert seen and max(seen) == CHUNK

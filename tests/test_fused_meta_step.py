@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 import metalearn_fast as mf
 from metalearn_fast import MAML, MLP, Reptile, TaskBatch, ops, reference
-from metalearn_fast.optim import FusedUpdate
 
 SIZES = [3, 8, 8, 2]
 TASKS, SUPPORT, QUERY = 4, 5, 6

@@ -191,6 +191,8 @@ def test_generic_path_variants_match_the_loop(path, variant):
         maml.meta_loss(batch)  # the switch to the loop is made (and announced) once
     vmap_warnings = [w for w in caught if "torch.func.vmap" in str(w.message)]
     assert len(vmap_warnings) == (1 if path == "loop" else 0)
+    # the meta-loss ran under torch.func.grad where the model allows it (MAML), else on per-task weights
+    assert maml.plan.uses_func_grad == (path == "wrapped")
     expected = loop_for(maml, model, batch, "mse")
     torch.testing.assert_close(ours, expected, **CLOSE)
     assert_all_close(torch.autograd.grad(ours, list(model.parameters())),
@@ -553,6 +555,7 @@ def test_model_that_cannot_run_per_task_is_named():
     with pytest.raises(TypeError, match="model could not run.*this model cannot run"):
         maml.meta_loss(batch)
     assert maml.plan._uses_vmap  # a model that fails everywhere does not demote vmap for later calls
+    assert maml.plan.uses_func_grad  # nor the torch.func.grad meta-loss
 
 
 @pytest.mark.parametrize("path", ["fast", "generic"])
