@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import os
 from typing import Callable, Iterator, Optional, Sequence
 
@@ -139,6 +140,7 @@ def _end_process_group(synchronised_exit: bool) -> None:
                 pass
     finally:
         dist.destroy_process_group()
+        gc.collect()  # free what still refers to the group's work now, not during interpreter shutdown
 
 
 def shard_sizes(num_tasks: int, world_size: int) -> list[int]:
@@ -227,6 +229,9 @@ def _all_reduce(tensor: Tensor, where: str, cause: Optional[BaseException] = Non
         dist.all_reduce(tensor)
     except Exception as error:
         detail = f"; this rank had failed too: {_describe(cause)}" if cause is not None else ""
+        # the failed call's frames hold its gloo work: drop them, so that the work is freed with the group, not
+        # at interpreter exit, where freeing it can abort the process (SIGABRT) after the error was reported
+        error.__traceback__ = None
         raise CollectiveError(
             f"{where}: the all_reduce with the other ranks failed: a rank died, was killed, left the group, or did "
             f"not reach this step within the process group's timeout ({_describe(error)}){detail}"

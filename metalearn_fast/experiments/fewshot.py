@@ -442,8 +442,7 @@ def plot_learning_curve(job: Run, random_init_accuracy: float, config: Config, p
     right.axhline(100 / config.ways, color="black", linestyle=":", linewidth=1, label="chance")
     left.set(xlabel="training budget spent (MAML meta-steps)", ylabel="cross-entropy", title="Training losses")
     right.set(xlabel="training budget spent (MAML meta-steps)", ylabel="query accuracy (%)",
-              title=f"Meta-validation: {config.validation_tasks} tasks, after {config.eval_steps} inner steps "
-              "(★: the weights tested)")
+              title=f"Meta-validation: {config.validation_tasks} tasks, {config.eval_steps} inner steps (★ tested)")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)
