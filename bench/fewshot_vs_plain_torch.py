@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from metalearn_fast.cli import build_parser
-from metalearn_fast.experiments import fewshot
+from metalearn_fast.experiments import fewshot, options
 from metalearn_fast.tasks import FewShotTasks
 
 
@@ -55,8 +55,7 @@ def plain_meta_step(model, params, optimizer, batch, config):
 
 def main(argv):
     args = build_parser().parse_args(["fewshot", *argv])
-    values = {name: getattr(args, name) for name in fewshot.Config.__dataclass_fields__ if hasattr(args, name)}
-    config = fewshot.config_from_options(values)
+    config = fewshot.config_from_options(options.config_values(args, fewshot.Config))
     if config.meta_sgd or config.anil:
         raise SystemExit("this comparison runs plain MAML and first-order MAML only")
     data, split = fewshot.prepare(config)
@@ -81,7 +80,7 @@ def main(argv):
             print(f"first meta-gradient: largest difference {difference:.1e} (largest entry {scale:.1e})")
     ours_ms, plain_ms = (1000 * s / config.meta_steps for s in (ours_seconds, plain_seconds))
 
-    test = fewshot._tasks(job.sets["test"], config, config.test_tasks, fewshot.TEST_SEED)
+    test = fewshot.sample_tasks(job.sets["test"], config, config.test_tasks, fewshot.TEST_SEED)
     print(f"{config.ways}-way {config.shots}-shot, model {config.model}, {config.meta_steps} meta-steps of "
           f"{config.meta_batch} tasks, {config.test_tasks} test tasks of unseen classes")
     print(f"ms per meta-step: metalearn_fast {ours_ms:.1f}, plain-torch loop {plain_ms:.1f} "

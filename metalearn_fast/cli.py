@@ -107,8 +107,8 @@ def _sine(args: argparse.Namespace) -> int:
         config, state = _resumed_config(args, args.parser)
         backend, out = state["backend"], check_out(args.resume)
     else:  # what argparse cannot check is checked here (UsageError)
-        options = {name: getattr(args, name) for name in sine.Config.__dataclass_fields__ if hasattr(args, name)}
-        config, state, backend, out = sine.config_from_options(options), None, args.backend, check_out(args.out)
+        values = options.config_values(args, sine.Config)
+        config, state, backend, out = sine.config_from_options(values), None, args.backend, check_out(args.out)
     try:
         if state is not None:  # the saved run's backend, not the one this process would pick
             from . import backend_info
@@ -206,8 +206,7 @@ def _fewshot(args: argparse.Namespace) -> int:
     from .experiments import fewshot
     from .experiments.runs import check_out
 
-    values = {name: getattr(args, name) for name in fewshot.Config.__dataclass_fields__ if hasattr(args, name)}
-    config = fewshot.config_from_options(values)
+    config = fewshot.config_from_options(options.config_values(args, fewshot.Config))
     data, split = fewshot.prepare(config)
     out = check_out(args.out)
     print(fewshot.introduction(config, data, split))

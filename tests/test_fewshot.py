@@ -9,16 +9,10 @@ import torch
 from PIL import Image
 
 import metalearn_fast
-from metalearn_fast.cli import main
 from metalearn_fast.experiments import fewshot, fewshot_data
 from metalearn_fast.experiments.runs import UsageError
 
-
-def run_main(argv):
-    try:
-        return main(argv)
-    except SystemExit as exit:  # argparse's own errors
-        return exit.code
+from cli_helpers import run_main
 
 
 def write_images(root, counts, size=(6, 5), mode="L", seed=0):

@@ -14,8 +14,9 @@ import torch
 from torch import nn
 
 from metalearn_fast import MAML, MLP, Reptile
-from metalearn_fast.cli import main
 from metalearn_fast.tasks import FewShotTasks, SinusoidTasks
+
+from cli_helpers import run_main
 
 # ---- state_dict: learner + optimizer + sampler continue bit-identically ----
 
@@ -90,13 +91,6 @@ def test_a_sampler_state_belongs_to_its_seed():
 # ---- the main job: Ctrl-C, files written whole, --resume ----
 
 JOB = ["sine", "--meta-steps", "60", "--meta-batch", "7", "--test-tasks", "20", "--log-every", "1"]
-
-
-def run_main(argv):
-    try:
-        return main(argv)
-    except SystemExit as exit:
-        return exit.code
 
 
 def comparable(results):

@@ -9,15 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from metalearn_fast.cli import main
-
-
-def run_main(argv):
-    """main(argv) in this process; its exit status."""
-    try:
-        return main(argv)
-    except SystemExit as exit:  # argparse's own errors
-        return exit.code
+from cli_helpers import run_main
 
 
 def run_module(argv, backend_env=None):

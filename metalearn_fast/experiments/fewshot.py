@@ -215,6 +215,10 @@ class Run:
         self.phases = {"maml": runs.Phase.start(config.meta_steps, self.device),
                        "pretrain": runs.Phase.start(config.pretrain_steps(), self.device)}
 
+    def split_names(self) -> dict:
+        """{"train", "validation", "test"}: the names of each split's classes."""
+        return {name: subset.class_names for name, subset in self.sets.items()}
+
     def learners(self) -> dict:
         """Each method as a MAML learner whose adapt() is its fine-tuning on a test task."""
         config = self.config
@@ -247,7 +251,8 @@ def accuracy(learner: MAML, tasks: TaskBatch, steps: int) -> Tensor:
     return torch.cat(scores)
 
 
-def _tasks(data: Dataset, config: Config, count: int, seed: int) -> TaskBatch:
+def sample_tasks(data: Dataset, config: Config, count: int, seed: int) -> TaskBatch:
+    """``count`` tasks of the run's shape (ways, shots, query) from ``data``'s classes, drawn with ``seed``."""
     return FewShotTasks(data.x, data.y, config.ways, config.shots, config.query, seed=seed).sample(
         count, device=config.device)
 
@@ -256,9 +261,9 @@ def run(config: Config, data: Dataset, split: dict, out: Path, command: Optional
     """Trains, evaluates, writes results.json, the figures and model.pt into ``out``; returns the results."""
     started = time.perf_counter()
     job = Run(config, data, split)
-    validation_tasks = _tasks(job.sets["validation"], config, config.validation_tasks, VALIDATION_SEED)
+    validation_tasks = sample_tasks(job.sets["validation"], config, config.validation_tasks, VALIDATION_SEED)
     learners = job.learners
-
+    models = {"maml": job.maml, "pretrained": job.pretrained}  # the trained methods
     best = {}  # method: (validation accuracy, state_dict) of its best checkpoint
 
     def validate(method: str):  # the method's mean accuracy on the validation tasks after N inner steps
@@ -270,7 +275,6 @@ def run(config: Config, data: Dataset, split: dict, out: Path, command: Optional
 
         return score
 
-    models = {"maml": job.maml, "pretrained": job.pretrained}
     for name, method, step, next_batch, desc, label in (
         ("maml", "maml", lambda batch: job.maml.meta_step(batch, job.maml_optimizer),
          lambda: job.tasks.sample(config.meta_batch), "meta-training MAML", "meta-loss"),
@@ -285,22 +289,22 @@ def run(config: Config, data: Dataset, split: dict, out: Path, command: Optional
     random_init_validation = validate("random_init")()
 
     evaluation_started = time.perf_counter()
-    test = _tasks(job.sets["test"], config, config.test_tasks, TEST_SEED)
+    test = sample_tasks(job.sets["test"], config, config.test_tasks, TEST_SEED)
     rows, adapted = evaluate(learners(), test, config)
     evaluation_seconds = time.perf_counter() - evaluation_started
     figures = {"learning_curve": "fewshot_learning_curve.png"}
     plot_learning_curve(job, random_init_validation, config, out / figures["learning_curve"])
     if data.is_image:
         figures["tasks"] = "fewshot_tasks.png"
-        plot_tasks(test, adapted, job.sets["test"].class_names, config, out / figures["tasks"])
-    save(job, split, data.class_names, out / "model.pt")
+        plot_tasks(test, adapted, config, out / figures["tasks"])
+    save(job, out / "model.pt")
     maml_phase, pretrain_phase = job.phases["maml"], job.phases["pretrain"]
     results = {
         "config": dataclasses.asdict(config),
         "backend": backend_info()["active"],
         "torch": torch.__version__,
         "data": {"examples": len(data.y), "classes": len(data.class_names), "input_shape": list(data.x.shape[1:]),
-                 "split": {name: [data.class_names[c] for c in classes] for name, classes in split.items()},
+                 "split": job.split_names(),
                  "mean": job.mean.flatten().tolist(), "std": job.std.flatten().tolist()},
         "seconds": {"total": time.perf_counter() - started, "maml": maml_phase.seconds,
                     "pretrain": pretrain_phase.seconds, "evaluation": evaluation_seconds},
@@ -339,11 +343,10 @@ def evaluate(learners: dict, test: TaskBatch, config: Config) -> tuple[list, dic
     return rows, shown
 
 
-def save(job: Run, split: dict, class_names: list, path: Path) -> None:
+def save(job: Run, path: Path) -> None:
     """model.pt: the meta-trained learner's state and what rebuilds it (``load``)."""
     state = {"job": "fewshot", "config": dataclasses.asdict(job.config),
-             "input_shape": list(job.sets["train"].x.shape[1:]),
-             "split": {name: [class_names[c] for c in classes] for name, classes in split.items()},
+             "input_shape": list(job.sets["train"].x.shape[1:]), "split": job.split_names(),
              "maml": {name: value.cpu() for name, value in job.maml.state_dict().items()}}
     runs.write_atomically(path, lambda partial: torch.save(state, partial))
 
@@ -452,7 +455,7 @@ def plot_learning_curve(job: Run, random_init_accuracy: float, config: Config, p
     runs.save_figure(figure, path)
 
 
-def plot_tasks(test: TaskBatch, predicted: dict, class_names: list, config: Config, path: Path) -> None:
+def plot_tasks(test: TaskBatch, predicted: dict, config: Config, path: Path) -> None:
     """A few test tasks: the support images with their classes, then query images with MAML's prediction after
     N steps (green: right, red: wrong)."""
     import matplotlib

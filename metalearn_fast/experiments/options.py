@@ -39,6 +39,11 @@ def add_options(parser: argparse.ArgumentParser, table) -> None:
             parser.add_argument(flag, type=kind, default=default, help=text)
 
 
+def config_values(args: argparse.Namespace, config_class) -> dict:
+    """The parsed options that are fields of the job's Config dataclass, by field name."""
+    return {name: getattr(args, name) for name in config_class.__dataclass_fields__ if hasattr(args, name)}
+
+
 def given(values: dict, quick: dict) -> dict:
     """The options given on the command line (None: not given), with ``quick``'s values for those not given
     when --quick is."""
