@@ -71,14 +71,6 @@ std::pair<LossKind, TrainBatches> check_mlp_train_args(at::TensorList params, at
   return {kind, TrainBatches{n, batch_size, (n + batch_size - 1) / batch_size}};
 }
 
-std::vector<double> settings_after_first_step(c10::string_view optimizer, c10::ArrayRef<double> settings) {
-  std::vector<double> after(settings.begin(), settings.end());
-  if (optimizer == "sgd") {
-    for (size_t i = 6; i < after.size(); i += kSettingsPerParam) after[i] = 1;  // has_buffer
-  }
-  return after;
-}
-
 namespace {
 
 // The loss of logits z [B, C] against target (values [B, C] or labels [B]) and its gradient w.r.t. z,
@@ -99,11 +91,9 @@ std::pair<at::Tensor, at::Tensor> loss_and_grad(LossKind kind, const at::Tensor&
 
 at::Tensor mlp_train_epoch_aten(at::TensorList params, at::TensorList grads, at::TensorList state, const at::Tensor& x,
                                 const at::Tensor& y, const std::optional<at::Tensor>& order, LossKind kind,
-                                const TrainBatches& batches, c10::string_view optimizer,
-                                c10::ArrayRef<double> settings) {
+                                const TrainBatches& batches, OptimizerUpdate update) {
   const size_t layers = params.size() / 2;
   at::Tensor losses = at::empty({batches.count}, params[0].options());
-  std::vector<double> step_settings(settings.begin(), settings.end());
   std::vector<at::Tensor> inputs(layers);  // a_l, the input of layer l (a_0 = the batch's x)
   for (int64_t batch = 0; batch < batches.count; ++batch) {
     const int64_t start = batch * batches.size, rows = batches.rows(batch);
@@ -129,8 +119,14 @@ at::Tensor mlp_train_epoch_aten(at::TensorList params, at::TensorList grads, at:
       at::sum_out(bias_grad, d, 0);
       if (l > 0) d = at::threshold_backward(at::mm(d, params[2 * l]), inputs[l], 0);
     }
-    call_optimizer_step(params, grads, state, optimizer, step_settings);
-    if (batch == 0) step_settings = settings_after_first_step(optimizer, settings);
+    // torch.optim's own ops, not the CPU's raw loops: their rounding differs from torch's kernels (which
+    // fuse multiply-adds) by an ulp, and over a long run an ulp can tip a ReLU unit sitting on its
+    // threshold, taking float32 training far from plain torch's. With layers this large the GEMMs
+    // dominate, and the update costs nothing noticeable.
+    optimizer_update_aten(update, params, grads, state);
+    if (batch == 0) {
+      for (auto& u : update.params) u.has_buffer = true;  // every momentum buffer now holds a history
+    }
   }
   return losses;
 }
@@ -142,8 +138,8 @@ at::Tensor mlp_train_epoch_composite(at::TensorList params, at::TensorList grads
                                      int64_t batch_size, c10::string_view loss, c10::string_view optimizer,
                                      c10::ArrayRef<double> settings) {
   const auto [kind, batches] = check_mlp_train_args(params, grads, x, y, order, batch_size, loss);
-  parse_optimizer("mlp_train_epoch_", optimizer, settings, params, grads, state);
-  return mlp_train_epoch_aten(params, grads, state, x, y, order, kind, batches, optimizer, settings);
+  const OptimizerUpdate update = parse_optimizer("mlp_train_epoch_", optimizer, settings, params, grads, state);
+  return mlp_train_epoch_aten(params, grads, state, x, y, order, kind, batches, update);
 }
 
 }  // namespace

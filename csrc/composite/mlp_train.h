@@ -8,6 +8,7 @@
 #include <optional>
 
 #include "composite/maml_mlp.h"
+#include "composite/optimizer.h"
 
 namespace metalearn_fast {
 
@@ -28,10 +29,6 @@ std::pair<LossKind, TrainBatches> check_mlp_train_args(at::TensorList params, at
 // The epoch in ATen ops (any device), arguments already checked.
 at::Tensor mlp_train_epoch_aten(at::TensorList params, at::TensorList grads, at::TensorList state, const at::Tensor& x,
                                 const at::Tensor& y, const std::optional<at::Tensor>& order, LossKind kind,
-                                const TrainBatches& batches, c10::string_view optimizer,
-                                c10::ArrayRef<double> settings);
-
-// SGD's settings after a step: every momentum buffer then holds a history (see composite/optimizer.h).
-std::vector<double> settings_after_first_step(c10::string_view optimizer, c10::ArrayRef<double> settings);
+                                const TrainBatches& batches, OptimizerUpdate update);
 
 }  // namespace metalearn_fast

@@ -177,7 +177,7 @@ at::Tensor mlp_train_epoch_cpu(at::TensorList params, at::TensorList grads, at::
     });
   }
 #endif
-  return mlp_train_epoch_aten(params, grads, state, x, y, order, kind, batches, optimizer, settings);
+  return mlp_train_epoch_aten(params, grads, state, x, y, order, kind, batches, update);
 }
 
 }  // namespace
