@@ -60,17 +60,16 @@ def higher_meta_backward(net: nn.Module, loss_fn: Callable, batch: Sequence[Tens
     return meta_backward
 
 
-def learn2learn_meta_backward(net: nn.Module, loss_fn: Callable, batch: Sequence[Tensor], inner_lr: float,
-                              inner_steps: int, first_order: bool) -> Callable[[], Tensor]:
-    import learn2learn
-
-    maml = learn2learn.algorithms.MAML(net, lr=inner_lr, first_order=first_order)
+def clone_adapt_meta_backward(meta_learner, loss_fn: Callable, batch: Sequence[Tensor],
+                              inner_steps: int) -> Callable[[], Tensor]:
+    """learn2learn's per-task loop, for any learner with its API (learn2learn's or metalearn_fast.l2l's MAML or
+    MetaSGD): clone, adapt inner_steps times on the support set, backpropagate the query loss of each task."""
     tasks = batch[0].shape[0]
 
     def meta_backward():
         total = 0
         for x_support, y_support, x_query, y_query in zip(*batch):
-            learner = maml.clone()
+            learner = meta_learner.clone()
             for _ in range(inner_steps):
                 learner.adapt(loss_fn(learner(x_support), y_support))
             loss = loss_fn(learner(x_query), y_query) / tasks
@@ -79,3 +78,11 @@ def learn2learn_meta_backward(net: nn.Module, loss_fn: Callable, batch: Sequence
         return total
 
     return meta_backward
+
+
+def learn2learn_meta_backward(net: nn.Module, loss_fn: Callable, batch: Sequence[Tensor], inner_lr: float,
+                              inner_steps: int, first_order: bool) -> Callable[[], Tensor]:
+    import learn2learn
+
+    maml = learn2learn.algorithms.MAML(net, lr=inner_lr, first_order=first_order)
+    return clone_adapt_meta_backward(maml, loss_fn, batch, inner_steps)
