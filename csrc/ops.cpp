@@ -30,6 +30,12 @@ TORCH_LIBRARY(metalearn_fast, m) {
   m.def(
       "maml_mlp_loss(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
       " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer) -> Tensor");
+  // The gradient of the mean loss ("mse": y [N, O]; "cross_entropy": y [N] labels) of an MLP on x [N, I]
+  // w.r.t. its params [W0, b0, W1, b1, ...], as one autograd node whose backward is an analytic
+  // Hessian-vector product (learn2learn-style adapt() steps, second order, without a graph of small ops).
+  m.def("mlp_loss_grad(Tensor[] params, Tensor x, Tensor y, str loss) -> Tensor[]");
+  // That loss's Hessian applied to a direction (one tensor per param, None for zero): mlp_loss_grad's backward.
+  m.def("mlp_loss_hessian_times(Tensor[] params, Tensor x, Tensor y, str loss, Tensor?[] direction) -> Tensor[]");
   // torch.optim's Adam/AdamW/SGD step on params, from grads, updating the optimizer's state tensors in
   // place; optimizer "adam" or "sgd", settings and state laid out as composite/optimizer.h says.
   m.def(

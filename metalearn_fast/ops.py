@@ -21,6 +21,7 @@ __all__ = [
     "sgd_step",
     "sgd_step_",
     "maml_mlp_loss",
+    "mlp_loss_grad",
     "optimizer_step_",
     "mlp_train_epoch_",
     "maml_mlp_meta_step_",
@@ -47,6 +48,10 @@ SCHEMAS = {
         "maml_mlp_loss(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
         " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer) -> Tensor"
     ),
+    "mlp_loss_grad": "mlp_loss_grad(Tensor[] params, Tensor x, Tensor y, str loss) -> Tensor[]",
+    "mlp_loss_hessian_times": (
+        "mlp_loss_hessian_times(Tensor[] params, Tensor x, Tensor y, str loss, Tensor?[] direction) -> Tensor[]"
+    ),
     "optimizer_step_": (
         "optimizer_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state, str optimizer, float[] settings) -> ()"
     ),
@@ -71,7 +76,7 @@ _extension = _ext.load()
 # Ops with one kernel per device; the MAML ops are composites of ATen ops (any device); the training
 # ops update parameters and optimizer state in place, outside autograd (as torch.optim does).
 DEVICE_OPS = ("linear_relu", "linear_relu_backward", "sgd_step", "sgd_step_")
-MAML_OPS = ("maml_mlp_meta_grad", "maml_mlp_loss")
+MAML_OPS = ("maml_mlp_meta_grad", "maml_mlp_loss", "mlp_loss_grad", "mlp_loss_hessian_times")
 TRAINING_OPS = ("optimizer_step_", "mlp_train_epoch_", "maml_mlp_meta_step_", "reptile_mlp_step_")
 
 
@@ -168,9 +173,15 @@ def _maml_mlp_loss_fake(params, lr, x_support, y_support, x_query, y_query, inne
     return x_query.new_empty(())
 
 
+def _like_params_fake(params, *_):
+    return [torch.empty_like(p) for p in params]
+
+
 if _extension is not None:  # the fallback's composites trace themselves
     torch.library.register_fake("metalearn_fast::maml_mlp_meta_grad")(_maml_mlp_meta_grad_fake)
     torch.library.register_fake("metalearn_fast::maml_mlp_loss")(_maml_mlp_loss_fake)
+    torch.library.register_fake("metalearn_fast::mlp_loss_grad")(_like_params_fake)
+    torch.library.register_fake("metalearn_fast::mlp_loss_hessian_times")(_like_params_fake)
 
 
 def _optimizer_step_fake(params, grads, state, optimizer, settings):
@@ -199,6 +210,7 @@ if _extension is not None:  # the fallback's composites trace themselves
 
 _maml_mlp_meta_grad = torch.ops.metalearn_fast.maml_mlp_meta_grad.default
 _maml_mlp_loss = torch.ops.metalearn_fast.maml_mlp_loss.default
+_mlp_loss_grad = torch.ops.metalearn_fast.mlp_loss_grad.default
 _linear_relu = torch.ops.metalearn_fast.linear_relu.default
 _linear_relu_backward = torch.ops.metalearn_fast.linear_relu_backward.default
 _sgd_step = torch.ops.metalearn_fast.sgd_step.default
@@ -310,6 +322,16 @@ def maml_mlp_loss(
     params = list(params)
     return _maml_mlp_loss(params, _rates(params, lr, "maml_mlp_loss"), x_support, y_support, x_query, y_query, int(inner_steps), bool(first_order),
                           str(loss), int(first_adapted_layer))
+
+
+def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, loss: str = "mse") -> list[Tensor]:
+    """The gradient of the mean loss of an MLP on one task w.r.t. its params, differentiable again.
+
+    params: [W0 [O,I], b0 [O], W1, b1, ...] (ReLU between layers); x: [N, I]; y: [N, O] for "mse" or [N]
+    int64 labels for "cross_entropy". Returns one gradient per param. With the extension it is one op and
+    one autograd node whose backward is the loss's analytic Hessian-vector product (any order); on the
+    fallback, autograd.grad with create_graph. x and y must not require grad."""
+    return _mlp_loss_grad(list(params), x, y, str(loss))
 
 
 def _has_kernel(dispatch_key: str) -> bool:

@@ -343,6 +343,44 @@ def maml_mlp_loss(
         return task_losses(mlp_forward(x_query, fast), y_query, loss).mean()
 
 
+def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, loss: str) -> list[Tensor]:
+    """The gradient of the mean loss of an MLP on one task (x [N, I]; y [N, D] for mse, [N] labels for
+    cross_entropy) w.r.t. params [W0, b0, W1, b1, ...], by autograd: differentiable again when params
+    require grad (create_graph)."""
+    if len(params) == 0:
+        raise ValueError("mlp_loss_grad: params is empty")
+    if x.dim() != 2 or x.shape[0] == 0:
+        raise ValueError(f"mlp_loss_grad: x must be [N, I] with N >= 1, got {list(x.shape)}")
+    if loss == "mse" and (y.dim() != 2 or y.shape[0] != x.shape[0]):
+        raise ValueError(f"mlp_loss_grad: y must be [{x.shape[0]}, outputs] for the mse loss, got {list(y.shape)}")
+    if loss == "cross_entropy" and (y.dim() != 1 or y.shape[0] != x.shape[0]):
+        raise ValueError(f"mlp_loss_grad: y must be [{x.shape[0]}] class labels for cross_entropy, got {list(y.shape)}")
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        raise ValueError("mlp_loss_grad: x and y must not require grad (the op differentiates w.r.t. params only); "
+                         "detach them")
+    _check_maml_args(params, [torch.zeros((), dtype=params[0].dtype)], x[None], y[None], x[None], y[None], 1, loss, 0)
+    outer = torch.is_grad_enabled() and any(p.requires_grad for p in params)
+    with torch.enable_grad():
+        leaves = [p if outer and p.requires_grad else p.detach().requires_grad_() for p in params]
+        value = task_losses(mlp_forward(x[None], leaves), y[None], loss).sum()
+        grads = torch.autograd.grad(value, leaves, create_graph=outer)
+    return list(grads) if outer else [g.detach() for g in grads]
+
+
+def mlp_loss_hessian_times(params: Sequence[Tensor], x: Tensor, y: Tensor, loss: str,
+                           direction: Sequence[Optional[Tensor]]) -> list[Tensor]:
+    """The Hessian of mlp_loss_grad's loss applied to direction (one tensor per param, None for zero), by
+    autograd: the gradient of <grad, direction>."""
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_() for p in params]
+        grads = mlp_loss_grad(leaves, x, y, loss)
+        wanted = [(g, d) for g, d in zip(grads, direction) if d is not None]
+        if not wanted:
+            return [torch.zeros_like(p) for p in params]
+        found = torch.autograd.grad([g for g, _ in wanted], leaves, [d for _, d in wanted], allow_unused=True)
+    return [torch.zeros_like(p) if f is None else f for f, p in zip(found, params)]
+
+
 def maml_mlp_meta_grad(
     params: Sequence[Tensor],
     lr: Sequence[Tensor],

@@ -193,8 +193,7 @@ const Tensor& rate(const std::vector<Tensor>& lr, size_t param) { return lr.size
 }  // namespace
 
 void check_maml_args(at::TensorList params, at::TensorList lr, const Tensor& xs, const Tensor& ys, const Tensor& xq,
-                     const Tensor& yq, int64_t inner_steps, LossKind kind, int64_t first_adapted) {
-  const char* op = "maml_mlp_meta_grad";
+                     const Tensor& yq, int64_t inner_steps, LossKind kind, int64_t first_adapted, const char* op) {
   TORCH_CHECK_VALUE(params.size() >= 2 && params.size() % 2 == 0, op,
                     ": params must be [weight_0, bias_0, weight_1, bias_1, ...], got ", params.size(), " tensors");
   const int64_t count = static_cast<int64_t>(params.size() / 2);
@@ -396,9 +395,9 @@ MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const
                  compute_grad, compute_lr_grad);
 }
 
-LossKind maml_loss_kind(c10::string_view loss_name) {
-  TORCH_CHECK_VALUE(loss_name == "mse" || loss_name == "cross_entropy",
-                    "maml_mlp_meta_grad: loss must be 'mse' or 'cross_entropy', got '", std::string(loss_name), "'");
+LossKind maml_loss_kind(c10::string_view loss_name, const char* op) {
+  TORCH_CHECK_VALUE(loss_name == "mse" || loss_name == "cross_entropy", op,
+                    ": loss must be 'mse' or 'cross_entropy', got '", std::string(loss_name), "'");
   return loss_name == "mse" ? LossKind::kMse : LossKind::kCrossEntropy;
 }
 
@@ -476,7 +475,102 @@ Tensor reptile_update_(at::TensorList params, const std::vector<Tensor>& means, 
   return loss;
 }
 
+std::vector<Tensor> optional_tensors(const c10::List<std::optional<Tensor>>& list) {
+  std::vector<Tensor> out;
+  for (const auto& item : list) {
+    const std::optional<Tensor> value = item;
+    out.push_back(value.has_value() ? *value : Tensor());
+  }
+  return out;
+}
+
+LossKind check_mlp_loss_grad_args(at::TensorList params, const Tensor& x, const Tensor& y,
+                                  c10::string_view loss_name) {
+  const char* op = "mlp_loss_grad";
+  const LossKind kind = maml_loss_kind(loss_name, op);
+  TORCH_CHECK_VALUE(!params.empty(), op, ": params is empty");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(0) > 0, op, ": x must be [N, I] with N >= 1, got ", x.sizes());
+  TORCH_CHECK_TYPE(x.scalar_type() == params[0].scalar_type(), op, ": x must have the params' dtype ",
+                   params[0].scalar_type(), ", got ", x.scalar_type());
+  TORCH_CHECK_VALUE(x.device() == params[0].device() && y.device() == x.device(), op,
+                    ": x and y must be on the params' device ", params[0].device());
+  if (kind == LossKind::kMse) {
+    TORCH_CHECK_VALUE(y.dim() == 2 && y.size(0) == x.size(0), op, ": y must be [", x.size(0),
+                      ", outputs] for the mse loss, got ", y.sizes());
+  } else {
+    TORCH_CHECK_VALUE(y.dim() == 1 && y.size(0) == x.size(0), op, ": y must be [", x.size(0),
+                      "] class labels for cross_entropy, got ", y.sizes());
+  }
+  // the rest as the MAML op checks it, with (x, y) as one task's support and query set
+  const Tensor xs = x.unsqueeze(0), ys = y.unsqueeze(0);
+  check_maml_args(params, at::scalar_tensor(0.0, params[0].options()), xs, ys, xs, ys, 1, kind, 0, op);
+  return kind;
+}
+
+namespace {
+
+// (x, y) as the one task of a meta-batch, and the loss the pieces above take
+std::vector<Layer> as_layers(at::TensorList params) {
+  std::vector<Layer> layers;
+  for (size_t l = 0; l < params.size() / 2; ++l) layers.push_back({params[2 * l], params[2 * l + 1]});
+  return layers;
+}
+
+std::vector<Tensor> flatten(const std::vector<std::pair<Tensor, Tensor>>& grads) {
+  std::vector<Tensor> out;
+  for (const auto& [weight, bias] : grads) {
+    out.push_back(weight);
+    out.push_back(bias);
+  }
+  return out;
+}
+
+}  // namespace
+
+std::vector<Tensor> mlp_loss_grad_aten(at::TensorList params, const Tensor& x, const Tensor& y, LossKind kind) {
+  const std::vector<Layer> layers = as_layers(params);
+  const int64_t count = static_cast<int64_t>(layers.size());
+  Pass pass(count);
+  pass.inputs[0] = x.unsqueeze(0);
+  Loss loss{kind, y.unsqueeze(0), 1.0, Tensor()};
+  return flatten(forward_backward(pass, layers, loss, 0, 0, count, false));
+}
+
+std::vector<Tensor> mlp_loss_hessian_times(at::TensorList params, const Tensor& x, const Tensor& y, LossKind kind,
+                                           at::TensorList direction) {
+  const std::vector<Layer> layers = as_layers(params);
+  const int64_t count = static_cast<int64_t>(layers.size());
+  Pass pass(count);
+  pass.inputs[0] = x.unsqueeze(0);
+  Loss loss{kind, y.unsqueeze(0), 1.0, Tensor()};
+  forward_backward(pass, layers, loss, 0, 0, count, false);
+  std::vector<std::pair<Tensor, Tensor>> dir(count);
+  for (int64_t l = 0; l < count; ++l) {
+    for (int64_t k = 0; k < 2; ++k) {
+      const Tensor& given = direction[2 * l + k];
+      Tensor& slot = k == 0 ? dir[l].first : dir[l].second;
+      slot = given.defined() ? given : at::zeros_like(params[2 * l + k]);
+    }
+  }
+  return flatten(hessian_times(pass, layers, loss, dir, 0, 0, false));
+}
+
+namespace {
+
+std::vector<Tensor> mlp_loss_grad(at::TensorList params, const Tensor& x, const Tensor& y, c10::string_view loss_name) {
+  return mlp_loss_grad_aten(params, x, y, check_mlp_loss_grad_args(params, x, y, loss_name));
+}
+
+std::vector<Tensor> mlp_loss_hessian_times_op(at::TensorList params, const Tensor& x, const Tensor& y,
+                                              c10::string_view loss_name, const c10::List<std::optional<Tensor>>& dir) {
+  return mlp_loss_hessian_times(params, x, y, check_mlp_loss_grad_args(params, x, y, loss_name), optional_tensors(dir));
+}
+
+}  // namespace
+
 TORCH_LIBRARY_IMPL(metalearn_fast, CompositeExplicitAutograd, m) {
+  m.impl("mlp_loss_grad", &mlp_loss_grad);
+  m.impl("mlp_loss_hessian_times", &mlp_loss_hessian_times_op);
   m.impl("maml_mlp_meta_grad", &maml_mlp_meta_grad);
   m.impl("maml_mlp_loss", &maml_mlp_loss);
   m.impl("reptile_mlp_step_", &reptile_mlp_step);

@@ -14,10 +14,10 @@ enum class LossKind { kMse, kCrossEntropy };
 using MetaGrad = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
 // The loss argument, checked, and every other argument (ValueError / TypeError naming it).
-LossKind maml_loss_kind(c10::string_view loss_name);
+LossKind maml_loss_kind(c10::string_view loss_name, const char* op = "maml_mlp_meta_grad");
 void check_maml_args(at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
                      const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
-                     int64_t inner_steps, LossKind kind, int64_t first_adapted);
+                     int64_t inner_steps, LossKind kind, int64_t first_adapted, const char* op = "maml_mlp_meta_grad");
 
 // maml_mlp_meta_grad through the dispatcher (the device's kernel).
 MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
@@ -46,5 +46,17 @@ std::pair<at::Tensor, std::vector<at::Tensor>> reptile_mean_aten(at::TensorList 
 // Reptile's update, in place: p += outer_lr * (mean - p) for each parameter. Returns loss.
 at::Tensor reptile_update_(at::TensorList params, const std::vector<at::Tensor>& means, double outer_lr,
                            const at::Tensor& loss);
+
+// mlp_loss_grad: the gradient of the mean loss of an MLP on (x [N, I], y [N, O] or [N] labels) w.r.t. its
+// params [W0, b0, W1, b1, ...] (ReLU between layers), and the Hessian of that loss applied to a direction
+// (one tensor per param; undefined counts as zero), both in ATen ops (any device; differentiable by autograd).
+LossKind check_mlp_loss_grad_args(at::TensorList params, const at::Tensor& x, const at::Tensor& y,
+                                  c10::string_view loss_name);
+std::vector<at::Tensor> mlp_loss_grad_aten(at::TensorList params, const at::Tensor& x, const at::Tensor& y,
+                                           LossKind kind);
+std::vector<at::Tensor> mlp_loss_hessian_times(at::TensorList params, const at::Tensor& x, const at::Tensor& y,
+                                               LossKind kind, at::TensorList direction);
+// A Tensor?[] argument as tensors (undefined for None).
+std::vector<at::Tensor> optional_tensors(const c10::List<std::optional<at::Tensor>>& list);
 
 }  // namespace metalearn_fast

@@ -8,8 +8,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ...ops import sgd_step
+from ...ops import mlp_loss_grad, sgd_step
 from ..utils import _attach, _rebuild_rnn, clone_module, update_module
+from ._mlp_chain import MlpChain, task_loss
 from .base_learner import BaseLearner
 
 __all__ = ["MAML", "maml_update"]
@@ -33,12 +34,12 @@ class _Slots:
     """A module tree's parameters, each once, in ``module.parameters()`` order (``params``); every place holding
     one (``places``: the ``_parameters`` dict, its key, the parameter's index); and the RNNs to rebuild."""
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, modules: list[nn.Module]) -> None:
         self.params: list[Tensor] = []
         self.places: list[tuple[dict, str, int]] = []
         self.rnns: list[nn.Module] = []
         index: dict[int, int] = {}
-        for sub in module.modules():
+        for sub in modules:
             if isinstance(sub, nn.RNNBase):
                 self.rnns.append(sub)
             table = sub._parameters
@@ -97,7 +98,109 @@ def _gradients(loss: Tensor, params: list[Tensor], second_order: bool, allow_unu
     return [next(found) if p.requires_grad else None for p in params]
 
 
-class MAML(BaseLearner):
+_UNKNOWN = object()  # a learner's chain before it is looked at
+_RATES: dict = {}  # (lr, dtype, device) -> the 0-dim tensor sgd_step takes
+_BLANK_MODULE_STATE = nn.Module().__dict__  # what nn.Module.__init__ sets: containers, hooks, training=True
+
+
+class _Learner(BaseLearner):
+    """What MAML and MetaSGD share: the forward pass, remembered for ``adapt``, and the gradient of a task loss.
+
+    A clone of an MLP chain (see _mlp_chain) remembers its last input and output; when the loss given to
+    ``adapt`` is the mean MSE or cross-entropy of that output, its gradient comes from ``ops.mlp_loss_grad``
+    (one node, the same number) instead of autograd's graph. The root learner looks at its model once, on its
+    first ``clone()``; clones inherit what it found."""
+
+    def forward(self, *args, **kwargs):
+        chain = self.__dict__.get("_chain")
+        if chain is not None and chain is not _UNKNOWN and len(args) == 1 and not kwargs:
+            x = args[0]
+            if isinstance(x, Tensor) and x.dim() == 2 and not chain.hooked():
+                tree = self._tree()
+                out = chain.forward(tree, x)
+                self.__dict__["_record"] = (x, out, self._tensors())
+                return out
+        return self.module(*args, **kwargs)
+
+    def _tree(self) -> list[nn.Module]:
+        """``list(self.module.modules())``, kept while ``self.module`` is the same module (adapt replaces tensors
+        in the tree, not modules)."""
+        tree = self.__dict__.get("_tree_cache")
+        if tree is None or tree[0] is not self.module:
+            tree = self.__dict__["_tree_cache"] = list(self.module.modules())
+        return tree
+
+    def _tensors(self) -> list:
+        """Every parameter slot of the tree, in order: what a forward pass computed with."""
+        return [p for sub in self._tree() for p in sub._parameters.values()]
+
+    def _slots(self) -> "_Slots":
+        return _Slots(self._tree())
+
+    @staticmethod
+    def _rate(lr, like: Tensor):
+        """lr as sgd_step takes it: a number becomes a 0-dim tensor of like's dtype and device, made once (sgd_step
+        only reads it)."""
+        if not isinstance(lr, (int, float)):
+            return lr
+        key = (float(lr), like.dtype, like.device)
+        rate = _RATES.get(key)
+        if rate is None:
+            if len(_RATES) > 64:
+                _RATES.clear()
+            rate = _RATES[key] = torch.tensor(key[0], dtype=like.dtype, device=like.device)
+        return rate
+
+    def _chain_of(self):
+        chain = self.__dict__.get("_chain", _UNKNOWN)
+        if chain is _UNKNOWN:
+            chain = self.__dict__["_chain"] = MlpChain.of(self.module)
+        return chain
+
+    def _new(self, kind: type, module: nn.Module, **attributes) -> "_Learner":
+        """A learner of class ``kind`` wrapping module, with these plain attributes and what this one found about
+        its model: nn.Module's own state made as its __init__ makes it, without running it (a clone per task)."""
+        blank = _BLANK_MODULE_STATE
+        state = {key: value.copy() if isinstance(value, (dict, set)) else value for key, value in blank.items()}
+        state["_modules"]["module"] = module
+        state.update(attributes)
+        state["_chain"] = self._chain_of()
+        learner = kind.__new__(kind)
+        learner.__dict__ = state
+        return learner
+
+    def _task_gradients(self, loss: Tensor, slots: "_Slots", second_order: bool, allow_unused: bool = False,
+                        allow_nograd: bool = False) -> list:
+        fused = self._fused_gradients(loss, slots.params, second_order)
+        if fused is not None:
+            return fused
+        return _gradients(loss, slots.params, second_order, allow_unused, allow_nograd, type(self).__name__)
+
+    def _fused_gradients(self, loss: Tensor, params: list[Tensor], second_order: bool):
+        """The gradients by ops.mlp_loss_grad, in ``params``' order, or None where it does not apply."""
+        record = self.__dict__.pop("_record", None)
+        if record is None:
+            return None
+        x, out, used = record
+        found = task_loss(loss, out)
+        if found is None or len(used) != len(now := self._tensors()) or any(a is not b for a, b in zip(used, now)):
+            return None
+        target, kind = found
+        if x.requires_grad or not all(p.requires_grad for p in params):
+            return None
+        order = self.__dict__["_chain"].order
+        try:
+            with torch.set_grad_enabled(second_order and torch.is_grad_enabled()):
+                grads = mlp_loss_grad([params[i] for i in order], x, target, kind)
+        except (ValueError, TypeError):  # labels out of range, another dtype: autograd's way says it its own way
+            return None
+        result: list = [None] * len(params)
+        for i, grad in zip(order, grads):
+            result[i] = grad
+        return result
+
+
+class MAML(_Learner):
     """Model-Agnostic Meta-Learning, learn2learn's API: wrap a model, then ``clone()`` and ``adapt(loss)`` per task.
 
     Description:
@@ -140,9 +243,6 @@ class MAML(BaseLearner):
         self.allow_nograd = allow_nograd
         self.allow_unused = allow_nograd if allow_unused is None else allow_unused
 
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
     def adapt(self, loss: Tensor, first_order=None, allow_unused=None, allow_nograd=None) -> None:
         """One SGD step of the wrapped module on ``loss``, in place (``p <- p - lr * dloss/dp``); returns None.
 
@@ -151,15 +251,16 @@ class MAML(BaseLearner):
         first_order = self.first_order if first_order is None else first_order
         allow_unused = self.allow_unused if allow_unused is None else allow_unused
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
-        slots = _Slots(self.module)
-        grads = _gradients(loss, slots.params, not first_order, allow_unused, allow_nograd, type(self).__name__)
-        slots.step(grads, self.lr)
+        slots = self._slots()
+        grads = self._task_gradients(loss, slots, not first_order, allow_unused, allow_nograd)
+        if slots.params:
+            slots.step(grads, self._rate(self.lr, slots.params[0]))
 
     def clone(self, first_order=None, allow_unused=None, allow_nograd=None) -> "MAML":
         """A MAML-wrapped ``clone_module`` of the module: same lr, flags inherited unless given.
 
         Differentiable back to this learner's parameters; BatchNorm running statistics are shared."""
-        return MAML(clone_module(self.module), lr=self.lr,
-                    first_order=self.first_order if first_order is None else first_order,
-                    allow_unused=self.allow_unused if allow_unused is None else allow_unused,
-                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+        return self._new(MAML, clone_module(self.module), lr=self.lr,
+                         first_order=self.first_order if first_order is None else first_order,
+                         allow_unused=self.allow_unused if allow_unused is None else allow_unused,
+                         allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)

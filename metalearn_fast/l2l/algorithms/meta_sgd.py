@@ -5,8 +5,7 @@ import torch
 from torch import Tensor, nn
 
 from ..utils import clone_module, clone_parameters
-from .base_learner import BaseLearner
-from .maml import _gradients, _Slots
+from .maml import _Learner
 
 __all__ = ["MetaSGD", "meta_sgd_update"]
 
@@ -50,7 +49,7 @@ def meta_sgd_update(model: nn.Module, lrs=None, grads=None, memo=None) -> nn.Mod
     return model
 
 
-class MetaSGD(BaseLearner):
+class MetaSGD(_Learner):
     """Meta-SGD, learn2learn's API: MAML with a learned inner step size for every parameter entry.
 
     Description:
@@ -84,18 +83,15 @@ class MetaSGD(BaseLearner):
         self.lrs = lrs
         self.first_order = first_order
 
-    def forward(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
-
     def clone(self) -> "MetaSGD":
         """A MetaSGD of a ``clone_module`` of the module and ``clone_parameters`` of the rates."""
-        return MetaSGD(clone_module(self.module), lrs=clone_parameters(self.lrs), first_order=self.first_order)
+        return self._new(MetaSGD, clone_module(self.module), lrs=clone_parameters(self.lrs), first_order=self.first_order)
 
     def adapt(self, loss: Tensor, first_order=None) -> None:
         """One step ``p <- p - lr_p * dloss/dp`` of every parameter, in place; returns None."""
         first_order = self.first_order if first_order is None else first_order
-        slots = _Slots(self.module)
-        grads = _gradients(loss, slots.params, not first_order, owner="MetaSGD")
+        slots = self._slots()
+        grads = self._task_gradients(loss, slots, not first_order)
         rates = list(self.lrs)
         if len(rates) != len(grads):  # zip's pairing, as learn2learn updates: parameters past the rates stay
             grads = grads[:len(rates)] + [None] * (len(grads) - len(rates))
