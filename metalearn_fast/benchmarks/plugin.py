@@ -113,6 +113,21 @@ def plain_torch_result(key, compute: Callable[[], object]):
     return _plain_torch_results[key]
 
 
+def meta_step_with(step: Callable, optimizer: torch.optim.Optimizer, steps_itself: bool) -> Callable[[], object]:
+    """One meta-step of an entry: ``step(optimizer)`` for one that steps the optimizer itself (ours), else
+    zero_grad, ``step()`` (the meta-backward, returning the loss) and ``optimizer.step()``."""
+    if steps_itself:
+        return lambda: step(optimizer)
+
+    def meta_step():
+        optimizer.zero_grad()
+        loss = step()
+        optimizer.step()
+        return loss
+
+    return meta_step
+
+
 def time_once(fn: Callable[[], object], device: torch.device):
     """(seconds, result) of one call."""
     start = time.perf_counter()

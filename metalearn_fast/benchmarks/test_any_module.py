@@ -34,7 +34,8 @@ from torch.func import functional_call
 import metalearn_fast as mf
 from metalearn_fast.benchmarks.entries import HIGHER, LEARN2LEARN, OURS, PER_TASK_LOOP, TORCH_FUNC
 from metalearn_fast.benchmarks.peers import higher_meta_backward, learn2learn_meta_backward, torch_func_meta_backward
-from metalearn_fast.benchmarks.plugin import PEERS, assert_same, plain_torch_result, require_peer, time_once
+from metalearn_fast.benchmarks.plugin import (PEERS, assert_same, meta_step_with, plain_torch_result, require_peer,
+                                              time_once)
 
 CHUNKED = "metalearn_fast, 4 tasks per chunk"
 INNER_LR, WAYS, SHOTS = 0.4, 5, 1
@@ -144,15 +145,7 @@ def first_step(entry, workload, device, dtype=torch.float32):
     step = ENTRIES[entry](workload, model, batch)
     # the same Adam for every entry: torch's fused kernel where the device has one
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
-
-    def meta_step():
-        if entry in (OURS, CHUNKED):
-            return step(optimizer)
-        optimizer.zero_grad()
-        loss = step()
-        optimizer.step()
-        return loss
-
+    meta_step = meta_step_with(step, optimizer, entry in (OURS, CHUNKED))
     seconds, loss = time_once(meta_step, device)
     return seconds, [torch.as_tensor(loss), *(p.grad for p in model.parameters())], meta_step
 

@@ -27,7 +27,8 @@ import metalearn_fast as mf
 import metalearn_fast.l2l as l2l
 from metalearn_fast.benchmarks.entries import LEARN2LEARN, OURS, PLAIN_TORCH
 from metalearn_fast.benchmarks.peers import clone_adapt_meta_backward
-from metalearn_fast.benchmarks.plugin import PEERS, assert_same, plain_torch_result, require_peer, time_once
+from metalearn_fast.benchmarks.plugin import (PEERS, assert_same, meta_step_with, plain_torch_result, require_peer,
+                                              time_once)
 
 META_STEP = "metalearn_fast MAML.meta_step"
 
@@ -164,16 +165,7 @@ def first_step(entry, workload, device, dtype=torch.float32):
     else:
         make = ENTRIES[entry]
     learner, step = make(workload, model, batch)
-    optimizer = torch.optim.Adam(learner.parameters(), lr=1e-3)
-
-    def one_meta_step():
-        if entry == META_STEP:
-            return step(optimizer)
-        optimizer.zero_grad()
-        loss = step()
-        optimizer.step()
-        return loss
-
+    one_meta_step = meta_step_with(step, torch.optim.Adam(learner.parameters(), lr=1e-3), entry == META_STEP)
     seconds, loss = time_once(one_meta_step, device)
     return seconds, [torch.as_tensor(loss).reshape(()), *(p.grad for p in learner.parameters())], one_meta_step
 

@@ -38,7 +38,8 @@ from metalearn_fast.benchmarks.entries import (
     TORCH_FUNC,
 )
 from metalearn_fast.benchmarks.peers import higher_meta_backward, learn2learn_meta_backward, torch_func_meta_backward
-from metalearn_fast.benchmarks.plugin import PEERS, assert_same, plain_torch_result, require_peer, time_once
+from metalearn_fast.benchmarks.plugin import (PEERS, assert_same, meta_step_with, plain_torch_result, require_peer,
+                                              time_once)
 from metalearn_fast.optim import FusedUpdate
 
 
@@ -261,17 +262,8 @@ def meta_step_of(entry, workload, device):
     make = ENTRIES[entry]
     step = make(workload, model, make_batch(workload, device))
     if make in WHOLE_STEP:
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
-        return model, lambda: step(optimizer)
-    optimizer = baseline_optimizer(model.parameters(), device)
-
-    def meta_step():
-        optimizer.zero_grad()
-        loss = step()
-        optimizer.step()
-        return loss
-
-    return model, meta_step
+        return model, meta_step_with(step, torch.optim.Adam(model.parameters(), lr=1e-3), True)
+    return model, meta_step_with(step, baseline_optimizer(model.parameters(), device), False)
 
 
 def first_step(entry, workload, device):
