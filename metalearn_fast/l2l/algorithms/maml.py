@@ -100,7 +100,9 @@ def _gradients(loss: Tensor, params: list[Tensor], second_order: bool, allow_unu
 
 _UNKNOWN = object()  # a learner's chain before it is looked at
 _RATES: dict = {}  # (lr, dtype, device) -> the 0-dim tensor sgd_step takes
-_BLANK_MODULE_STATE = nn.Module().__dict__  # what nn.Module.__init__ sets: containers, hooks, training=True
+# what nn.Module.__init__ sets: its containers (hooks, parameters, ...: each learner gets empty copies) and values
+_BLANK_CONTAINERS = [(k, v) for k, v in nn.Module().__dict__.items() if isinstance(v, (dict, set))]
+_BLANK_VALUES = {k: v for k, v in nn.Module().__dict__.items() if not isinstance(v, (dict, set))}
 
 
 class _Learner(BaseLearner):
@@ -125,9 +127,11 @@ class _Learner(BaseLearner):
     def _tree(self) -> list[nn.Module]:
         """``list(self.module.modules())``, kept while ``self.module`` is the same module (adapt replaces tensors
         in the tree, not modules)."""
-        tree = self.__dict__.get("_tree_cache")
-        if tree is None or tree[0] is not self.module:
-            tree = self.__dict__["_tree_cache"] = list(self.module.modules())
+        state = self.__dict__
+        module = state["_modules"]["module"]
+        tree = state.get("_tree_cache")
+        if tree is None or tree[0] is not module:
+            tree = state["_tree_cache"] = list(module.modules())
         return tree
 
     def _tensors(self) -> list:
@@ -160,13 +164,13 @@ class _Learner(BaseLearner):
     def _new(self, kind: type, module: nn.Module, **attributes) -> "_Learner":
         """A learner of class ``kind`` wrapping module, with these plain attributes and what this one found about
         its model: nn.Module's own state made as its __init__ makes it, without running it (a clone per task)."""
-        blank = _BLANK_MODULE_STATE
-        state = {key: value.copy() if isinstance(value, (dict, set)) else value for key, value in blank.items()}
+        state = {key: value.copy() for key, value in _BLANK_CONTAINERS}
+        state.update(_BLANK_VALUES)
         state["_modules"]["module"] = module
         state.update(attributes)
         state["_chain"] = self._chain_of()
         learner = kind.__new__(kind)
-        learner.__dict__ = state
+        object.__setattr__(learner, "__dict__", state)
         return learner
 
     def _task_gradients(self, loss: Tensor, slots: "_Slots", second_order: bool, allow_unused: bool = False,

@@ -62,7 +62,7 @@ def _shallow_copy(module: nn.Module) -> nn.Module:
     state["_parameters"] = state["_parameters"].copy()
     state["_buffers"] = state["_buffers"].copy()
     state["_modules"] = state["_modules"].copy()
-    copy.__dict__ = state
+    object.__setattr__(copy, "__dict__", state)  # past nn.Module.__setattr__, which has nothing to do here
     return copy
 
 
