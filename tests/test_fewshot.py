@@ -90,6 +90,49 @@ def test_split_shares_out_every_class_once_by_seed():
         fewshot_data.split_classes(names, ["c5"], ["c5"], seed=0)
 
 
+def test_the_default_split_gives_every_split_ways_classes_or_skips_validation():
+    ten = [f"c{i}" for i in range(10)]
+    split = fewshot_data.split_classes(ten, None, None, seed=0, ways=3)  # a fifth and a tenth would be 2 and 1
+    assert [len(split[k]) for k in ("train", "validation", "test")] == [4, 3, 3]
+    seven = fewshot_data.split_classes(ten[:7], None, None, seed=0, ways=3)
+    assert [len(seven[k]) for k in ("train", "validation", "test")] == [4, 0, 3]  # no room for 3 more classes
+    counted = fewshot_data.split_classes(ten, 2, 0, seed=0, ways=3)
+    assert [len(counted[k]) for k in ("train", "validation", "test")] == [8, 0, 2]
+    assert fewshot_data.split_classes([f"c{i}" for i in range(30)], None, None, seed=3, ways=2) == \
+        fewshot_data.split_classes([f"c{i}" for i in range(30)], 0.2, 0.1, seed=3)  # many classes: the fractions
+    assert [fewshot_data.parse_classes(t) for t in ("3", "0", "0.25")] == [3, 0, 0.25]
+
+
+def test_a_run_says_what_it_validated_and_when_training_did_not_help(tmp_path, capsys):
+    """Seven classes of 3-way tasks leave none for validation (skipped, said); a meta-learning rate too small to
+    move the weights leaves the initial weights as the best checkpoint (said, no claim about MAML's gain); the
+    table's first adapted column is the inner-step count MAML is trained for."""
+    fewshot_data.write_glyphs(tmp_path / "glyphs", classes=7, per_class=6, size=12, seed=1)
+    common = ["fewshot", str(tmp_path / "glyphs"), "--model", "mlp:16", "--ways", "3", "--query", "1", "--quick",
+              "--inner-steps", "2", "--eval-steps", "3"]
+    assert run_main([*common, "--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out
+    assert "validation is skipped" in printed and "no meta-validation classes" in printed
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert {r["inner_steps"] for r in results["results"]} == {0, 2, 3}
+    assert results["validation"]["tasks"] == 0 and results["validation"]["untrained"] == []
+    assert "after 2 steps (what MAML is meta-trained for) MAML is" in printed
+
+    assert run_main([*common, "--val-classes", "2", "--test-classes", "3", "--ways", "2", "--meta-lr", "1e-12",
+                     "--out", str(tmp_path / "b")]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert results["validation"]["inner_steps"] == 2 and "maml" in results["validation"]["untrained"]
+    # validation measured after the 2 trained steps: the random init's recorded score, recomputed
+    config = fewshot.Config(**results["config"])
+    job = fewshot.Run(config, *fewshot.prepare(config))
+    tasks = fewshot.sample_tasks(job.sets["validation"], config, config.validation_tasks, fewshot.VALIDATION_SEED)
+    assert float(fewshot.accuracy(job.learners()["random_init"], tasks, 2).mean()) == \
+        results["validation"]["random_init"]
+    assert "MAML: its best meta-validation checkpoint is its initial weights" in printed
+    assert "points against" not in printed
+
+
 def test_normalisation_comes_from_the_meta_train_classes_only(tmp_path):
     write_images(tmp_path / "data", {f"k{i}": 4 for i in range(9)})
     config = fewshot.config_from_options({"data": str(tmp_path / "data"), "ways": 2, "shots": 1, "query": 1,

@@ -57,8 +57,8 @@ class Config:
     model: Optional[str] = None  # conv4 for images, mlp:256,128,64,64 for vectors
     channels: Optional[int] = None
     image_size: Optional[list] = None
-    test_classes: object = 0.2
-    val_classes: object = 0.1
+    test_classes: object = None  # None: fewshot_data.default_counts
+    val_classes: object = None
     test_tasks: int = 600
     validation_tasks: int = 100
     eval_steps: int = 10
@@ -102,12 +102,13 @@ OPTIONS = [  # flag, type (None: a switch), default, help
     ("--channels", options.choice("1", "3"), None, "images as 1 (grayscale) or 3 (RGB) channels (default: as the "
      "first image is)"),
     ("--image-size", _image_size, None, "resize images to N or HxW pixels (default: the first image's size)"),
-    ("--test-classes", fewshot_data.parse_classes, 0.2, "meta-test classes: a fraction of the classes or a "
-     "comma-separated list of class names (default 0.2)"),
-    ("--val-classes", fewshot_data.parse_classes, 0.1, "meta-validation classes, the same way (default 0.1)"),
+    ("--test-classes", fewshot_data.parse_classes, None, "meta-test classes: a count, a fraction of the classes or "
+     "a comma-separated list of class names (default: a fifth of the classes, at least --ways)"),
+    ("--val-classes", fewshot_data.parse_classes, None, "meta-validation classes, the same way; 0 for none "
+     "(default: a tenth of the classes, at least --ways, none when too few classes are left)"),
     ("--test-tasks", options.positive_int, None, "test tasks scored (default 600, 100 with --quick)"),
     ("--eval-steps", options.positive_int, 10, "N of the table: inner steps after which every method is scored, "
-     "besides 0 and 1 (default 10)"),
+     "besides 0 and --inner-steps (default 10)"),
     ("--finetune", options.choice("head", "all"), "head", "what the pretrained baseline fine-tunes on a test task: "
      "its new head, or all layers (default head)"),
     ("--seed", options.non_negative_int, 0, "seed of the class split, the weights and the training tasks"),
@@ -167,7 +168,8 @@ def statistics(x: Tensor) -> tuple[Tensor, Tensor]:
 def prepare(config: Config) -> tuple[Dataset, dict]:
     """DATA loaded and its classes split; UsageError for data the job cannot use."""
     data = fewshot_data.load(config.data, config.channels, config.image_size)
-    split = fewshot_data.split_classes(data.class_names, config.test_classes, config.val_classes, config.seed)
+    split = fewshot_data.split_classes(data.class_names, config.test_classes, config.val_classes, config.seed,
+                                       config.ways)
     fewshot_data.check_split(data, split, config.ways, config.shots + config.query)
     if data.is_image:
         config.channels, config.image_size = data.x.shape[1], list(data.x.shape[2:])
@@ -261,19 +263,21 @@ def run(config: Config, data: Dataset, split: dict, out: Path, command: Optional
     """Trains, evaluates, writes results.json, the figures and model.pt into ``out``; returns the results."""
     started = time.perf_counter()
     job = Run(config, data, split)
-    validation_tasks = sample_tasks(job.sets["validation"], config, config.validation_tasks, VALIDATION_SEED)
+    validating = bool(split["validation"])
+    validation_tasks = sample_tasks(job.sets["validation"], config, config.validation_tasks, VALIDATION_SEED) \
+        if validating else None
     learners = job.learners
     models = {"maml": job.maml, "pretrained": job.pretrained}  # the trained methods
     best = {}  # method: (validation accuracy, state_dict) of its best checkpoint
 
-    def validate(method: str):  # the method's mean accuracy on the validation tasks after N inner steps
+    def validate(method: str):  # the method's mean accuracy on the validation tasks after the trained inner steps
         def score() -> float:
-            value = float(accuracy(learners()[method], validation_tasks, config.eval_steps).mean())
+            value = float(accuracy(learners()[method], validation_tasks, config.inner_steps).mean())
             if method in models and value > best.get(method, (-1.0,))[0]:
                 best[method] = (value, copy.deepcopy(models[method].state_dict()))
             return value
 
-        return score
+        return score if validating else None
 
     for name, method, step, next_batch, desc, label in (
         ("maml", "maml", lambda batch: job.maml.meta_step(batch, job.maml_optimizer),
@@ -285,8 +289,9 @@ def run(config: Config, data: Dataset, split: dict, out: Path, command: Optional
                    validate_after=runs.validation_steps(phase.steps, VALIDATION_POINTS),
                    log_every=max(1, phase.steps // 100), x_per_step=config.meta_steps / phase.steps)
     for method, model in models.items():  # each method is scored at its best validation checkpoint
-        model.load_state_dict(best[method][1])
-    random_init_validation = validate("random_init")()
+        if method in best:
+            model.load_state_dict(best[method][1])
+    random_init_validation = validate("random_init")() if validating else None
 
     evaluation_started = time.perf_counter()
     test = sample_tasks(job.sets["test"], config, config.test_tasks, TEST_SEED)
@@ -311,8 +316,9 @@ def run(config: Config, data: Dataset, split: dict, out: Path, command: Optional
         "ms_per_meta_step": 1000 * maml_phase.seconds / config.meta_steps,
         "budget": {"maml_meta_steps": config.meta_steps, "pretrain_steps": pretrain_phase.steps,
                    "pretrain_batch": config.pretrain_batch()},
-        "validation": {"tasks": config.validation_tasks, "inner_steps": config.eval_steps,
+        "validation": {"tasks": config.validation_tasks if validating else 0, "inner_steps": config.inner_steps,
                        "best": {method: value for method, (value, _) in best.items()},
+                       "untrained": untrained_choices(job),
                        "maml": maml_phase.validation, "pretrained": pretrain_phase.validation,
                        "random_init": random_init_validation},
         "training_loss": {name: phase.losses.cpu().tolist() for name, phase in job.phases.items()},
@@ -324,13 +330,31 @@ def run(config: Config, data: Dataset, split: dict, out: Path, command: Optional
     return results
 
 
+def table_steps(config: Config) -> list:
+    """The table's inner-step counts: none, the count MAML is meta-trained for, and --eval-steps."""
+    return sorted({0, config.inner_steps, config.eval_steps})
+
+
+def chosen_checkpoint(points: list) -> tuple:
+    """The validation point (x, accuracy) whose weights the test table scores: the first best."""
+    return max(points, key=lambda p: p[1])
+
+
+def untrained_choices(job: Run) -> list:
+    """The trained methods whose best validation checkpoint is their initial weights (training did not help)."""
+    names = {"maml": "maml", "pretrain": "pretrained"}
+    return [names[name] for name, phase in job.phases.items()
+            if phase.validation and chosen_checkpoint(phase.validation)[0] == 0]
+
+
 def evaluate(learners: dict, test: TaskBatch, config: Config) -> tuple[list, dict]:
     """Rows {method, inner_steps, mean, ci95, tasks} of query accuracy on the test tasks, and each method's
     predictions after N steps on the first tasks (for the figure)."""
     rows, shown = [], {}
-    with runs.progress_bar(total=3 * len(learners), desc="scoring on test tasks", unit="column") as bar:
+    with runs.progress_bar(total=len(table_steps(config)) * len(learners), desc="scoring on test tasks",
+                           unit="column") as bar:
         for method, learner in learners.items():
-            for steps in (0, 1, config.eval_steps):
+            for steps in table_steps(config):
                 scores = accuracy(learner, test, steps)
                 ci95 = 1.96 * float(scores.std()) / math.sqrt(len(scores))  # normal approximation over tasks
                 rows.append({"method": method, "inner_steps": steps, "mean": float(scores.mean()), "ci95": ci95,
@@ -376,7 +400,7 @@ def load(path: str, device: str = "cpu") -> MAML:
 def format_table(rows: list, config: Config) -> str:
     """The results as aligned text: one line per method, one column per inner-step count."""
     cell = {(r["method"], r["inner_steps"]): r for r in rows}
-    steps = (0, 1, config.eval_steps)
+    steps = table_steps(config)
     headers = ["method"] + [f"{n} step{'s' if n != 1 else ''}" for n in steps]
     lines = [[METHOD_NAMES[method]] + [f"{100 * cell[method, n]['mean']:.1f} ± {100 * cell[method, n]['ci95']:.1f}%"
                                       for n in steps] for method in METHOD_NAMES]
@@ -393,6 +417,9 @@ def introduction(config: Config, data: Dataset, split: dict) -> str:
     variant += " (ANIL)" if config.anil else ""
     shape = "x".join(map(str, data.x.shape[1:]))
     sizes = ", ".join(f"{len(split[name])} meta-{name}" for name in ("train", "validation", "test"))
+    if not split["validation"]:
+        sizes += " (too few classes for a meta-validation split of --ways classes: validation is skipped, the last " \
+                 "weights are scored)"
     return (f"metalearn-fast fewshot: {variant}, {config.ways}-way {config.shots}-shot ({config.query} query per class) "
             f"on {config.data}\n{len(data.y)} examples ({shape}) of {len(data.class_names)} classes: {sizes}; "
             f"model {config.model}, {config.inner_steps} inner step(s) of SGD lr {config.inner_lr}, Adam lr "
@@ -403,8 +430,9 @@ def introduction(config: Config, data: Dataset, split: dict) -> str:
 def summary(results: dict, config: Config) -> str:
     seconds, budget = results["seconds"], results["budget"]
     cell = {(r["method"], r["inner_steps"]): r["mean"] for r in results["results"]}
-    n = config.eval_steps
-    return "\n".join([
+    n, trained = config.eval_steps, config.inner_steps
+    counts = ", ".join(map(str, table_steps(config)))
+    lines = [
         "",
         f"meta-training: {config.meta_steps} meta-steps in {seconds['maml']:.1f} s ({results['ms_per_meta_step']:.1f} "
         f"ms per meta-step of {config.meta_batch} tasks)",
@@ -412,13 +440,25 @@ def summary(results: dict, config: Config) -> str:
         f"meta-train classes in {seconds['pretrain']:.1f} s (the same number of per-example gradients), then a new "
         f"head fine-tuned ({config.finetune}) on each test task",
         "",
-        f"query accuracy on {config.test_tasks} test tasks of unseen classes (mean ± 95% interval) after 0, 1 and "
-        f"{n} inner SGD steps on {config.shots} example(s) per class, lr {config.inner_lr}:",
+        f"query accuracy on {config.test_tasks} test tasks of unseen classes (mean ± 95% interval) after {counts} "
+        f"inner SGD steps on {config.shots} example(s) per class, lr {config.inner_lr}:",
         format_table(results["results"], config),
         "",
-        f"after {n} steps MAML is {100 * (cell['maml', n] - cell['pretrained', n]):+.1f} points against "
-        f"pretrain + fine-tune and {100 * (cell['maml', n] - cell['random_init', n]):+.1f} against a random init",
-    ])
+    ]
+    validation = results["validation"]
+    if not validation["tasks"]:
+        lines.append("no meta-validation classes: each method was scored with its last weights")
+    for method in validation["untrained"]:
+        lines.append(f"{METHOD_NAMES[method]}: its best meta-validation checkpoint is its initial weights (training "
+                     "did not raise validation accuracy): its row is the untrained network")
+    if "maml" in validation["untrained"]:
+        return "\n".join(lines)
+    lines.append(
+        f"after {trained} step{'s' if trained != 1 else ''} (what MAML is meta-trained for) MAML is "
+        f"{100 * (cell['maml', trained] - cell['pretrained', trained]):+.1f} points against pretrain + fine-tune and "
+        f"{100 * (cell['maml', trained] - cell['random_init', trained]):+.1f} against a random init; after {n}: "
+        f"{100 * (cell['maml', n] - cell['pretrained', n]):+.1f} and {100 * (cell['maml', n] - cell['random_init', n]):+.1f}")
+    return "\n".join(lines)
 
 
 def plot_learning_curve(job: Run, random_init_accuracy: float, config: Config, path: Path) -> None:
@@ -437,15 +477,19 @@ def plot_learning_curve(job: Run, random_init_accuracy: float, config: Config, p
         label = "MAML meta-loss (query loss after adaptation)" if name == "maml" else "pretraining loss"
         left.plot(x_axis.tolist(), losses.tolist(), color=color, label=label)
         points = phase.validation
+        if not points:  # no validation classes
+            continue
         right.plot([p[0] for p in points], [100 * p[1] for p in points], marker="o", markersize=3.5, color=color,
                    label=METHOD_NAMES[method])
-        chosen = max(points, key=lambda p: p[1])  # the checkpoint the test table scores (the first best)
+        chosen = chosen_checkpoint(points)  # the checkpoint the test table scores
         right.plot([chosen[0]], [100 * chosen[1]], marker="*", markersize=14, color=color, linestyle="none")
-    right.axhline(100 * random_init_accuracy, color="tab:gray", linestyle="--", label="random init")
+    if random_init_accuracy is not None:
+        right.axhline(100 * random_init_accuracy, color="tab:gray", linestyle="--", label="random init")
     right.axhline(100 / config.ways, color="black", linestyle=":", linewidth=1, label="chance")
     left.set(xlabel="training budget spent (MAML meta-steps)", ylabel="cross-entropy", title="Training losses")
     right.set(xlabel="training budget spent (MAML meta-steps)", ylabel="query accuracy (%)",
-              title=f"Meta-validation: {config.validation_tasks} tasks, {config.eval_steps} inner steps (★ tested)")
+              title=f"Meta-validation: {config.validation_tasks} tasks, {config.inner_steps} inner step(s) (★ tested)"
+              if random_init_accuracy is not None else "No meta-validation classes: the last weights are tested")
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=9)

@@ -163,27 +163,48 @@ def load_images(files: Sequence[str], channels: int, image_size: tuple) -> Tenso
 
 
 def parse_classes(text: str) -> object:
-    """--test-classes / --val-classes: a fraction in (0, 1) of the classes, or a comma-separated list of names."""
+    """--test-classes / --val-classes: a count of classes (an integer, 0 for none), a fraction in (0, 1) of the
+    classes, or a comma-separated list of names."""
+    if text.strip().isdigit():
+        return int(text)
     try:
         fraction = float(text)
     except ValueError:
         return [name.strip() for name in text.split(",") if name.strip()]
     if not 0 < fraction < 1:
-        raise ValueError(f"must be a fraction between 0 and 1 or a list of class names, got {text!r}")
+        raise ValueError(f"must be a count, a fraction between 0 and 1 or a list of class names, got {text!r}")
     return fraction
 
 
-def split_classes(names: Sequence[str], test, validation, seed: int) -> dict:
-    """{"train", "validation", "test"}: lists of class indices. ``test`` and ``validation`` are fractions of the
-    classes (at least one class each) or lists of class names; the classes left train. Drawn by a shuffle seeded
-    with ``seed``, so a seed gives the same split on every machine."""
+DEFAULT_FRACTIONS = {"test": 0.2, "validation": 0.1}
+
+
+def default_counts(classes: int, ways: int) -> dict:
+    """{"test", "validation"}: the default split's class counts: a fifth and a tenth of the classes, but at least
+    ``ways`` each where the data has classes enough for meta-train, meta-test and meta-validation to hold ``ways``
+    each; else no validation classes (the caller skips validation)."""
+    test = max(ways, round(DEFAULT_FRACTIONS["test"] * classes))
+    validation = max(ways, round(DEFAULT_FRACTIONS["validation"] * classes))
+    if classes - test - validation < ways:
+        validation = 0
+    return {"test": test, "validation": validation}
+
+
+def split_classes(names: Sequence[str], test, validation, seed: int, ways: int = 1) -> dict:
+    """{"train", "validation", "test"}: lists of class indices. ``test`` and ``validation`` are counts of classes,
+    fractions of the classes (at least one class each), lists of class names, or None for the default
+    (default_counts for ``ways``-way tasks); the classes left train. Drawn by a shuffle seeded with ``seed``, so a
+    seed gives the same split on every machine."""
     order = list(range(len(names)))
     random.Random(seed).shuffle(order)
     index = {name: i for i, name in enumerate(names)}
+    defaults = default_counts(len(names), ways)
     split, taken = {}, set()
     for name, spec, flag in (("test", test, "--test-classes"), ("validation", validation, "--val-classes")):
-        if isinstance(spec, float):
-            count = max(1, round(spec * len(names)))
+        if spec is None:
+            spec = defaults[name]
+        if isinstance(spec, (int, float)):
+            count = spec if isinstance(spec, int) else max(1, round(spec * len(names)))
             split[name] = [c for c in order if c not in taken][:count]
         else:
             unknown = [n for n in spec if n not in index]
@@ -203,6 +224,8 @@ def check_split(dataset: Dataset, split: dict, ways: int, needed: int) -> None:
     counts = torch.bincount(dataset.y, minlength=len(dataset.class_names))
     for name in ("train", "validation", "test"):
         classes = split[name]
+        if name == "validation" and not classes:  # no validation: each method keeps its last weights
+            continue
         if len(classes) < ways:
             raise UsageError(f"the meta-{name} split has {len(classes)} class(es), fewer than --ways {ways}: "
                              f"DATA has {len(dataset.class_names)} classes (change --ways, --test-classes or "

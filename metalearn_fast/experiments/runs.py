@@ -161,7 +161,7 @@ def train(
     step: Callable[[Any], Union[float, Tensor]],
     next_batch: Callable[[], Any],
     *,
-    validate: Callable[[], float],
+    validate: Optional[Callable[[], float]],
     validate_after: set[int],
     desc: str,
     label: str,
@@ -172,9 +172,9 @@ def train(
 ) -> None:
     """Runs ``phase`` to its end: ``step(next_batch())`` returns each step's loss (a number, or a 0-dim
     tensor, kept without a host sync). ``validate()`` scores the model off the clock, before the first step and after
-    the steps in ``validate_after``, recorded at x = steps * x_per_step. ``checkpoint()`` runs every
+    the steps in ``validate_after``, recorded at x = steps * x_per_step (None: no validation). ``checkpoint()`` runs every
     ``checkpoint_every`` steps and at the end, off the clock. Resumes where ``phase.done`` says."""
-    if not phase.validation:
+    if validate is not None and not phase.validation:
         phase.validation.append((0, validate()))
     with progress_bar(total=phase.steps, initial=phase.done, desc=desc, unit="step") as bar:
         started = time.perf_counter()
@@ -185,7 +185,7 @@ def train(
             if phase.done % log_every == 0:
                 recent = phase.losses[phase.done - log_every : phase.done].mean()
                 bar.set_postfix_str(f"{label} {float(recent):.3f}", refresh=False)
-            validating = phase.done in validate_after
+            validating = validate is not None and phase.done in validate_after
             saving = checkpoint is not None and (phase.done % checkpoint_every == 0 or phase.finished)
             if validating or saving:
                 phase.seconds += time.perf_counter() - started
