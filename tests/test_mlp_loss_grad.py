@@ -219,7 +219,8 @@ def test_adapt_of_a_chain_takes_the_op_and_equals_the_oracle(case, first_order, 
         torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("change", ["loss-scaled", "forward-hook", "stale-output", "frozen-parameter", "x-requires-grad"])
+@pytest.mark.parametrize("change", ["loss-scaled", "forward-hook", "stale-output", "frozen-parameter", "x-requires-grad",
+                                    "layer-swapped"])
 def test_what_the_op_does_not_cover_takes_autograd_and_equals_the_oracle(change, fused_calls):
     torch.manual_seed(0)
     model = SineModel().double()
@@ -231,10 +232,14 @@ def test_what_the_op_does_not_cover_takes_autograd_and_equals_the_oracle(change,
     if change == "frozen-parameter":
         model.hidden2.bias.requires_grad_(False)
     learner = maml.clone()
+    if change == "layer-swapped":  # after the trace: the model is no chain any more, and computes with tanh
+        model.hidden2 = nn.Sequential(nn.Linear(8, 8), nn.Tanh()).double()
+        learner = maml.clone()
     if change == "forward-hook":
         handle = model.hidden1.register_forward_hook(lambda module, args, out: out * 2)  # shared with the clone
     data = x.clone().requires_grad_() if change == "x-requires-grad" else x
     out = learner(data)
+    torch.testing.assert_close(out, model(data), rtol=0, atol=0)  # the clone computes what the model computes
     loss = F.mse_loss(out, y) * (2 if change == "loss-scaled" else 1)
     if change == "stale-output":
         learner.adapt(F.mse_loss(learner(data), y))  # a newer forward and a step: out is the old weights' output

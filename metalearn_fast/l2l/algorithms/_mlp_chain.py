@@ -30,10 +30,16 @@ class MlpChain:
     clone) and their parameters' indices in ``module.parameters()`` ([W0, b0, W1, b1, ...]); and the hook
     tables to look at before running the chain in place of the model's forward (shared with every clone)."""
 
-    def __init__(self, positions: list[int], order: list[int], hook_tables: list[dict]) -> None:
+    def __init__(self, positions: list[int], order: list[int], hook_tables: list[dict], kinds: tuple) -> None:
         self.positions = positions
         self.order = order
         self.hook_tables = hook_tables
+        self.kinds = kinds  # the classes of the traced tree's modules, in modules() order
+
+    def fits(self, tree: list[nn.Module]) -> bool:
+        """Whether a (cloned) module tree still has the traced one's modules: a layer swapped for another kind or
+        a module added since the trace sends the forward pass back to the model's own."""
+        return len(tree) == len(self.kinds) and all(type(m) is kind for m, kind in zip(tree, self.kinds))
 
     def hooked(self) -> bool:
         hooks = nn.modules.module
@@ -74,7 +80,8 @@ class MlpChain:
             order += [index[id(linear.weight)], index[id(linear.bias)]]
         if sorted(order) != list(range(len(index))):  # parameters outside the chain, or a layer used twice
             return None
-        return cls(positions, order, [getattr(m, attr) for m in modules for attr in _HOOK_TABLES])
+        return cls(positions, order, [getattr(m, attr) for m in modules for attr in _HOOK_TABLES],
+                   tuple(type(m) for m in modules))
 
 
 def _linear_names(module: nn.Module, nodes) -> Optional[list[str]]:

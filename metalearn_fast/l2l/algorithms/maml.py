@@ -117,8 +117,8 @@ class _Learner(BaseLearner):
         chain = self.__dict__.get("_chain")
         if chain is not None and chain is not _UNKNOWN and len(args) == 1 and not kwargs:
             x = args[0]
-            if isinstance(x, Tensor) and x.dim() == 2 and not chain.hooked():
-                tree = self._tree()
+            tree = self._tree()
+            if isinstance(x, Tensor) and x.dim() == 2 and not chain.hooked() and self._fits(chain, tree):
                 out = chain.forward(tree, x)
                 self.__dict__["_record"] = (x, out, self._tensors())
                 return out
@@ -133,6 +133,14 @@ class _Learner(BaseLearner):
         if tree is None or tree[0] is not module:
             tree = state["_tree_cache"] = list(module.modules())
         return tree
+
+    def _fits(self, chain: MlpChain, tree: list[nn.Module]) -> bool:
+        """chain.fits(tree), looked at once per tree."""
+        state = self.__dict__
+        checked = state.get("_fits_cache")
+        if checked is None or checked[0] is not tree:
+            checked = state["_fits_cache"] = (tree, chain.fits(tree))
+        return checked[1]
 
     def _tensors(self) -> list:
         """Every parameter slot of the tree, in order: what a forward pass computed with."""
