@@ -1,28 +1,25 @@
 """``l2l.algorithms.meta_sgd``: Meta-SGD as learn2learn writes it, a learned step size per parameter entry."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor, nn
 
-from ..utils import clone_module, clone_parameters
+from ..utils import _replace_tensors, clone_module, clone_parameters
 from .maml import _Learner
 
 __all__ = ["MetaSGD", "meta_sgd_update"]
 
 
-def _apply_rates(tensors: dict, memo: dict) -> None:
-    """Replaces each tensor t of the dict holding ``t.grad`` and ``t._lr`` by ``t - t._lr * t.grad`` (once per tensor)."""
-    for key, tensor in tensors.items():
-        if tensor is None:
-            continue
-        updated = memo.get(id(tensor))
-        if updated is None:
-            if tensor.grad is None or getattr(tensor, "_lr", None) is None:
-                continue
-            updated = memo[id(tensor)] = tensor - tensor._lr * tensor.grad
-            tensor.grad = None
-            tensor._lr = None
-        tensors[key] = updated
+def _minus_rate_times_grad(tensor: Tensor) -> Optional[Tensor]:
+    """``t - t._lr * t.grad`` (clearing both), or None when t holds no gradient and rate."""
+    if tensor.grad is None or getattr(tensor, "_lr", None) is None:
+        return None
+    updated = tensor - tensor._lr * tensor.grad
+    tensor.grad = None
+    tensor._lr = None
+    return updated
 
 
 def meta_sgd_update(model: nn.Module, lrs=None, grads=None, memo=None) -> nn.Module:
@@ -41,8 +38,8 @@ def meta_sgd_update(model: nn.Module, lrs=None, grads=None, memo=None) -> nn.Mod
         for param, lr, grad in zip(model.parameters(), lrs, grads):
             param.grad = grad
             param._lr = lr
-    _apply_rates(model._parameters, memo)
-    _apply_rates(model._buffers, memo)
+    _replace_tensors(model._parameters, memo, _minus_rate_times_grad)
+    _replace_tensors(model._buffers, memo, _minus_rate_times_grad)
     children = model._modules
     for key, child in children.items():
         children[key] = meta_sgd_update(child, memo=memo)

@@ -115,19 +115,28 @@ def clone_module(module, memo: Optional[dict] = None):
     return _rebuild_rnn(clone)
 
 
-def _apply_updates(tensors: dict, memo: dict) -> None:
-    """Replaces each tensor t of the dict carrying ``t.update`` by ``t + t.update`` (once per tensor, via memo)."""
+def _replace_tensors(tensors: dict, memo: dict, updated_of) -> None:
+    """Replaces each tensor t of the dict by ``updated_of(t)`` (None: t stays), once per tensor: a tensor met again
+    (tied) gets the memo's result."""
     for key, tensor in tensors.items():
         if tensor is None:
             continue
         updated = memo.get(id(tensor))
         if updated is None:
-            update = getattr(tensor, "update", None)
-            if update is None:
+            updated = updated_of(tensor)
+            if updated is None:
                 continue
-            updated = memo[id(tensor)] = tensor + update
-            tensor.update = None
+            memo[id(tensor)] = updated
         tensors[key] = updated
+
+
+def _plus_update(tensor: Tensor) -> Optional[Tensor]:
+    """``t + t.update`` (clearing ``t.update``), or None when t carries no update."""
+    update = getattr(tensor, "update", None)
+    if update is None:
+        return None
+    tensor.update = None
+    return tensor + update
 
 
 def update_module(module: nn.Module, updates: Optional[Sequence[Optional[Tensor]]] = None,
@@ -144,8 +153,8 @@ def update_module(module: nn.Module, updates: Optional[Sequence[Optional[Tensor]
         memo = {}
     if updates is not None:
         _attach(module, updates, "update", "update_module", "updates")
-    _apply_updates(module._parameters, memo)
-    _apply_updates(module._buffers, memo)
+    _replace_tensors(module._parameters, memo, _plus_update)
+    _replace_tensors(module._buffers, memo, _plus_update)
     children = module._modules
     for key, child in children.items():
         children[key] = update_module(child, None, memo)
