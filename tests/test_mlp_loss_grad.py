@@ -250,7 +250,6 @@ def test_what_the_op_does_not_cover_takes_autograd_and_equals_the_oracle(change,
     assert fused_calls == ([1] if change == "stale-output" else [])
     # the oracle: autograd.grad of the same loss, one step
     if change != "stale-output":
-        names = [name for name, _ in model.named_parameters()]
         params = list(model.parameters())
         wanted = [p for p in params if p.requires_grad]
         grads = iter(torch.autograd.grad(loss, wanted, retain_graph=True))
