@@ -162,8 +162,7 @@ _SINE_OPTIONS = [  # flag, type (None: a switch), default, help
     ("--log-every", options.positive_int, None, "meta-steps per point of the logged learning curve (default meta_steps / 200)"),
     ("--seed", options.non_negative_int, 0, "seed of the weights and the training tasks"),
     ("--device", str, "cpu", "cpu, cuda, cuda:N or mps (default cpu)"),
-    ("--threads", options.positive_int, 1, "CPU threads for torch (default 1: the sine network's matrices are too small to "
-     "gain from more, and extra threads slow it down badly on a busy machine)"),
+    options.THREADS,
     ("--out", str, "sine-results", "folder for the figures and results.json (default sine-results)"),
     ("--quick", None, False, "a run of a few seconds: fewer meta-steps and test tasks"),
     ("--checkpoint-every", options.positive_int, None, "save the whole run to OUT/checkpoint.pt every N training steps (and "

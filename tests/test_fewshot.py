@@ -93,9 +93,11 @@ def test_split_shares_out_every_class_once_by_seed():
 def test_the_default_split_gives_every_split_ways_classes_or_skips_validation():
     ten = [f"c{i}" for i in range(10)]
     split = fewshot_data.split_classes(ten, None, None, seed=0, ways=3)  # a fifth and a tenth would be 2 and 1
-    assert [len(split[k]) for k in ("train", "validation", "test")] == [4, 3, 3]
+    assert [len(split[k]) for k in ("train", "validation", "test")] == [7, 0, 3]  # 3 more would leave 4 < 2 x 3
+    twelve = fewshot_data.split_classes([f"c{i}" for i in range(12)], None, None, seed=0, ways=3)
+    assert [len(twelve[k]) for k in ("train", "validation", "test")] == [6, 3, 3]
     seven = fewshot_data.split_classes(ten[:7], None, None, seed=0, ways=3)
-    assert [len(seven[k]) for k in ("train", "validation", "test")] == [4, 0, 3]  # no room for 3 more classes
+    assert [len(seven[k]) for k in ("train", "validation", "test")] == [4, 0, 3]
     counted = fewshot_data.split_classes(ten, 2, 0, seed=0, ways=3)
     assert [len(counted[k]) for k in ("train", "validation", "test")] == [8, 0, 2]
     assert fewshot_data.split_classes([f"c{i}" for i in range(30)], None, None, seed=3, ways=2) == \
@@ -213,3 +215,42 @@ def test_maml_beats_random_init_and_the_saved_model_reproduces_its_score(tmp_pat
     with torch.no_grad():
         accuracy = (learner.predict(adapted, tasks.x_query).argmax(-1) == tasks.y_query).double().mean()
     assert float(accuracy) == pytest.approx(score["maml", 5]["mean"], abs=1e-9)
+
+
+def test_the_run_uses_threads_and_restores_the_callers_count(tmp_path, capsys, monkeypatch):
+    """--threads: torch's thread count inside training and scoring is the option's (default 1: two threads on
+    small matrices collapse on a busy machine), and the caller's count is back afterwards."""
+    fewshot_data.write_glyphs(tmp_path / "glyphs", classes=7, per_class=6, size=8, seed=1)
+    seen = []
+    scored = fewshot.accuracy
+
+    def recording_accuracy(*args):
+        seen.append(torch.get_num_threads())
+        return scored(*args)
+
+    monkeypatch.setattr(fewshot, "accuracy", recording_accuracy)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for extra, expected in (([], 1), (["--threads", "2"], 2)):
+            seen.clear()
+            assert run_main(["fewshot", str(tmp_path / "glyphs"), "--model", "mlp:8", "--ways", "3", "--query", "1",
+                             "--quick", "--out", str(tmp_path / "out"), *extra]) == 0
+            assert seen and set(seen) == {expected}
+            assert torch.get_num_threads() == 2
+            assert f"{expected} thread(s)" in capsys.readouterr().out
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_tiny_images_keep_two_by_two_feature_maps():
+    """The job's conv4 for 8x8 images halves them down to 2x2 only (8 -> 4 -> 2 -> 2 -> 2), and 28x28 keeps the paper's
+    stride 2 in every layer."""
+    mean, std = torch.zeros(1, 1, 1), torch.ones(1, 1, 1)
+
+    def strides(side):
+        model = fewshot.build_model("conv4", (1, side, side), 3, mean, std)
+        return [m.stride for m in model if isinstance(m, torch.nn.Conv2d)]
+
+    assert strides(8) == [(2, 2), (2, 2), (1, 1), (1, 1)]
+    assert strides(28) == [(2, 2)] * 4

@@ -128,6 +128,15 @@ def test_the_papers_two_networks_and_standardize():
         [(3, 8, (3, 3), (2, 2))] + [(8, 8, (3, 3), (2, 2))] * 3
     assert all(not m.track_running_stats for m in net if isinstance(m, nn.BatchNorm2d))
     assert net(torch.rand(4, 3, 28, 28)).shape == (4, 5)
+    # with the image size, a side is halved only while wider than 2 pixels: 28x28 keeps the paper's strides
+    def strides(size):
+        return [c.stride for c in conv4(1, 5, hidden=8, image_size=size) if isinstance(c, nn.Conv2d)]
+
+    assert strides((28, 28)) == [(2, 2)] * 4
+    assert strides((8, 8)) == [(2, 2), (2, 2), (1, 1), (1, 1)]
+    assert strides((8, 28)) == [(2, 2), (2, 2), (1, 2), (1, 2)]
+    tiny = conv4(1, 5, hidden=8, image_size=(8, 8))
+    assert tiny[:-3](torch.rand(2, 1, 8, 8)).shape == (2, 8, 2, 2)
     mlp = batchnorm_mlp([10, 7, 6, 3])
     assert [(m.in_features, m.out_features) for m in mlp if isinstance(m, nn.Linear)] == [(10, 7), (7, 6), (6, 3)]
     assert [type(m).__name__ for m in mlp][-4:] == ["Linear", "BatchNorm1d", "ReLU", "Linear"]

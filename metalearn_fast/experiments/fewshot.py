@@ -64,6 +64,7 @@ class Config:
     eval_steps: int = 10
     finetune: str = "head"
     device: str = "cpu"
+    threads: int = 1
     seed: int = 0
     quick: bool = False
 
@@ -105,7 +106,8 @@ OPTIONS = [  # flag, type (None: a switch), default, help
     ("--test-classes", fewshot_data.parse_classes, None, "meta-test classes: a count, a fraction of the classes or "
      "a comma-separated list of class names (default: a fifth of the classes, at least --ways)"),
     ("--val-classes", fewshot_data.parse_classes, None, "meta-validation classes, the same way; 0 for none "
-     "(default: a tenth of the classes, at least --ways, none when too few classes are left)"),
+     "(default: a tenth of the classes, at least --ways; none when meta-training would keep fewer than 2 x --ways "
+     "classes)"),
     ("--test-tasks", options.positive_int, None, "test tasks scored (default 600, 100 with --quick)"),
     ("--eval-steps", options.positive_int, 10, "N of the table: inner steps after which every method is scored, "
      "besides 0 and --inner-steps (default 10)"),
@@ -113,6 +115,7 @@ OPTIONS = [  # flag, type (None: a switch), default, help
      "its new head, or all layers (default head)"),
     ("--seed", options.non_negative_int, 0, "seed of the class split, the weights and the training tasks"),
     ("--device", str, "cpu", "cpu, cuda, cuda:N or mps (default cpu)"),
+    options.THREADS,
     ("--out", str, "fewshot-results", "folder for results.json, the figures and model.pt (default fewshot-results)"),
     ("--quick", None, False, "a run of seconds: few meta-steps and test tasks"),
 ]
@@ -152,7 +155,7 @@ def build_model(spec: str, input_shape, outputs: int, mean: Tensor, std: Tensor)
     """The network of --model for inputs of ``input_shape`` (one example's), standardized by mean and std first."""
     hidden = model_spec(spec)
     if hidden is None:
-        body = list(conv4(input_shape[0], outputs))
+        body = list(conv4(input_shape[0], outputs, image_size=input_shape[1:]))
     else:
         body = [nn.Flatten(), *batchnorm_mlp([math.prod(input_shape), *hidden, outputs])]
     return nn.Sequential(Standardize(mean, std), *body)
@@ -261,6 +264,11 @@ def sample_tasks(data: Dataset, config: Config, count: int, seed: int) -> TaskBa
 
 def run(config: Config, data: Dataset, split: dict, out: Path, command: Optional[list] = None) -> dict:
     """Trains, evaluates, writes results.json, the figures and model.pt into ``out``; returns the results."""
+    with runs.threads(config.threads):
+        return _run(config, data, split, out, command)
+
+
+def _run(config: Config, data: Dataset, split: dict, out: Path, command: Optional[list]) -> dict:
     started = time.perf_counter()
     job = Run(config, data, split)
     validating = bool(split["validation"])
@@ -418,13 +426,14 @@ def introduction(config: Config, data: Dataset, split: dict) -> str:
     shape = "x".join(map(str, data.x.shape[1:]))
     sizes = ", ".join(f"{len(split[name])} meta-{name}" for name in ("train", "validation", "test"))
     if not split["validation"]:
-        sizes += " (too few classes for a meta-validation split of --ways classes: validation is skipped, the last " \
+        sizes += " (too few classes to spare --ways of them for meta-validation: validation is skipped, the last " \
                  "weights are scored)"
     return (f"metalearn-fast fewshot: {variant}, {config.ways}-way {config.shots}-shot ({config.query} query per class) "
             f"on {config.data}\n{len(data.y)} examples ({shape}) of {len(data.class_names)} classes: {sizes}; "
             f"model {config.model}, {config.inner_steps} inner step(s) of SGD lr {config.inner_lr}, Adam lr "
             f"{config.meta_lr}, {config.meta_batch} tasks per meta-batch, {config.meta_steps} meta-steps; backend "
-            f"{backend_info()['active']}, device {config.device}, seed {config.seed}")
+            f"{backend_info()['active']}, device {config.device}"
+            f"{'' if config.device != 'cpu' else f', {config.threads} thread(s)'}, seed {config.seed}")
 
 
 def summary(results: dict, config: Config) -> str:

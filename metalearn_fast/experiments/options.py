@@ -26,6 +26,10 @@ non_negative_int = number(int, "a non-negative integer", lambda value: value >= 
 positive_float = number(float, "a positive finite number", lambda value: value > 0 and math.isfinite(value))
 
 
+THREADS = ("--threads", positive_int, 1, "CPU threads for torch (default 1: the networks' matrices are too small to "
+           "gain from more, and extra threads are many times slower on a busy machine)")
+
+
 def choice(*choices: str) -> Callable[[str], str]:
     return number(str, f"one of {', '.join(choices)}", lambda value: value in choices)
 

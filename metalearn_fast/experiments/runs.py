@@ -8,6 +8,7 @@ never interrupted.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
@@ -43,6 +44,19 @@ def check_device(text: str) -> str:
     elif device.type != "cpu":
         raise UsageError(f"--device {text!r}: unsupported device type {device.type!r} (use cpu, cuda, cuda:N or mps)")
     return str(device)
+
+
+@contextlib.contextmanager
+def threads(count: int):
+    """torch's intra-op CPU threads set to ``count`` inside the block, restored after it (the caller may be a
+    longer-lived process: the tests are). The jobs default to one: their matrices are too small to gain from
+    more, and intra-op threads that wait on each other are many times slower on a machine already busy."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def check_out(text: str) -> Path:

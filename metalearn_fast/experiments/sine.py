@@ -178,12 +178,8 @@ def run(config: Config, out: Path, resume: Optional[dict] = None, command: Optio
     """Trains (or continues ``resume``, a checkpoint's state), evaluates, writes the figures and
     results.json (with ``command``, the command line that ran it) into ``out``, removes the checkpoint (the
     run is complete: results.json is its record), and returns the results."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(config.threads)
-    try:
+    with runs.threads(config.threads):
         return _run(config, out, resume, command)
-    finally:  # the caller may be a longer-lived process (the tests are)
-        torch.set_num_threads(threads)
 
 
 def _run(config: Config, out: Path, resume: Optional[dict], command: Optional[list]) -> dict:
