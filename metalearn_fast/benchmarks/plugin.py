@@ -11,6 +11,11 @@ a column of the report): on CUDA the peak of torch's allocator above what was al
 Linux CPU the peak resident set size above the one before the call (the kernel's high-water mark, reset for
 the call, with glibc's free memory returned first), which counts every allocation, torch's or not.
 
+Work: for the entries of roofline.COUNTED (plain torch, the per-task loop) one more call is counted by roofline.count: its
+matrix-product FLOPs and working set (``extra_info["flops"]``, ``extra_info["bytes"]``); the machine's peak
+(roofline.peak_gflops) is measured once and recorded with the machine. The report turns them into GFLOP/s and a
+fraction of the peak.
+
 Timing: each entry runs once first, the check that it computes the same result as plain torch,
 which also warms it up and tells how long a call takes. Then rounds of ``iterations`` calls are timed with
 ``benchmark.pedantic``: enough iterations per round that a round lasts at least a millisecond, and
@@ -30,6 +35,7 @@ from typing import Callable
 import pytest
 import torch
 
+from . import roofline
 from .entries import HIGHER, LEARN2LEARN
 
 PEERS = {HIGHER: "higher", LEARN2LEARN: "learn2learn"}  # entry -> module
@@ -196,6 +202,8 @@ def measure(benchmark, request, device):
         peak = peak_memory_mib(fn, device)
         if peak is not None:
             benchmark.extra_info["peak_mib"] = round(peak, 1)
+        if entry in roofline.COUNTED:
+            benchmark.extra_info.update(roofline.count(fn))
 
     return run
 
@@ -241,4 +249,10 @@ def pytest_benchmark_update_machine_info(config, machine_info):
         else "",
         "quick": bool(config.getoption("--quick")),
         "peers": {module: _version(module) for module in PEERS.values()},
+        # float32 GFLOP/s of one core (CPU, one thread) or of the GPU: the roofline's peak
+        "peak_gflops": round(roofline.peak_gflops(torch.device(device)), 1) if _device_usable(device) else None,
     }
+
+
+def _device_usable(name: str) -> bool:
+    return not name.startswith("cuda") or torch.cuda.is_available()

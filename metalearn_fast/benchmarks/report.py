@@ -13,7 +13,8 @@ import argparse
 import json
 import re
 
-from .entries import ENTRY_ORDER, PLAIN_TORCH, TORCH_FUNC
+from .entries import ENTRY_ORDER, OURS, PLAIN_TORCH, TORCH_FUNC
+from .roofline import COUNTED
 
 
 def format_time(seconds: float) -> str:
@@ -77,13 +78,79 @@ def _group_order(group: str) -> int:
     return next((i for i, prefix in enumerate(GROUP_ORDER) if group.startswith(prefix)), len(GROUP_ORDER))
 
 
-def report(data: dict, baseline: str = PLAIN_TORCH) -> str:
-    """The Markdown report of one pytest-benchmark JSON document: a section titled by its device."""
+def _groups(data: dict) -> dict[str, dict[str, dict]]:
+    """{group: {entry: its stats, with peak_mib, flops and bytes where recorded}}."""
     groups: dict[str, dict[str, dict]] = {}
     for bench in data.get("benchmarks", []):
         extra = bench.get("extra_info") or {}
-        stats = {**bench["stats"], **({"peak_mib": extra["peak_mib"]} if "peak_mib" in extra else {})}
+        stats = {**bench["stats"], **{key: extra[key] for key in ("peak_mib", "flops", "bytes") if key in extra}}
         groups.setdefault(bench.get("group") or bench["name"], {})[entry_name(bench)] = stats
+    return groups
+
+
+def _reference(entries: dict, baseline: str) -> str:
+    """The entry a group's speedups divide by: the baseline, else torch.func (the any-module models, which no
+    batched plain torch runs)."""
+    return baseline if baseline in entries else TORCH_FUNC if TORCH_FUNC in entries else baseline
+
+
+def _work(entries: dict) -> dict:
+    """The group's counted work: roofline.count on the first of roofline.COUNTED's entries that the group has (every
+    entry computes the same meta-step)."""
+    counted = [entries[name] for name in COUNTED if entries.get(name, {}).get("flops")]
+    return {"flops": counted[0]["flops"], "bytes": counted[0]["bytes"]} if counted else {}
+
+
+def _peak(data: dict):
+    """The run's peak GFLOP/s: the device's on a GPU; on a CPU one core's times the cores its torch threads could
+    use (min(threads, cores)); None where not recorded."""
+    ours = (data.get("machine_info") or {}).get("metalearn_fast") or {}
+    peak = ours.get("peak_gflops")
+    if peak is None or str(ours.get("device", "cpu")).startswith("cuda"):
+        return peak
+    return peak * max(1, min(ours.get("threads") or 1, ours.get("cores") or 1))
+
+
+def _peak_text(data: dict) -> str:
+    ours = (data.get("machine_info") or {}).get("metalearn_fast") or {}
+    peak = _peak(data)
+    if peak is None:
+        return "not recorded"
+    if str(ours.get("device", "cpu")).startswith("cuda"):
+        return f"{peak:.1f} GFLOP/s, the device's (float32 matrix product)"
+    cores = round(peak / ours["peak_gflops"])
+    return (f"{peak:.1f} GFLOP/s = {ours['peak_gflops']} per core (float32 matrix product on one thread) x {cores} "
+            f"core(s) for the run's torch threads")
+
+
+def roofline_table(data: dict, baseline: str = PLAIN_TORCH) -> list[str]:
+    """The "how far from the hardware" table: per group, its work, working set and FLOPs per byte, and our
+    entry's time, GFLOP/s, fraction of the peak and speedup."""
+    peak = _peak(data)
+    rows = []
+    for group, entries in sorted(_groups(data).items(), key=lambda item: _group_order(item[0])):
+        work, ours = _work(entries), entries.get(OURS)
+        if not work or not ours:
+            continue
+        reference = _reference(entries, baseline)
+        base = entries.get(reference, {}).get("median")
+        gflops = work["flops"] / ours["median"] / 1e9
+        of_peak = f"{100 * gflops / peak:.1f}%" if peak else "n/a"
+        speedup = f"{base / ours['median']:.2f}x vs {reference}" if base else "n/a"
+        rows.append(f"| {group} | {work['flops'] / 1e6:.2f} | {work['bytes'] / 2**10:.0f} | "
+                    f"{work['flops'] / max(work['bytes'], 1):.1f} | {format_time(ours['median'])} | {gflops:.2f} | "
+                    f"{of_peak} | {speedup} |")
+    if not rows:
+        return []
+    return [f"Peak: {_peak_text(data)}. Work: the matrix-product FLOPs of one call of the group's reference entry, "
+            "counted by torch's FlopCounterMode; working set: the bytes of every tensor it touches.", "",
+            f"| workload | MFLOP | working set (KiB) | FLOP/byte | {OURS} | GFLOP/s | of peak | speedup |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
+
+
+def report(data: dict, baseline: str = PLAIN_TORCH) -> str:
+    """The Markdown report of one pytest-benchmark JSON document: a section titled by its device."""
+    groups = _groups(data)
     ours = (data.get("machine_info") or {}).get("metalearn_fast") or {}
     on_gpu = str(ours.get("device", "cpu")).startswith("cuda")
     lines = [f"## GPU: {ours.get('device_name') or ours.get('device')}" if on_gpu else "## CPU", ""]
@@ -98,20 +165,25 @@ def report(data: dict, baseline: str = PLAIN_TORCH) -> str:
     ]
     if not groups:
         lines += ["No benchmark ran.", ""]
+    roofline = roofline_table(data, baseline)
+    if roofline:
+        lines += ["### How far from the hardware", "", *roofline]
     for group in sorted(groups, key=_group_order):  # stable: the run's order within a suite
         entries = groups[group]
-        # groups without the baseline (the any-module models, which no batched plain torch runs) use torch.func's
-        reference = baseline if baseline in entries else TORCH_FUNC if TORCH_FUNC in entries else baseline
+        reference = _reference(entries, baseline)
         base = entries.get(reference, {}).get("median")
         memory = any("peak_mib" in stats for stats in entries.values())
+        flops = _work(entries).get("flops")
         lines += [f"### {group}", "", f"| entry | median | IQR | rounds | speedup vs {reference} |"
-                  + (" peak memory |" if memory else ""), "|---|---:|---:|---:|---:|" + ("---:|" if memory else "")]
+                  + (" GFLOP/s |" if flops else "") + (" peak memory |" if memory else ""),
+                  "|---|---:|---:|---:|---:|" + ("---:|" if flops else "") + ("---:|" if memory else "")]
         for name in sorted(entries, key=_order):
             stats = entries[name]
             speedup = f"{base / stats['median']:.2f}x" if base else "n/a"
             peak = f" {stats['peak_mib']:.0f} MiB |" if "peak_mib" in stats else " n/a |"
             lines.append(f"| {name} | {format_time(stats['median'])} | {format_time(stats['iqr'])} | "
-                         f"{stats['rounds']} | {speedup} |" + (peak if memory else ""))
+                         f"{stats['rounds']} | {speedup} |" + (f" {flops / stats['median'] / 1e9:.2f} |" if flops else "")
+                         + (peak if memory else ""))
         lines.append("")
     return "\n".join(lines)
 
