@@ -142,8 +142,9 @@ def roofline_table(data: dict, baseline: str = PLAIN_TORCH) -> list[str]:
                     f"{of_peak} | {speedup} |")
     if not rows:
         return []
-    return [f"Peak: {_peak_text(data)}. Work: the matrix-product FLOPs of one call of the group's reference entry, "
-            "counted by torch's FlopCounterMode; working set: the bytes of every tensor it touches.", "",
+    return [f"Peak: {_peak_text(data)}. Work: the matrix-product FLOPs of one call of the group's plain-torch entry "
+            "(else its per-task loop), counted by torch's FlopCounterMode; working set: the bytes of every tensor "
+            "that call touches.", "",
             f"| workload | MFLOP | working set (KiB) | FLOP/byte | {OURS} | GFLOP/s | of peak | speedup |",
             "|---|---:|---:|---:|---:|---:|---:|---:|", *rows, ""]
 
