@@ -4,7 +4,7 @@ Pretrain-then-adapt (``pretrain``, ``adapt``) and the MAML family, on fused C++/
 with a pure-torch fallback that gives the same numbers (see ``backend_info()``).
 """
 from . import nn, ops, reference, tasks
-from .maml import MAML, Reptile
+from .algorithms import MAML, Reptile
 from .nn import MLP, FusedLinearReLU, SimpleNet, fuse
 from .ops import backend_info, linear_relu, linear_relu_backward, sgd_step, sgd_step_
 from .tasks import FewShotTasks, SinusoidTasks, TaskBatch

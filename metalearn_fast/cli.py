@@ -152,6 +152,7 @@ _SINE_OPTIONS = [  # flag, type (None: a switch), default, help
     ("--meta-lr", options.positive_float, 1e-3, "Adam learning rate of meta-training and pretraining (default 0.001)"),
     ("--first-order", None, False, "first-order MAML (no second derivatives)"),
     ("--meta-sgd", None, False, "Meta-SGD: also learn one inner rate per weight"),
+    options.MAML_PLUS,
     ("--k-support", options.positive_int, 10, "support points per training task (default 10)"),
     ("--k-query", options.positive_int, 10, "query points per training task (default 10)"),
     ("--eval-k", _k_list, [5, 10, 20], "support-set sizes of the table, K[,K...] (default 5,10,20)"),

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from metalearn_fast import MAML, MLP, Reptile, TaskBatch, ops
-from metalearn_fast import maml as maml_module
+from metalearn_fast.algorithms import maml as maml_module
 
 T, CHUNK = 7, 3  # chunks of 3, 3 and 1 tasks
 VARIANTS = {
@@ -113,10 +113,10 @@ def test_no_computation_holds_more_than_a_chunk(plan, monkeypatch):
             return function(*args, **kwargs)
         return record
 
-    monkeypatch.setattr("metalearn_fast.maml.maml_mlp_loss", recording(ops.maml_mlp_loss, 2))
-    monkeypatch.setattr("metalearn_fast.maml.maml_mlp_meta_step_", recording(ops.maml_mlp_meta_step_, 4))
+    monkeypatch.setattr("metalearn_fast.algorithms.maml.maml_mlp_loss", recording(ops.maml_mlp_loss, 2))
+    monkeypatch.setattr("metalearn_fast.algorithms.maml.maml_mlp_meta_step_", recording(ops.maml_mlp_meta_step_, 4))
     monkeypatch.setattr(maml.plan, "forward", recording(maml.plan.forward, 1))
-    monkeypatch.setattr("metalearn_fast.maml._func_grad_meta_loss",
+    monkeypatch.setattr("metalearn_fast.algorithms.maml._func_grad_meta_loss",
                         recording(maml_module._func_grad_meta_loss, 1, lambda batch: batch.num_tasks))
     maml.meta_step(make_batch(loss, torch.float32), torch.optim.Adam(maml.parameters(), lr=0.01))
     assert seen and max(seen) == CHUNK

@@ -254,3 +254,21 @@ def test_tiny_images_keep_two_by_two_feature_maps():
 
     assert strides(8) == [(2, 2), (2, 2), (1, 1), (1, 1)]
     assert strides(28) == [(2, 2)] * 4
+
+
+def test_maml_plus_plus_runs_and_its_saved_learner_carries_the_options(tmp_path, capsys):
+    fewshot_data.write_glyphs(tmp_path / "glyphs", classes=7, per_class=6, size=8, seed=1)
+    out = tmp_path / "out"
+    assert run_main(["fewshot", str(tmp_path / "glyphs"), "--model", "mlp:8", "--ways", "3", "--query", "1",
+                     "--quick", "--maml++", "--out", str(out)]) == 0
+    assert "fewshot: MAML++, 3-way" in capsys.readouterr().out
+    learner = metalearn_fast.load_fewshot(str(out / "model.pt"))
+    plus = learner.plus
+    assert plus is not None and plus.step_inner_lrs is not None and plus.step_norms is not None
+    assert plus.taken == 30 and plus.first_order_meta_steps == 10 and plus.anneal_steps == 10  # a third of 30
+    saved = torch.load(out / "model.pt", weights_only=True)["maml"]
+    for name, value in learner.state_dict().items():
+        assert value == saved[name] if name.endswith("_extra_state") else torch.equal(value, saved[name]), name
+    assert run_main(["fewshot", str(tmp_path / "glyphs"), "--maml++", "--meta-sgd", "--quick", "--ways", "3",
+                     "--out", str(out)]) == 2
+    assert "choose one" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 import metalearn_fast as mf
 from metalearn_fast import MAML, MLP, Reptile, TaskBatch, ops, reference
+from metalearn_fast.algorithms import maml as maml_module
 
 SIZES = [3, 8, 8, 2]
 TASKS, SUPPORT, QUERY = 4, 5, 6
@@ -121,7 +122,7 @@ OPCHECK_TESTS = (torch.library._OPCHECK_DEFAULT_UTILS if mf.backend_info()["acti
 
 def op_arguments(variant="meta-sgd", dtype=torch.float64, loss="mse"):
     maml, optimizer = learner(variant, 2, loss, dtype)
-    update = maml._fused_update(optimizer)
+    update = maml_module._fused_update(maml, optimizer)
     params = [p.detach() for p in maml.model.parameters()]
     rates = [r.detach() for r in maml.inner_lrs] if maml.learn_inner_lr else [torch.tensor(0.1, dtype=dtype)]
     grads, state, settings = update.arguments()

@@ -22,7 +22,8 @@ from metalearn_fast import MAML, MLP, Reptile, TaskBatch
 PACKAGE = os.path.dirname(mf.__file__)
 TORCH = os.path.dirname(torch.__file__)
 MACHINERY = [os.path.join(TORCH, name) for name in ("_dynamo", "_compile.py", "_tensor.py", "utils/_python_dispatch.py")]
-ENGINE = {"maml.py", "plan.py", "optim.py", "tasks.py", "distributed.py", "nn.py", "ops.py", "train.py"}
+ENGINE = {"algorithms/maml.py", "algorithms/reptile.py", "algorithms/task_batched.py", "plan.py", "optim.py",
+          "tasks.py", "distributed.py", "nn.py", "ops.py", "train.py"}
 
 
 class ScalarReads(TorchDispatchMode):

@@ -83,7 +83,8 @@ def test_variant_flags_take_effect(tmp_path, capsys):
     """Same seed: the first meta-loss is the same for MAML, FOMAML and Meta-SGD (same weights, same tasks,
     same inner rate at the start), and later ones differ because the meta-gradients differ."""
     curves = {}
-    for name, flags in {"maml": [], "fomaml": ["--first-order"], "meta_sgd": ["--meta-sgd"]}.items():
+    variants = {"maml": [], "fomaml": ["--first-order"], "meta_sgd": ["--meta-sgd"], "maml_plus": ["--maml++"]}
+    for name, flags in variants.items():
         out = tmp_path / name
         argv = ["sine", "--quick", "--meta-steps", "40", "--log-every", "1", "--test-tasks", "20", "--out", str(out),
                 *flags]
@@ -91,10 +92,11 @@ def test_variant_flags_take_effect(tmp_path, capsys):
         curves[name] = json.loads((out / "results.json").read_text())
     capsys.readouterr()
     losses = {name: results["learning_curve"]["maml_meta_loss"] for name, results in curves.items()}
-    for name in ("fomaml", "meta_sgd"):
+    for name in ("fomaml", "meta_sgd", "maml_plus"):
         assert losses[name][0] == pytest.approx(losses["maml"][0], rel=1e-5)
         assert losses[name][-1] != pytest.approx(losses["maml"][-1], rel=1e-5)
     assert curves["fomaml"]["config"]["first_order"] and curves["meta_sgd"]["config"]["meta_sgd"]
+    assert curves["maml_plus"]["config"]["maml_plus"]
 
 
 @pytest.mark.parametrize(
@@ -123,6 +125,7 @@ BAD_ARGUMENTS = {
     "absent CUDA device": (["--device", "cuda:99"], "--device cuda:99"),
     "unknown backend": (["--backend", "cuda"], "--backend"),
     "unknown option": (["--epochs", "3"], "--epochs"),
+    "two ways to learn the rates": (["--maml++", "--meta-sgd"], "--maml++"),
 }
 
 

@@ -1,21 +1,10 @@
-"""The MAML engine: MAML and its family (FOMAML, Meta-SGD, ANIL) in class MAML, and Reptile.
+"""MAML and its family (FOMAML, Meta-SGD, ANIL, the MAML++ options) in class MAML, on the task-batched engine.
 
-Both run a whole meta-batch of T tasks at once on per-task parameters ``[T, ...]`` (the meta
-parameters expanded along a new leading task dimension, then updated per task), the way the model's
-``ModelPlan`` (metalearn_fast/plan.py) says, chosen once in ``__init__``:
-
-- "fused": an MLP with a built-in loss: the whole meta-step is one op (``ops.maml_mlp_loss``, and with
-  torch.optim's Adam/AdamW/SGD ``ops.maml_mlp_meta_step_``, the optimizer's update included);
-- "batched": any other stack of Linear(+ReLU) layers (``MLP``, ``SimpleNet``, ``nn.Sequential`` of
-  ``nn.Linear``/``nn.ReLU``/``FusedLinearReLU``/``nn.Identity``), or an MLP with a callable loss: batched
-  matrix products, ``ops.linear_relu`` per hidden layer, one ``ops.sgd_step`` per inner step;
-- "module": any other ``nn.Module``, through ``torch.func.functional_call`` under ``torch.func.vmap`` over
-  tasks: ``meta_loss`` as an inner loop of ``torch.func.grad`` on the meta weights all tasks share
-  (``_func_grad_meta_loss``), ``adapt`` on per-task parameters (or a loop over tasks when the model cannot
-  run under vmap).
-
-Every plan gives the numbers of a per-task loop with ``torch.autograd.grad``. ``max_tasks_per_chunk`` bounds
-the tasks any of them holds at once.
+It runs a whole meta-batch of T tasks at once on per-task parameters, the way the model's plan says
+(task_batched.py): one fused op for an MLP with a built-in loss, batched matrix products for any other
+Linear(+ReLU) stack, torch.func for any other module (``meta_loss`` as an inner loop of ``torch.func.grad``
+on the meta weights all tasks share, ``_func_grad_meta_loss``). Every plan gives the numbers of a per-task
+loop with ``torch.autograd.grad``.
 
 Names: ANIL's ``adapt_head_only=True`` is, in the fused ops (``ops.maml_mlp_loss``, ``maml_mlp_meta_step_``)
 and their C++, ``first_adapted_layer`` = the index of the last layer: the inner loop adapts layers
@@ -30,197 +19,86 @@ from __future__ import annotations
 from typing import Callable, Optional, Sequence, Union
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import distributed
-from ._checks import check_int, check_positive
-from .ops import _number_as_rate, maml_mlp_loss, maml_mlp_meta_step_, reptile_mlp_step_, sgd_step, sgd_step_
-from .optim import FusedUpdate, UpdateCache
-from .plan import ModelPlan
-from .tasks import TaskBatch, check_task_set
+from .. import distributed
+from .._checks import check_int, check_positive
+from ..ops import _number_as_rate, maml_mlp_loss, maml_mlp_meta_step_, sgd_step
+from ..optim import FusedUpdate, UpdateCache
+from ..tasks import TaskBatch, check_task_set
+from .maml_plus import StepOptions, batchnorm_indices
+from .task_batched import LossArg, _TaskBatchedLearner, _head_indices
 
-__all__ = ["MAML", "Reptile"]
-
-LossArg = Union[str, Callable[[Tensor, Tensor], Tensor]]
-
-
-def _mse_per_task(pred: Tensor, target: Tensor) -> Tensor:
-    """Mean squared error of each task: pred, target [T, K, ...] -> [T]."""
-    return (pred - target).pow(2).flatten(1).mean(1)
-
-
-def _cross_entropy_per_task(logits: Tensor, labels: Tensor) -> Tensor:
-    """Mean cross-entropy of each task: logits [T, K, C], labels [T, K] int64 -> [T]."""
-    tasks, examples, classes = logits.shape
-    losses = F.cross_entropy(logits.reshape(tasks * examples, classes), labels.reshape(-1), reduction="none")
-    return losses.view(tasks, examples).mean(1)
-
-
-BUILTIN_LOSSES = {"mse": _mse_per_task, "cross_entropy": _cross_entropy_per_task}
-
-
-def _head_indices(model: nn.Module, parameters: Sequence[Tensor]) -> list[int]:
-    """Indices in ``parameters`` of the head: the parameters of the last submodule that owns any."""
-    owners = [module for module in model.modules() if next(module.parameters(recurse=False), None) is not None]
-    head = {id(p) for p in owners[-1].parameters(recurse=False)}
-    return [i for i, p in enumerate(parameters) if id(p) in head]
-
-
-def _check_normalization(model: nn.Module) -> None:
-    """Batch statistics must be each task's own: running statistics, which one buffer keeps for the whole model,
-    would mix the tasks of a meta-batch (and under vmap cannot be updated per task), so they are refused."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            raise ValueError(
-                f"model.{name} ({type(module).__name__}) keeps running statistics, which would mix the tasks of a "
-                "meta-batch; build it with track_running_stats=False: every forward pass then normalises with its "
-                "own task's batch statistics, in the inner and the outer loop, as the MAML paper's models do")
-
-
-class _TaskBatchedLearner(nn.Module):
-    """What MAML and Reptile share: the model, the loss, its plan (metalearn_fast/plan.py) and the checks."""
-
-    def __init__(self, model: nn.Module, loss: LossArg, max_tasks_per_chunk: Optional[int]) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-        if next(model.parameters(), None) is None:
-            raise ValueError("model has no parameters to meta-learn")
-        if isinstance(loss, str):
-            if loss not in BUILTIN_LOSSES:
-                names = ", ".join(map(repr, BUILTIN_LOSSES))
-                raise ValueError(f"loss must be one of {names} or a callable, got {loss!r}")
-            self._loss_fn = BUILTIN_LOSSES[loss]
-        elif callable(loss):
-            self._loss_fn = loss
-        else:
-            raise TypeError(f"loss must be 'mse', 'cross_entropy' or a callable, got {type(loss).__name__}")
-        _check_normalization(model)
-        self.model = model
-        self.loss = loss
-        # the structure is fixed here; the weights are read from the model on every call
-        self.plan = ModelPlan(model, builtin_loss=isinstance(loss, str))
-        self.max_tasks_per_chunk = (None if max_tasks_per_chunk is None
-                                    else check_int("max_tasks_per_chunk", max_tasks_per_chunk, minimum=1))
-        # under torch.distributed, the first meta_step gives every rank rank 0's weights
-        self._weights_broadcast = False
-
-    @property
-    def uses_fast_path(self) -> bool:
-        """True when the model is a Linear(+ReLU) stack that runs on the batched fast path (or the fused op)."""
-        return self.plan.is_stack
-
-    def _meta_parameters(self) -> list[Tensor]:
-        return list(self.model.parameters())
-
-    def _fits_one_chunk(self, batch: TaskBatch) -> bool:
-        """Whether max_tasks_per_chunk lets the whole batch run at once (then the fused ops may take it)."""
-        return self.max_tasks_per_chunk is None or batch.num_tasks <= self.max_tasks_per_chunk
-
-    def _broadcast_once(self) -> None:
-        """Rank 0's parameters and buffers on every rank, before the first distributed update."""
-        if not self._weights_broadcast:
-            distributed.broadcast_parameters(self)
-            self._weights_broadcast = True
-
-    # ---- checks ----
-
-    def _check_batch(self, batch: TaskBatch, first: Optional[Tensor] = None) -> None:
-        if not isinstance(batch, TaskBatch):
-            raise TypeError(f"batch must be a metalearn_fast.TaskBatch, got {type(batch).__name__}")
-        first = next(self.model.parameters()) if first is None else first
-        self.plan.check_input(batch.x_support, "x_support", first)
-        self.plan.check_input(batch.x_query, "x_query", first)
-
-    def _check_labels(self, batch: TaskBatch, outputs: int, sets: int = 2) -> None:
-        """Class labels of the first ``sets`` sets (support, query) must index the model's outputs: cross_entropy
-        would index out of bounds (a device-side assert on CUDA)."""
-        if self._loss_fn is _cross_entropy_per_task:
-            for name, largest in list(zip(("y_support", "y_query"), batch.largest_labels))[:sets]:
-                if largest >= outputs:
-                    raise ValueError(f"{name} holds class label {largest} but the model has {outputs} outputs")
-
-    def _task_losses(self, pred: Tensor, target: Tensor, target_name: str, largest_label: int) -> Tensor:
-        """The loss of each task: pred [T, K, out], target [T, K, ...] -> [T]. largest_label: the largest class
-        label in target (-1 for regression), known from where the data was checked."""
-        self._check_target(pred.shape, target, target_name, largest_label)
-        losses = self._loss_fn(pred, target)
-        if not isinstance(losses, Tensor) or losses.shape != (pred.shape[0],):
-            got = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
-            raise ValueError(f"loss must return one loss per task, shape [{pred.shape[0]}], got {got}")
-        return losses
-
-    def _check_target(self, pred_shape: Sequence[int], target: Tensor, target_name: str, largest_label: int) -> None:
-        """The built-in losses' demands on a target, for model outputs of shape pred_shape [T, K, out]."""
-        pred_shape = list(pred_shape)
-        if self._loss_fn is _mse_per_task:
-            if not target.is_floating_point():
-                raise ValueError(
-                    f"loss='mse' needs floating-point targets but {target_name} holds class labels; "
-                    "use loss='cross_entropy'"
-                )
-            if list(target.shape) != pred_shape:
-                raise ValueError(
-                    f"{target_name} must have the shape of the model's output {pred_shape}, got {list(target.shape)}"
-                )
-        elif self._loss_fn is _cross_entropy_per_task:
-            if target.is_floating_point():
-                raise ValueError(f"loss='cross_entropy' needs int64 class labels in {target_name}, got {target.dtype}")
-            if len(pred_shape) != 3:
-                raise ValueError(f"loss='cross_entropy' needs model outputs [T, K, classes], got {pred_shape}")
-            if largest_label >= pred_shape[-1]:
-                raise ValueError(
-                    f"{target_name} holds class label {largest_label} but the model has {pred_shape[-1]} outputs")
+__all__ = ["MAML"]
 
 
 class MAML(_TaskBatchedLearner):
-    """Model-agnostic meta-learning on a meta-batch of tasks, and its variants:
+    """Model-agnostic meta-learning on a meta-batch of tasks, its variants and the MAML++ options.
 
-    - ``first_order=True``: FOMAML (inner gradients taken without create_graph);
-    - ``learn_inner_lr=True``: Meta-SGD (one learned rate per element of every adapted parameter,
-      in ``inner_lrs``, initialised to ``inner_lr``);
-    - ``adapt_head_only=True``: ANIL (the inner loop adapts only the head: the parameters of the
-      model's last submodule that owns parameters, i.e. the last Linear of a stack).
+    Description
+    -----------
+    Learns an initialisation from which a few SGD steps on a task's support set fit its query set. Each
+    meta-step adapts every task of the batch at once (each task's own mean support loss) and the meta-loss is
+    the mean over tasks of the query losses after adaptation. The MAML++ options (maml_plus.py) each work alone.
 
-    ``loss`` is "mse", "cross_entropy" or a callable ``loss(pred [T, K, out], target [T, K, ...])``
-    returning the loss of each task, shape [T]. The inner loop minimises each task's own mean support
-    loss; the meta-loss is the mean over tasks of the query losses after adaptation.
+    Arguments
+    ---------
+    model: any nn.Module (an MLP runs as one fused op; see task_batched.py); BatchNorm must use batch statistics.
+    inner_lr, inner_steps: the inner SGD's rate and number of steps.
+    first_order: FOMAML (inner gradients without create_graph). learn_inner_lr: Meta-SGD (a learned rate per
+        element of every adapted parameter, ``inner_lrs``). adapt_head_only: ANIL (the inner loop adapts only
+        the parameters of the model's last submodule that owns any).
+    loss: "mse", "cross_entropy" or a callable ``loss(pred [T, K, out], target [T, K, ...])`` -> [T].
+    max_tasks_per_chunk: None runs every task at once; N makes ``meta_step`` run chunks of at most N tasks,
+        accumulating the meta-gradient (the same update, one chunk's peak memory).
+    per_step_inner_lr: LSLR, a learned rate per adapted parameter tensor and inner step (``plus.step_inner_lrs``).
+    multi_step_loss: None; N, the paper's weights annealed over N meta-steps; or one weight per inner step.
+    per_step_bn: BatchNorm weights and biases per inner step (``plus.step_norms``), not adapted by the inner loop.
+    first_order_meta_steps: derivative-order annealing: first order for this many meta-steps, then second.
 
-    MAML is an nn.Module wrapping the model, so ``torch.optim.Adam(maml.parameters())`` trains the
-    meta parameters and, under Meta-SGD, the learned rates.
+    Example
+    -------
+    >>> maml = MAML(MLP([1, 40, 40, 1]), inner_lr=0.01, inner_steps=5, per_step_inner_lr=True,
+    ...             multi_step_loss=1000, first_order_meta_steps=500)
+    >>> optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)   # meta weights and learned rates
+    >>> loss = maml.meta_step(tasks.sample(25), optimizer)
 
-    ``max_tasks_per_chunk``: None runs every task at once; an integer N makes ``meta_step`` run the meta-batch in
-    chunks of at most N tasks, accumulating the meta-gradient chunk by chunk: the same update, with the peak
-    memory of one chunk. ``meta_loss`` always takes the whole batch (its graph holds every task).
+    References
+    ----------
+    Finn et al., MAML, ICML 2017. Li et al., Meta-SGD, 2017. Raghu et al., ANIL, ICLR 2020. Antoniou et al.,
+    How to Train Your MAML, ICLR 2019.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        inner_lr: float = 0.01,
-        inner_steps: int = 1,
-        first_order: bool = False,
-        learn_inner_lr: bool = False,
-        adapt_head_only: bool = False,
-        loss: LossArg = "mse",
-        max_tasks_per_chunk: Optional[int] = None,
-    ) -> None:
+    def __init__(self, model: nn.Module, inner_lr: float = 0.01, inner_steps: int = 1, first_order: bool = False,
+                 learn_inner_lr: bool = False, adapt_head_only: bool = False, loss: LossArg = "mse",
+                 max_tasks_per_chunk: Optional[int] = None, per_step_inner_lr: bool = False,
+                 multi_step_loss: Union[None, int, Sequence[float]] = None, per_step_bn: bool = False,
+                 first_order_meta_steps: int = 0) -> None:
         super().__init__(model, loss, max_tasks_per_chunk)
         self.inner_lr = check_positive("inner_lr", inner_lr)
         self.inner_steps = check_int("inner_steps", inner_steps, minimum=1)
         self.first_order = bool(first_order)
         self.learn_inner_lr = bool(learn_inner_lr)
         self.adapt_head_only = bool(adapt_head_only)
+        if learn_inner_lr and per_step_inner_lr:
+            raise ValueError("learn_inner_lr (Meta-SGD: a rate per weight) and per_step_inner_lr (LSLR: a rate per "
+                             "parameter tensor and step) are two ways to learn the inner rates; choose one")
         parameters = self._meta_parameters()
         # indices (in model.parameters() order) of the parameters the inner loop updates
         self._adapted_indices = _head_indices(model, parameters) if adapt_head_only else list(range(len(parameters)))
+        if per_step_bn:  # meta-learned per step instead of adapted
+            norms = set(batchnorm_indices(model, parameters))
+            self._adapted_indices = [i for i in self._adapted_indices if i not in norms]
         # the first layer the inner loop adapts, in the fused ops' terms (ANIL: the last)
         self._first_adapted_layer = self.plan.head_layer() if self.plan.is_stack and adapt_head_only else 0
         self.inner_lrs: Optional[nn.ParameterList] = None
         if learn_inner_lr:
             self.inner_lrs = nn.ParameterList([nn.Parameter(torch.full_like(parameters[i].detach(), self.inner_lr))
                                                for i in self._adapted_indices])
+        self.plus: Optional[StepOptions] = None
+        if per_step_inner_lr or multi_step_loss is not None or per_step_bn or first_order_meta_steps:
+            self.plus = StepOptions(model, parameters, self._adapted_indices, self.inner_lr, self.inner_steps,
+                                    per_step_inner_lr, multi_step_loss, per_step_bn, first_order_meta_steps)
         self._updates = UpdateCache()
 
     def extra_repr(self) -> str:
@@ -228,18 +106,30 @@ class MAML(_TaskBatchedLearner):
                 f"lr={self.learn_inner_lr}, adapt_head_only={self.adapt_head_only}, plan={self.plan.kind}")
 
     def meta_loss(self, batch: TaskBatch) -> Tensor:
-        """Mean over tasks of the query loss after adapting on the support set: a scalar, differentiable
-        w.r.t. the model's parameters (and ``inner_lrs`` under Meta-SGD)."""
+        """Mean over tasks of the query loss after adapting on the support set (with a multi-step loss, the
+        weighted sum over inner steps of those means): a scalar, differentiable w.r.t. ``maml.parameters()``."""
         self._check_batch(batch)
-        if self.plan.kind == "fused":
-            return self._fused_meta_loss(batch)
-        if self.plan.uses_func_grad and not self.first_order:
+        plus_path = self.plus is not None and self.plus.needs_python_path
+        weights = self.plus.loss_weights() if self.plus is not None and self.plus.multi_step else None
+        if self.plan.kind == "fused" and not plus_path:  # the multi-step loss: one fused call per weighted count
+            return torch.stack([w * _fused_meta_loss(self, batch, k + 1) for k, w in enumerate(weights) if w > 0]
+                               ).sum() if weights else _fused_meta_loss(self, batch)
+        if self.plan.uses_func_grad and not self._first_order() and self.plus is None:
             return _func_grad_meta_loss(self, batch)
+        terms = []
+
+        def query_loss(params):
+            pred = self.plan.forward(params, batch.x_query)
+            return self._task_losses(pred, batch.y_query, "y_query", batch.largest_labels[1]).mean()
+
+        def score(step, params):  # the multi-step loss: the query loss after every inner step with a weight
+            if weights[step] > 0:
+                terms.append(weights[step] * query_loss(params))
+
         start = [p.expand(batch.num_tasks, *p.shape) for p in self._meta_parameters()]  # views: gradients flow back
-        adapted = self._adapt(start, batch.x_support, batch.y_support, self.inner_steps, not self.first_order,
-                              batch.largest_labels[0])
-        query = self.plan.forward(adapted, batch.x_query)
-        return self._task_losses(query, batch.y_query, "y_query", batch.largest_labels[1]).mean()
+        adapted = self._adapt(start, batch.x_support, batch.y_support, self.inner_steps, not self._first_order(),
+                              batch.largest_labels[0], after_step=score if weights else None)
+        return torch.stack(terms).sum() if weights else query_loss(adapted)
 
     def meta_step(self, batch: TaskBatch, optimizer: torch.optim.Optimizer) -> Tensor:
         """One meta-update: zero_grad, backward of ``meta_loss(batch)``, optimizer.step(). Returns the meta-loss,
@@ -250,20 +140,23 @@ class MAML(_TaskBatchedLearner):
             raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if distributed.is_distributed():
             self._broadcast_once()
-            return distributed.step_on_mean_gradients(optimizer, lambda: self._backward(batch), batch.num_tasks,
+            loss = distributed.step_on_mean_gradients(optimizer, lambda: self._backward(batch), batch.num_tasks,
                                                       "MAML.meta_step")
-        update = self._fused_update(optimizer)
-        if not isinstance(update, str) and self._fits_one_chunk(batch):
-            return self._fused_meta_step(batch, update)
-        optimizer.zero_grad()
-        loss = self._backward(batch)
-        optimizer.step()
+        else:
+            update = _fused_update(self, optimizer)
+            if not isinstance(update, str) and self._fits_one_chunk(batch):
+                loss = _fused_meta_step(self, batch, update)
+            else:
+                optimizer.zero_grad()
+                loss = self._backward(batch)
+                optimizer.step()
+        if self.plus is not None:
+            self.plus.advance()
         return loss
 
     def _backward(self, batch: TaskBatch) -> Tensor:
-        """meta_loss(batch).backward(), in chunks of at most max_tasks_per_chunk tasks (each chunk's loss weighted
-        by its share of the tasks, so that the gradients add up to the batch's): peak memory is one chunk's.
-        Returns the meta-loss, detached."""
+        """meta_loss(batch).backward() in chunks of at most max_tasks_per_chunk tasks, each weighted by its share
+        of the tasks (the batch's gradient, one chunk's peak memory). Returns the meta-loss, detached."""
         total = None
         for chunk in batch.chunks(self.max_tasks_per_chunk):
             loss = self.meta_loss(chunk)
@@ -279,16 +172,15 @@ class MAML(_TaskBatchedLearner):
         backward each, then optimizer.step) or "python: <why not>" (meta_loss, backward, optimizer.step)."""
         if distributed.is_distributed():
             return "python: the meta-gradients are averaged over the ranks before the step"
-        update = self._fused_update(optimizer)
+        update = _fused_update(self, optimizer)
         return update if isinstance(update, str) else "fused"
 
     def adapt(self, x_support: Tensor, y_support: Tensor, steps: Optional[int] = None) -> list[Tensor]:
         """Adapt to each task's support set: ``steps`` (default inner_steps) SGD steps from the meta parameters.
 
-        x_support: [T, K, ...], y_support: [T, K, ...] or [T, K] labels. Returns the adapted parameters of
-        every task, detached: one [T, *p.shape] tensor per p in model.parameters() (under ANIL the body's
-        entries are the meta parameters). Works under torch.no_grad().
-        """
+        x_support: [T, K, ...], y_support: [T, K, ...] or [T, K] labels. Returns every task's adapted parameters,
+        detached: one [T, *p.shape] tensor per p in model.parameters() (ANIL: the body's are the meta parameters;
+        per-step BatchNorm: the norms' are the last step's copies). Works under torch.no_grad()."""
         steps = self.inner_steps if steps is None else check_int("steps", steps, minimum=0)
         largest = check_task_set(x_support, y_support, "x_support", "y_support")
         parameters = self._meta_parameters()
@@ -307,10 +199,14 @@ class MAML(_TaskBatchedLearner):
         self.plan.check_adapted(adapted, x, self._meta_parameters())
         return self.plan.forward(adapted, x)
 
+    def _first_order(self) -> bool:  # first_order, or derivative-order annealing not over yet
+        return self.plus.first_order_now(self.first_order) if self.plus is not None else self.first_order
+
     def _adapt(self, start: list[Tensor], x_support: Tensor, y_support: Tensor, steps: int, create_graph: bool,
-               largest_label: int) -> list[Tensor]:
+               largest_label: int, after_step: Optional[Callable[[int, list], None]] = None) -> list[Tensor]:
         """``steps`` SGD steps on each task's support loss from ``start`` (per-task [T, ...] tensors in
-        model.parameters() order), updating the adapted parameters only. Returns the new list.
+        model.parameters() order), updating the adapted parameters only; ``after_step(k, params)`` after step k.
+        Returns the new list. Each step takes its own rates and BatchNorm copies under the MAML++ options.
 
         On a stack under ANIL the body's features are the same at every inner step, so they are computed
         once, on the meta weights all tasks share, and only the head runs per step."""
@@ -319,61 +215,83 @@ class MAML(_TaskBatchedLearner):
             first_layer = self.plan.head_layer()
             inputs = self.plan.shared_body(start, x_support)
         rates = list(self.inner_lrs) if self.inner_lrs is not None else self.inner_lr
-        for _ in range(steps):
+        plus, tasks = self.plus, x_support.shape[0]
+        for step in range(max(steps, 1) if plus is not None else steps):
+            if plus is not None:  # step 0's norms also serve a model adapted 0 steps
+                params = plus.with_norms(params, step, tasks)
+                if step == steps:
+                    break
             pred = self.plan.forward(params[2 * first_layer:], inputs, first_layer)
             losses = self._task_losses(pred, y_support, "y_support", largest_label)
             adapted = [params[i] for i in indices]
             # the sum, not the mean: task t's parameters then get the gradient of task t's own loss
             grads = torch.autograd.grad(losses.sum(), adapted, create_graph=create_graph)
-            for i, new in zip(indices, sgd_step(adapted, grads, rates)):
+            step_rates = plus.rates(step, rates) if plus is not None else rates
+            for i, new in zip(indices, sgd_step(adapted, grads, step_rates)):
                 params[i] = new
+            if after_step is not None:
+                after_step(step, params)
         return params
 
-    def _inner_lr_tensor(self, like: Tensor) -> Tensor:
-        """inner_lr as a 0-dim tensor of like's dtype and device, made once rather than every step."""
-        if getattr(self, "_rate_key", None) != (self.inner_lr, like.dtype, like.device):
-            self._rate_key, self._rate = (self.inner_lr, like.dtype, like.device), _number_as_rate(self.inner_lr, like)
-        return self._rate
 
-    def _fused_update(self, optimizer: torch.optim.Optimizer) -> Union[FusedUpdate, str]:
-        """The optimizer's update as the fused meta-step applies it, or why it cannot (a 'python: ...' sentence)."""
-        if self.plan.kind != "fused":
-            return "python: the model is not an MLP with a built-in loss"
-        if self.learn_inner_lr and self.adapt_head_only:
-            return "python: Meta-SGD with ANIL learns rates for the head only"
-        return self._updates.get(optimizer, self._meta_parameters() + list(self.inner_lrs or []))
 
-    def _fused_meta_loss(self, batch: TaskBatch) -> Tensor:
-        """The whole meta-loss as one op (ops.maml_mlp_loss): inner loop and analytic meta-gradient."""
-        parameters = self._meta_parameters()
-        if self.inner_lrs is None:
-            rates: Union[Tensor, list[Tensor]] = self._inner_lr_tensor(parameters[0])
-        else:  # one rate tensor per parameter; the body's are unused under ANIL
-            rates = [torch.zeros((), dtype=p.dtype, device=p.device) for p in parameters]
-            for i, rate in zip(self._adapted_indices, self.inner_lrs):
-                rates[i] = rate
-        outputs = parameters[-2].shape[0]
-        for x, y, name, largest in ((batch.x_support, batch.y_support, "y_support", batch.largest_labels[0]),
-                                    (batch.x_query, batch.y_query, "y_query", batch.largest_labels[1])):
-            self._check_target((*x.shape[:2], outputs), y, name, largest)
-        return maml_mlp_loss(parameters, rates, batch.x_support, batch.y_support, batch.x_query, batch.y_query,
-                             inner_steps=self.inner_steps, first_order=self.first_order, loss=self.loss,
-                             first_adapted_layer=self._first_adapted_layer)
+def _fused_update(maml: MAML, optimizer: torch.optim.Optimizer) -> Union[FusedUpdate, str]:
+    """The optimizer's update as the fused meta-step applies it, or why it cannot (a 'python: ...' sentence)."""
+    if maml.plan.kind != "fused":
+        return "python: the model is not an MLP with a built-in loss"
+    if maml.learn_inner_lr and maml.adapt_head_only:
+        return "python: Meta-SGD with ANIL learns rates for the head only"
+    if maml.plus is not None and maml.plus.needs_python_path:
+        return "python: per-step rates, per-step BatchNorm and the multi-step loss run on the batched path"
+    if maml.plus is not None and maml.plus.step_inner_lrs is not None:
+        return "python: the per-step rates are learned through meta_loss (the fused op, one inner step), then step"
+    if maml.plus is not None and maml.plus.multi_step and sum(w > 0 for w in maml.plus.loss_weights()) > 1:
+        return "python: the multi-step loss sums the fused op's meta-losses, then steps"
+    return maml._updates.get(optimizer, maml._meta_parameters() + list(maml.inner_lrs or []))
 
-    def _fused_meta_step(self, batch: TaskBatch, update: FusedUpdate) -> Tensor:
-        """meta_step as one op: ops.maml_mlp_meta_step_ (meta-loss, meta-gradient into .grad, optimizer update)."""
-        params = update.tensors[: len(update.tensors) - (len(self.inner_lrs) if self.learn_inner_lr else 0)]
-        self._check_batch(batch, params[0])
-        self._check_labels(batch, params[-2].shape[0])
-        rates = list(self.inner_lrs) if self.learn_inner_lr else [self._inner_lr_tensor(params[0])]
-        grads, state, settings = update.arguments()
-        with torch.no_grad():
-            loss = maml_mlp_meta_step_(
-                params, rates, grads, state, batch.x_support, batch.y_support, batch.x_query, batch.y_query,
-                self.inner_steps, self.first_order, self.loss, self._first_adapted_layer, self.learn_inner_lr,
-                update.kind, settings)
-        update.finish(state)
-        return loss
+
+def _fused_rates(maml: MAML, like: Tensor) -> list[Tensor]:
+    """The learned rates (Meta-SGD), else inner_lr as a 0-dim tensor of like's dtype and device, made once."""
+    if maml.inner_lrs is not None:
+        return list(maml.inner_lrs)
+    if getattr(maml, "_rate_key", None) != (maml.inner_lr, like.dtype, like.device):
+        maml._rate_key, maml._rate = (maml.inner_lr, like.dtype, like.device), _number_as_rate(maml.inner_lr, like)
+    return [maml._rate]
+
+
+def _fused_meta_loss(maml: MAML, batch: TaskBatch, steps: Optional[int] = None) -> Tensor:
+    """MAML.meta_loss as one op (ops.maml_mlp_loss): inner loop (``steps``, default inner_steps) and analytic
+    meta-gradient."""
+    parameters = maml._meta_parameters()
+    learned = maml.inner_lrs if maml.inner_lrs is not None else maml.plus.rates(0, None) if maml.plus else None
+    if learned is None:
+        rates: Union[Tensor, list[Tensor]] = _fused_rates(maml, parameters[0])[0]
+    else:  # one rate tensor per parameter (Meta-SGD's, or LSLR's for the one step); ANIL leaves the body's unused
+        rates = [torch.zeros((), dtype=p.dtype, device=p.device) for p in parameters]
+        for i, rate in zip(maml._adapted_indices, learned):
+            rates[i] = rate
+    outputs = parameters[-2].shape[0]
+    for x, y, name, largest in ((batch.x_support, batch.y_support, "y_support", batch.largest_labels[0]),
+                                (batch.x_query, batch.y_query, "y_query", batch.largest_labels[1])):
+        maml._check_target((*x.shape[:2], outputs), y, name, largest)
+    return maml_mlp_loss(parameters, rates, batch.x_support, batch.y_support, batch.x_query, batch.y_query,
+                         inner_steps=steps or maml.inner_steps, first_order=maml._first_order(), loss=maml.loss,
+                         first_adapted_layer=maml._first_adapted_layer)
+
+
+def _fused_meta_step(maml: MAML, batch: TaskBatch, update: FusedUpdate) -> Tensor:
+    """MAML.meta_step as one op: ops.maml_mlp_meta_step_ (meta-loss, meta-gradient into .grad, optimizer update)."""
+    params = update.tensors[: len(update.tensors) - (len(maml.inner_lrs) if maml.learn_inner_lr else 0)]
+    maml._check_batch(batch, params[0])
+    maml._check_labels(batch, params[-2].shape[0])
+    grads, state, settings = update.arguments()
+    with torch.no_grad():
+        loss = maml_mlp_meta_step_(
+            params, _fused_rates(maml, params[0]), grads, state, batch.x_support, batch.y_support, batch.x_query,
+            batch.y_query, maml.inner_steps, maml._first_order(), maml.loss, maml._first_adapted_layer,
+            maml.learn_inner_lr, update.kind, settings)
+    update.finish(state)
+    return loss
 
 
 def _func_grad_meta_loss(maml: MAML, batch: TaskBatch) -> Tensor:
@@ -419,108 +337,3 @@ def _func_grad_meta_loss(maml: MAML, batch: TaskBatch) -> Tensor:
             maml.plan.uses_func_grad = True
             raise
     return losses.mean()
-
-
-class Reptile(_TaskBatchedLearner):
-    """Reptile: adapt a copy of the weights to each task with plain SGD, then move the model toward
-    their mean: theta <- theta + outer_lr * (mean_t theta_t - theta).
-
-    Uses only the support sets of a TaskBatch. ``loss`` is as for MAML.
-    """
-
-    def __init__(self, model: nn.Module, inner_lr: float, inner_steps: int, outer_lr: float, loss: LossArg = "mse",
-                 max_tasks_per_chunk: Optional[int] = None) -> None:
-        super().__init__(model, loss, max_tasks_per_chunk)
-        self.inner_lr = check_positive("inner_lr", inner_lr)
-        self.inner_steps = check_int("inner_steps", inner_steps, minimum=1)
-        self.outer_lr = check_positive("outer_lr", outer_lr)
-
-    def extra_repr(self) -> str:
-        return f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, outer_lr={self.outer_lr}, plan={self.plan.kind}"
-
-    def meta_step(self, batch: TaskBatch) -> Tensor:
-        """One Reptile update of the model's weights, in place. Returns the mean over tasks of the support
-        loss at the weights before the update (that is, at the first inner step), a detached 0-dim tensor.
-
-        Under a torch.distributed process group of more than one process, ``batch`` is this rank's shard
-        of the meta-batch: the mean of the adapted weights is taken over all ranks' tasks (each rank weighted
-        by its task count), so every rank makes the update of one process on the whole batch, and the
-        returned loss is the mean over all tasks. The first call broadcasts rank 0's parameters and buffers.
-        If this step raises on any rank, it raises a RuntimeError naming that rank on every rank, and no
-        rank's weights change.
-        """
-        if distributed.is_distributed():
-            return self._distributed_meta_step(batch)
-        if self.plan.kind == "fused" and self._fits_one_chunk(batch):
-            return self._fused_meta_step(batch)
-        support_loss, means = self._mean_adapted(batch)
-        with torch.no_grad():
-            for p, mean in zip(self._meta_parameters(), means):
-                p.add_(self.outer_lr * (mean - p))
-        return support_loss
-
-    def meta_step_path(self) -> str:
-        """How ``meta_step`` runs: "fused" (one C++ call, ops.reptile_mlp_step_) or "python: <why not>"."""
-        if distributed.is_distributed():
-            return "python: the adapted weights are averaged over the ranks before the update"
-        if self.plan.kind != "fused":
-            return "python: the model is not an MLP with a built-in loss"
-        if self.max_tasks_per_chunk is None:
-            return "fused"
-        return f"fused for meta-batches of up to {self.max_tasks_per_chunk} tasks, else in chunks of that many"
-
-    def _fused_meta_step(self, batch: TaskBatch) -> Tensor:
-        """meta_step as one op: every task's inner loop and the update, ops.reptile_mlp_step_."""
-        params = self._meta_parameters()
-        self._check_batch(batch, params[0])
-        self._check_labels(batch, params[-2].shape[0], sets=1)
-        with torch.no_grad():
-            loss = reptile_mlp_step_(params, batch.x_support, batch.y_support, self.inner_steps, self.inner_lr,
-                                     self.outer_lr, self.loss)
-        return loss
-
-    def _mean_adapted(self, batch: TaskBatch) -> tuple[Tensor, list[Tensor]]:
-        """The mean support loss at the first inner step (0-dim) and each parameter's mean over the tasks of its
-        adapted copies, in chunks of at most max_tasks_per_chunk tasks (peak memory: one chunk's copies)."""
-        loss, means = None, None
-        for chunk in batch.chunks(self.max_tasks_per_chunk):
-            task_params, chunk_loss = self._adapt_copies(chunk)
-            share = chunk.num_tasks / batch.num_tasks
-            parts = [adapted.mean(0) * share for adapted in task_params]
-            loss = chunk_loss * share if loss is None else loss + chunk_loss * share
-            means = parts if means is None else [m + part for m, part in zip(means, parts)]
-        return loss, means
-
-    def _adapt_copies(self, batch: TaskBatch) -> tuple[list[Tensor], Tensor]:
-        """Each task's adapted copy of the weights ([T, ...] per parameter) and the mean support loss at the
-        first inner step (0-dim)."""
-        self._check_batch(batch)
-        tasks = batch.num_tasks
-        # each task's own copy of the weights, updated in place by sgd_step_
-        task_params = [p.detach().expand(tasks, *p.shape).clone().requires_grad_() for p in self._meta_parameters()]
-        support_loss = None
-        for step in range(self.inner_steps):
-            with torch.enable_grad():
-                losses = self._task_losses(self.plan.forward(task_params, batch.x_support), batch.y_support,
-                                           "y_support", batch.largest_labels[0])
-                # the sum, not the mean: each task's copy gets the gradient of its own loss
-                grads = torch.autograd.grad(losses.sum(), task_params)
-            if step == 0:
-                support_loss = losses.detach().mean()
-            with torch.no_grad():
-                sgd_step_(task_params, grads, self.inner_lr)
-        return task_params, support_loss
-
-    def _distributed_meta_step(self, batch: TaskBatch) -> Tensor:
-        """meta_step on this rank's shard, moving toward the mean adapted weights over all ranks' tasks."""
-        self._broadcast_once()
-        meta = self._meta_parameters()
-
-        def local_mean_weights():
-            return batch.num_tasks, *self._mean_adapted(batch)
-
-        loss, means = distributed._weighted_mean_over_ranks(local_mean_weights, meta, "Reptile.meta_step")
-        with torch.no_grad():
-            for p, mean in zip(meta, means):
-                p.add_(self.outer_lr * (mean - p))
-        return loss

@@ -6,6 +6,7 @@ baselines (plain torch, and where they apply torch.func, a per-task loop, higher
 - test_ops.py       linear_relu forward+backward, sgd_step over a meta-batch of parameters
 - test_maml.py      MAML meta-steps: sinusoid (1 and 5 inner steps), Omniglot-sized MLP, wide MLP;
                     second and first order
+- test_maml_plus.py the MAML++ options' cost: sinusoid, 5 inner steps, against MAML without them
 - test_pretrain.py  the founding example's training run and a larger one
 - plugin.py         --device, --quick, the check-then-time policy, the machine record
 - report.py         the JSON results as Markdown tables with speedups over plain torch

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import MAML, backend_info
+from ..algorithms.maml_plus import job_options
 from ..nn import Standardize, batchnorm_mlp, conv4
 from ..tasks import FewShotTasks, TaskBatch
 from . import fewshot_data, options, runs
@@ -53,6 +54,7 @@ class Config:
     meta_lr: float = 1e-3
     first_order: bool = False
     meta_sgd: bool = False
+    maml_plus: bool = False
     anil: bool = False
     model: Optional[str] = None  # conv4 for images, mlp:256,128,64,64 for vectors
     channels: Optional[int] = None
@@ -97,6 +99,7 @@ OPTIONS = [  # flag, type (None: a switch), default, help
     ("--first-order", None, False, "first-order MAML (no second derivatives)"),
     ("--meta-sgd", None, False, "Meta-SGD: also learn one inner rate per weight"),
     ("--anil", None, False, "ANIL: the inner loop adapts the last layer only"),
+    options.MAML_PLUS,
     ("--model", str, None, "conv4 (images: 4 x [conv 3x3, 64, stride 2, BatchNorm, ReLU]) or mlp:H1,H2,... "
      "(Linear-BatchNorm-ReLU layers of those widths) (default: conv4 for images, the paper's mlp:256,128,64,64 for "
      "vectors)"),
@@ -132,6 +135,8 @@ def config_from_options(values: dict) -> Config:
     config.device = runs.check_device(config.device)
     if config.model is not None:
         model_spec(config.model)
+    if config.maml_plus and config.meta_sgd:
+        raise runs.UsageError("--maml++ learns one inner rate per layer and step, --meta-sgd one per weight: choose one")
     if config.test_tasks < 2:
         raise runs.UsageError(f"--test-tasks must be at least 2 (for the 95% interval), got {config.test_tasks}")
     return config
@@ -187,6 +192,13 @@ def _learner(model: nn.Module, config: Config, **kwargs) -> MAML:
     return MAML(model, inner_lr=config.inner_lr, inner_steps=config.inner_steps, loss="cross_entropy", **kwargs)
 
 
+def _meta_learner(model: nn.Module, config: Config) -> MAML:
+    """The meta-learner the run trains (and load rebuilds): MAML with the variant's options."""
+    plus = job_options(config.meta_steps, batchnorm=True) if config.maml_plus else {}
+    return _learner(model, config, first_order=config.first_order, learn_inner_lr=config.meta_sgd,
+                    adapt_head_only=config.anil, **plus)
+
+
 def _with_new_head(model: nn.Sequential, ways: int) -> nn.Sequential:
     """A copy of ``model`` whose last Linear is a new one of ``ways`` outputs, all zero (every class equally
     likely until fine-tuned)."""
@@ -208,8 +220,7 @@ class Run:
         torch.manual_seed(config.seed)
         self.mean, self.std = statistics(train.x)  # the meta-train classes' only
         self.start_model = build_model(config.model, train.x.shape[1:], config.ways, self.mean, self.std).to(self.device)
-        self.maml = _learner(copy.deepcopy(self.start_model), config, first_order=config.first_order,
-                             learn_inner_lr=config.meta_sgd, adapt_head_only=config.anil)
+        self.maml = _meta_learner(copy.deepcopy(self.start_model), config)
         self.pretrained = copy.deepcopy(self.start_model)  # a classifier over every meta-train class
         self.pretrained[-1] = nn.Linear(self.pretrained[-1].in_features, len(train.class_names), device=self.device)
         self.maml_optimizer = torch.optim.Adam(self.maml.parameters(), lr=config.meta_lr)
@@ -379,7 +390,8 @@ def save(job: Run, path: Path) -> None:
     """model.pt: the meta-trained learner's state and what rebuilds it (``load``)."""
     state = {"job": "fewshot", "config": dataclasses.asdict(job.config),
              "input_shape": list(job.sets["train"].x.shape[1:]), "split": job.split_names(),
-             "maml": {name: value.cpu() for name, value in job.maml.state_dict().items()}}
+             "maml": {name: value.cpu() if isinstance(value, Tensor) else value  # MAML++'s count is an int
+                      for name, value in job.maml.state_dict().items()}}
     runs.write_atomically(path, lambda partial: torch.save(state, partial))
 
 
@@ -398,8 +410,7 @@ def load(path: str, device: str = "cpu") -> MAML:
     shape = state["input_shape"]
     ones = torch.ones(shape[0] if len(shape) == 3 else 1, *([1, 1] if len(shape) == 3 else []))
     model = build_model(config.model, shape, config.ways, ones, ones)
-    learner = _learner(model, config, first_order=config.first_order, learn_inner_lr=config.meta_sgd,
-                       adapt_head_only=config.anil)
+    learner = _meta_learner(model, config)
     learner.load_state_dict(state["maml"])
     learner.saved = {key: state[key] for key in ("config", "input_shape", "split")}
     return learner.to(device)
@@ -421,7 +432,7 @@ def format_table(rows: list, config: Config) -> str:
 
 
 def introduction(config: Config, data: Dataset, split: dict) -> str:
-    variant = ("first-order " if config.first_order else "") + ("Meta-SGD" if config.meta_sgd else "MAML")
+    variant = options.variant_name(config.first_order, config.meta_sgd, config.maml_plus)
     variant += " (ANIL)" if config.anil else ""
     shape = "x".join(map(str, data.x.shape[1:]))
     sizes = ", ".join(f"{len(split[name])} meta-{name}" for name in ("train", "validation", "test"))

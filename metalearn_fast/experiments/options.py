@@ -26,6 +26,16 @@ non_negative_int = number(int, "a non-negative integer", lambda value: value >= 
 positive_float = number(float, "a positive finite number", lambda value: value > 0 and math.isfinite(value))
 
 
+MAML_PLUS = ("--maml++", None, False, "MAML++ (Antoniou et al. 2019): learned per-layer per-step inner rates, the "
+             "multi-step loss and first-order meta-steps, both annealed over the first third of meta-training, and "
+             "per-step BatchNorm where the model has BatchNorm")
+
+
+def variant_name(first_order: bool, meta_sgd: bool, maml_plus: bool) -> str:
+    """The meta-learner a job runs, as its first line names it."""
+    return ("first-order " if first_order else "") + ("Meta-SGD" if meta_sgd else "MAML++" if maml_plus else "MAML")
+
+
 THREADS = ("--threads", positive_int, 1, "CPU threads for torch (default 1: the networks' matrices are too small to "
            "gain from more, and extra threads are many times slower on a busy machine)")
 
@@ -37,10 +47,11 @@ def choice(*choices: str) -> Callable[[str], str]:
 def add_options(parser: argparse.ArgumentParser, table) -> None:
     """The options of ``table``: (flag, type or None for a switch, default, help) rows."""
     for flag, kind, default, text in table:
+        dest = {"dest": flag[2:-2].replace("-", "_") + "_plus"} if flag.endswith("++") else {}  # --maml++: maml_plus
         if kind is None:
-            parser.add_argument(flag, action="store_true", help=text)
+            parser.add_argument(flag, action="store_true", help=text, **dest)
         else:
-            parser.add_argument(flag, type=kind, default=default, help=text)
+            parser.add_argument(flag, type=kind, default=default, help=text, **dest)
 
 
 def config_values(args: argparse.Namespace, config_class) -> dict:

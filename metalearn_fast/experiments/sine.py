@@ -23,7 +23,8 @@ import torch.nn.functional as F
 from .. import MAML, MLP, backend_info, reference
 from ..tasks import SinusoidTasks
 from . import runs
-from .options import given
+from ..algorithms.maml_plus import job_options
+from .options import given, variant_name
 
 SIZES = [1, 40, 40, 1]  # the MAML paper's network: two hidden layers of 40 ReLU units
 EVAL_INNER_STEPS = (0, 1, 10)  # inner steps after which the table scores each method
@@ -50,6 +51,7 @@ class Config:
     meta_lr: float = 1e-3
     first_order: bool = False
     meta_sgd: bool = False
+    maml_plus: bool = False
     k_support: int = 10
     k_query: int = 10
     eval_k: tuple = (5, 10, 20)
@@ -86,8 +88,9 @@ class Run:
         device = torch.device(config.device)
         torch.manual_seed(config.seed)
         self.start_model = MLP(SIZES, device=device)  # all three methods start from these weights
+        plus = job_options(config.meta_steps, batchnorm=False) if config.maml_plus else {}
         self.maml = MAML(copy.deepcopy(self.start_model), inner_lr=config.inner_lr, inner_steps=config.inner_steps,
-                         first_order=config.first_order, learn_inner_lr=config.meta_sgd)
+                         first_order=config.first_order, learn_inner_lr=config.meta_sgd, **plus)
         self.pretrained = copy.deepcopy(self.start_model)
         self.maml_optimizer = torch.optim.Adam(self.maml.parameters(), lr=config.meta_lr)
         self.pretrain_optimizer = torch.optim.Adam(self.pretrained.parameters(), lr=config.meta_lr)
@@ -136,6 +139,8 @@ def config_from_options(options: dict) -> Config:
     if config.log_every is None:
         config.log_every = max(1, config.meta_steps // 200)
     config.device = runs.check_device(config.device)
+    if config.maml_plus and config.meta_sgd:
+        raise runs.UsageError("--maml++ learns one inner rate per layer and step, --meta-sgd one per weight: choose one")
     if config.test_tasks < 2:
         raise runs.UsageError(f"--test-tasks must be at least 2 (for the 95% interval), got {config.test_tasks}")
     largest_k = max(config.eval_k)
@@ -346,7 +351,7 @@ def evaluate(learners: dict, test, config: Config) -> list[dict]:
 
 def introduction(config: Config, backend: str) -> str:
     """What the run is, before it starts."""
-    variant = ("first-order " if config.first_order else "") + ("Meta-SGD" if config.meta_sgd else "MAML")
+    variant = variant_name(config.first_order, config.meta_sgd, config.maml_plus)
     return (
         f"metalearn-fast sine: {variant} on the sinusoid family y = A·sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], "
         f"x ~ U[−5, 5] (Finn et al. 2017, 5.1)\n"
