@@ -164,9 +164,12 @@ def test_resume_refuses_other_options_and_missing_checkpoints(tmp_path, capsys):
 def test_ctrl_c_in_a_terminal_run_exits_130_with_one_line(tmp_path):
     """A real SIGINT to the console command, mid-training."""
     env = {k: v for k, v in os.environ.items() if k != "METALEARN_FAST_BACKEND"}
+    # a terminal's Ctrl-C reaches a process whose SIGINT is the default, even where this test runs in the
+    # background of a script (which starts it with SIGINT ignored, and Python would keep it so)
     process = subprocess.Popen([sys.executable, "-m", "metalearn_fast", "sine", "--meta-steps", "100000",
                                 "--checkpoint-every", "50", "--out", str(tmp_path)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not (tmp_path / "checkpoint.pt").exists() and time.monotonic() < deadline and process.poll() is None:
         time.sleep(0.1)
