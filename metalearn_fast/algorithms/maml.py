@@ -86,8 +86,8 @@ class MAML(_TaskBatchedLearner):
         parameters = self._meta_parameters()
         # indices (in model.parameters() order) of the parameters the inner loop updates
         self._adapted_indices = _head_indices(model, parameters) if adapt_head_only else list(range(len(parameters)))
-        if per_step_bn:  # meta-learned per step instead of adapted
-            norms = set(batchnorm_indices(model, parameters))
+        norms = batchnorm_indices(model, parameters) if per_step_bn else None
+        if norms:  # per-step BatchNorm: meta-learned per step instead of adapted
             self._adapted_indices = [i for i in self._adapted_indices if i not in norms]
         # the first layer the inner loop adapts, in the fused ops' terms (ANIL: the last)
         self._first_adapted_layer = self.plan.head_layer() if self.plan.is_stack and adapt_head_only else 0
@@ -97,8 +97,8 @@ class MAML(_TaskBatchedLearner):
                                                for i in self._adapted_indices])
         self.plus: Optional[StepOptions] = None
         if per_step_inner_lr or multi_step_loss is not None or per_step_bn or first_order_meta_steps:
-            self.plus = StepOptions(model, parameters, self._adapted_indices, self.inner_lr, self.inner_steps,
-                                    per_step_inner_lr, multi_step_loss, per_step_bn, first_order_meta_steps)
+            self.plus = StepOptions(parameters, self._adapted_indices, self.inner_lr, self.inner_steps,
+                                    per_step_inner_lr, multi_step_loss, norms, first_order_meta_steps)
         self._updates = UpdateCache()
 
     def extra_repr(self) -> str:
@@ -216,11 +216,11 @@ class MAML(_TaskBatchedLearner):
             inputs = self.plan.shared_body(start, x_support)
         rates = list(self.inner_lrs) if self.inner_lrs is not None else self.inner_lr
         plus, tasks = self.plus, x_support.shape[0]
-        for step in range(max(steps, 1) if plus is not None else steps):
-            if plus is not None:  # step 0's norms also serve a model adapted 0 steps
+        if plus is not None:  # step 0's norms, which also serve a model adapted 0 steps
+            params = plus.with_norms(params, 0, tasks)
+        for step in range(steps):
+            if plus is not None and step > 0:
                 params = plus.with_norms(params, step, tasks)
-                if step == steps:
-                    break
             pred = self.plan.forward(params[2 * first_layer:], inputs, first_layer)
             losses = self._task_losses(pred, y_support, "y_support", largest_label)
             adapted = [params[i] for i in indices]
@@ -232,7 +232,6 @@ class MAML(_TaskBatchedLearner):
             if after_step is not None:
                 after_step(step, params)
         return params
-
 
 
 def _fused_update(maml: MAML, optimizer: torch.optim.Optimizer) -> Union[FusedUpdate, str]:
@@ -263,7 +262,7 @@ def _fused_meta_loss(maml: MAML, batch: TaskBatch, steps: Optional[int] = None) 
     """MAML.meta_loss as one op (ops.maml_mlp_loss): inner loop (``steps``, default inner_steps) and analytic
     meta-gradient."""
     parameters = maml._meta_parameters()
-    learned = maml.inner_lrs if maml.inner_lrs is not None else maml.plus.rates(0, None) if maml.plus else None
+    learned = maml.inner_lrs if maml.inner_lrs is not None else maml.plus.rates(0, None) if maml.plus is not None else None
     if learned is None:
         rates: Union[Tensor, list[Tensor]] = _fused_rates(maml, parameters[0])[0]
     else:  # one rate tensor per parameter (Meta-SGD's, or LSLR's for the one step); ANIL leaves the body's unused

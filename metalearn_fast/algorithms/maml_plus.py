@@ -70,13 +70,14 @@ def _check_weights(weights, steps: int) -> list[float]:
 class StepOptions(nn.Module):
     """The learned per-step values and the meta-step count of MAML's MAML++ options.
 
-    Description: see the module docstring. Arguments: MAML's (model, its parameters, the indices the inner loop
-    adapts, inner_lr, inner_steps and the four options). Example: ``MAML(model, per_step_inner_lr=True).plus``.
+    Description: see the module docstring. Arguments: MAML's (its model's parameters, the indices the inner loop
+    adapts, inner_lr, inner_steps, the options; norm_indices: the BatchNorm parameters' indices under per-step
+    BatchNorm, else None). Example: ``MAML(model, per_step_inner_lr=True).plus``.
     References: Antoniou, Edwards, Storkey. How to Train Your MAML. ICLR 2019."""
 
-    def __init__(self, model: nn.Module, parameters: Sequence[Tensor], adapted: Sequence[int], inner_lr: float,
-                 inner_steps: int, per_step_inner_lr: bool, multi_step_loss: Union[None, int, Sequence[float]],
-                 per_step_bn: bool, first_order_meta_steps: int) -> None:
+    def __init__(self, parameters: Sequence[Tensor], adapted: Sequence[int], inner_lr: float, inner_steps: int,
+                 per_step_inner_lr: bool, multi_step_loss: Union[None, int, Sequence[float]],
+                 norm_indices: Optional[Sequence[int]], first_order_meta_steps: int) -> None:
         super().__init__()
         self.steps = inner_steps
         self.first_order_meta_steps = check_int("first_order_meta_steps", first_order_meta_steps, minimum=0)
@@ -93,15 +94,14 @@ class StepOptions(nn.Module):
             self.step_inner_lrs = nn.ParameterList([
                 nn.Parameter(torch.full((inner_steps,), float(inner_lr), dtype=parameters[i].dtype,
                                         device=parameters[i].device)) for i in adapted])
-        self.norm_indices: list[int] = []
+        self.norm_indices = list(norm_indices or [])
         self.step_norms: Optional[nn.ParameterList] = None
-        if per_step_bn:
-            self.norm_indices = batchnorm_indices(model, parameters)
+        if norm_indices is not None:
             if not self.norm_indices:
                 raise ValueError("per_step_bn=True needs a model with BatchNorm weights and biases, and this one has "
                                  "none")
             self.step_norms = nn.ParameterList([
-                nn.Parameter(parameters[i].detach().clone().unsqueeze(0).repeat(inner_steps, *[1] * parameters[i].dim()))
+                nn.Parameter(parameters[i].detach().expand(inner_steps, *parameters[i].shape).clone())
                 for i in self.norm_indices])
         self.taken = 0
 
