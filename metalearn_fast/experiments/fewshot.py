@@ -135,8 +135,7 @@ def config_from_options(values: dict) -> Config:
     config.device = runs.check_device(config.device)
     if config.model is not None:
         model_spec(config.model)
-    if config.maml_plus and config.meta_sgd:
-        raise runs.UsageError("--maml++ learns one inner rate per layer and step, --meta-sgd one per weight: choose one")
+    options.check_variant(config.meta_sgd, config.maml_plus)
     if config.test_tasks < 2:
         raise runs.UsageError(f"--test-tasks must be at least 2 (for the 95% interval), got {config.test_tasks}")
     return config

@@ -5,6 +5,8 @@ import argparse
 import math
 from typing import Callable
 
+from .runs import UsageError
+
 
 def number(kind: type, description: str, accept: Callable[[float], bool]) -> Callable[[str], float]:
     """An argparse type: the text as ``kind``, refused (one line, exit 2) unless ``accept(value)``."""
@@ -29,6 +31,12 @@ positive_float = number(float, "a positive finite number", lambda value: value >
 MAML_PLUS = ("--maml++", None, False, "MAML++ (Antoniou et al. 2019): learned per-layer per-step inner rates, the "
              "multi-step loss and first-order meta-steps, both annealed over the first third of meta-training, and "
              "per-step BatchNorm where the model has BatchNorm")
+
+
+def check_variant(meta_sgd: bool, maml_plus: bool) -> None:
+    """UsageError for variant switches that cannot go together."""
+    if maml_plus and meta_sgd:
+        raise UsageError("--maml++ learns one inner rate per layer and step, --meta-sgd one per weight: choose one")
 
 
 def variant_name(first_order: bool, meta_sgd: bool, maml_plus: bool) -> str:

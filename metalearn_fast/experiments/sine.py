@@ -21,10 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import MAML, MLP, backend_info, reference
+from ..algorithms.maml_plus import job_options
 from ..tasks import SinusoidTasks
 from . import runs
-from ..algorithms.maml_plus import job_options
-from .options import given, variant_name
+from .options import check_variant, given, variant_name
 
 SIZES = [1, 40, 40, 1]  # the MAML paper's network: two hidden layers of 40 ReLU units
 EVAL_INNER_STEPS = (0, 1, 10)  # inner steps after which the table scores each method
@@ -139,8 +139,7 @@ def config_from_options(options: dict) -> Config:
     if config.log_every is None:
         config.log_every = max(1, config.meta_steps // 200)
     config.device = runs.check_device(config.device)
-    if config.maml_plus and config.meta_sgd:
-        raise runs.UsageError("--maml++ learns one inner rate per layer and step, --meta-sgd one per weight: choose one")
+    check_variant(config.meta_sgd, config.maml_plus)
     if config.test_tasks < 2:
         raise runs.UsageError(f"--test-tasks must be at least 2 (for the 95% interval), got {config.test_tasks}")
     largest_k = max(config.eval_k)
