@@ -101,26 +101,36 @@ def _work(entries: dict) -> dict:
     return {"flops": counted[0]["flops"], "bytes": counted[0]["bytes"]} if counted else {}
 
 
+def _ours(data: dict) -> dict:
+    """What the suites recorded of the machine (plugin.pytest_benchmark_update_machine_info)."""
+    return (data.get("machine_info") or {}).get("metalearn_fast") or {}
+
+
+def _on_gpu(ours: dict) -> bool:
+    return str(ours.get("device", "cpu")).startswith("cuda")
+
+
+def _peak_cores(ours: dict) -> int:
+    """The cores a CPU run's torch threads could use: min(threads, cores)."""
+    return max(1, min(ours.get("threads") or 1, ours.get("cores") or 1))
+
+
 def _peak(data: dict):
-    """The run's peak GFLOP/s: the device's on a GPU; on a CPU one core's times the cores its torch threads could
-    use (min(threads, cores)); None where not recorded."""
-    ours = (data.get("machine_info") or {}).get("metalearn_fast") or {}
+    """The run's peak GFLOP/s: the device's on a GPU; on a CPU one core's times _peak_cores; None where not
+    recorded."""
+    ours = _ours(data)
     peak = ours.get("peak_gflops")
-    if peak is None or str(ours.get("device", "cpu")).startswith("cuda"):
-        return peak
-    return peak * max(1, min(ours.get("threads") or 1, ours.get("cores") or 1))
+    return peak if peak is None or _on_gpu(ours) else peak * _peak_cores(ours)
 
 
 def _peak_text(data: dict) -> str:
-    ours = (data.get("machine_info") or {}).get("metalearn_fast") or {}
-    peak = _peak(data)
+    ours, peak = _ours(data), _peak(data)
     if peak is None:
         return "not recorded"
-    if str(ours.get("device", "cpu")).startswith("cuda"):
+    if _on_gpu(ours):
         return f"{peak:.1f} GFLOP/s, the device's (float32 matrix product)"
-    cores = round(peak / ours["peak_gflops"])
-    return (f"{peak:.1f} GFLOP/s = {ours['peak_gflops']} per core (float32 matrix product on one thread) x {cores} "
-            f"core(s) for the run's torch threads")
+    return (f"{peak:.1f} GFLOP/s = {ours['peak_gflops']} per core (float32 matrix product on one thread) x "
+            f"{_peak_cores(ours)} core(s) for the run's torch threads")
 
 
 def roofline_table(data: dict, baseline: str = PLAIN_TORCH) -> list[str]:
@@ -152,8 +162,8 @@ def roofline_table(data: dict, baseline: str = PLAIN_TORCH) -> list[str]:
 def report(data: dict, baseline: str = PLAIN_TORCH) -> str:
     """The Markdown report of one pytest-benchmark JSON document: a section titled by its device."""
     groups = _groups(data)
-    ours = (data.get("machine_info") or {}).get("metalearn_fast") or {}
-    on_gpu = str(ours.get("device", "cpu")).startswith("cuda")
+    ours = _ours(data)
+    on_gpu = _on_gpu(ours)
     lines = [f"## GPU: {ours.get('device_name') or ours.get('device')}" if on_gpu else "## CPU", ""]
     lines += machine_header(data)
     lines += [
