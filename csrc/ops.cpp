@@ -20,16 +20,19 @@ TORCH_LIBRARY(metalearn_fast, m) {
   m.def("sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor[] lr) -> ()");
   // The MAML meta-loss of an MLP over a meta-batch, its gradient w.r.t. params [W0, b0, W1, b1, ...]
   // when compute_grad, and w.r.t. lr (one tensor, or one per param) when compute_lr_grad:
-  // (loss, param_grads, lr_grads), a list empty when not asked for.
+  // (loss, param_grads, lr_grads), a list empty when not asked for. MAML++: with per_step_lr every lr
+  // tensor is [inner_steps], one rate per inner step (LSLR); step_weights, one per inner step, make the
+  // meta-loss the weighted sum of the query losses after every inner step (the multi-step loss).
   m.def(
       "maml_mlp_meta_grad(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
       " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer, bool compute_grad,"
-      " bool compute_lr_grad) -> (Tensor, Tensor[], Tensor[])");
+      " bool compute_lr_grad, bool per_step_lr=False, float[] step_weights=[]) -> (Tensor, Tensor[], Tensor[])");
   // The same meta-loss as one autograd node, differentiable once w.r.t. params and lr: its forward
   // runs maml_mlp_meta_grad for the gradients the inputs need, its backward scales them.
   m.def(
       "maml_mlp_loss(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
-      " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer) -> Tensor");
+      " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer,"
+      " bool per_step_lr=False, float[] step_weights=[]) -> Tensor");
   // The gradient of the mean loss ("mse": y [N, O]; "cross_entropy": y [N] labels) of an MLP on x [N, I]
   // w.r.t. its params [W0, b0, W1, b1, ...], as one autograd node whose backward is an analytic
   // Hessian-vector product (learn2learn-style adapt() steps, second order, without a graph of small ops).
@@ -52,7 +55,8 @@ TORCH_LIBRARY(metalearn_fast, m) {
   m.def(
       "maml_mlp_meta_step_(Tensor(a!)[] params, Tensor(b!)[] lr, Tensor(c!)[] grads, Tensor(d!)[] state,"
       " Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, int inner_steps, bool first_order,"
-      " str loss, int first_adapted_layer, bool learn_lr, str optimizer, float[] settings) -> Tensor");
+      " str loss, int first_adapted_layer, bool learn_lr, str optimizer, float[] settings,"
+      " bool per_step_lr=False, float[] step_weights=[]) -> Tensor");
   // A Reptile meta-step of an MLP, in place: each task adapts a copy of params with inner_steps SGD steps
   // (rate inner_lr) on its support loss, then p += outer_lr * (mean adapted p - p). Returns the mean support
   // loss at the first inner step.

@@ -42,11 +42,12 @@ SCHEMAS = {
     "maml_mlp_meta_grad": (
         "maml_mlp_meta_grad(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
         " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer, bool compute_grad,"
-        " bool compute_lr_grad) -> (Tensor, Tensor[], Tensor[])"
+        " bool compute_lr_grad, bool per_step_lr=False, float[] step_weights=[]) -> (Tensor, Tensor[], Tensor[])"
     ),
     "maml_mlp_loss": (
         "maml_mlp_loss(Tensor[] params, Tensor[] lr, Tensor x_support, Tensor y_support, Tensor x_query,"
-        " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer) -> Tensor"
+        " Tensor y_query, int inner_steps, bool first_order, str loss, int first_adapted_layer,"
+        " bool per_step_lr=False, float[] step_weights=[]) -> Tensor"
     ),
     "mlp_loss_grad": "mlp_loss_grad(Tensor[] params, Tensor x, Tensor y, str loss) -> Tensor[]",
     "mlp_loss_hessian_times": (
@@ -62,7 +63,8 @@ SCHEMAS = {
     "maml_mlp_meta_step_": (
         "maml_mlp_meta_step_(Tensor(a!)[] params, Tensor(b!)[] lr, Tensor(c!)[] grads, Tensor(d!)[] state,"
         " Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, int inner_steps, bool first_order,"
-        " str loss, int first_adapted_layer, bool learn_lr, str optimizer, float[] settings) -> Tensor"
+        " str loss, int first_adapted_layer, bool learn_lr, str optimizer, float[] settings,"
+        " bool per_step_lr=False, float[] step_weights=[]) -> Tensor"
     ),
     "reptile_mlp_step_": (
         "reptile_mlp_step_(Tensor(a!)[] params, Tensor x_support, Tensor y_support, int inner_steps, float inner_lr,"
@@ -162,14 +164,14 @@ def _sgd_step_inplace_fake(params, grads, lr):
 
 
 def _maml_mlp_meta_grad_fake(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
-                             first_adapted_layer, compute_grad, compute_lr_grad):
+                             first_adapted_layer, compute_grad, compute_lr_grad, per_step_lr=False, step_weights=()):
     grads = [torch.empty_like(p) for p in params] if compute_grad else []
     lr_grads = [torch.empty_like(r) for r in lr] if compute_lr_grad else []
     return x_query.new_empty(()), grads, lr_grads
 
 
 def _maml_mlp_loss_fake(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
-                        first_adapted_layer):
+                        first_adapted_layer, per_step_lr=False, step_weights=()):
     return x_query.new_empty(())
 
 
@@ -197,7 +199,8 @@ def _reptile_mlp_step_fake(params, x_support, y_support, inner_steps, inner_lr, 
 
 
 def _maml_mlp_meta_step_fake(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps,
-                             first_order, loss, first_adapted_layer, learn_lr, optimizer, settings):
+                             first_order, loss, first_adapted_layer, learn_lr, optimizer, settings, per_step_lr=False,
+                             step_weights=()):
     return x_query.new_empty(())
 
 
@@ -310,6 +313,8 @@ def maml_mlp_loss(
     first_order: bool = False,
     loss: str = "mse",
     first_adapted_layer: int = 0,
+    per_step_lr: bool = False,
+    step_weights: Sequence[float] = (),
 ) -> Tensor:
     """MAML meta-loss of an MLP (ReLU between layers) over a meta-batch, differentiable w.r.t. params and lr.
 
@@ -317,11 +322,14 @@ def maml_mlp_loss(
     per param for Meta-SGD); x_*: [T, K, I]; y_*: [T, K, D] for
     "mse" or [T, K] int64 labels for "cross_entropy". The mean over tasks of the query loss after
     inner_steps SGD steps on each task's support loss; layers before first_adapted_layer stay fixed
-    in the inner loop (ANIL). Differentiable once: with the extension, its gradient comes from the
-    op's analytic reverse sweep (one autograd node, in C++); on the fallback, from autograd."""
+    in the inner loop (ANIL). MAML++: with per_step_lr, lr is a list of [inner_steps] tensors (one rate per
+    inner step: LSLR); step_weights (one per inner step) make the loss the weighted sum of the query losses
+    after every inner step (the multi-step loss). Differentiable once: with the extension, its gradient comes
+    from the op's analytic reverse sweep (one autograd node, in C++); on the fallback, from autograd."""
     params = list(params)
-    return _maml_mlp_loss(params, _rates(params, lr, "maml_mlp_loss"), x_support, y_support, x_query, y_query, int(inner_steps), bool(first_order),
-                          str(loss), int(first_adapted_layer))
+    rates = ([lr] if isinstance(lr, Tensor) else list(lr)) if per_step_lr else _rates(params, lr, "maml_mlp_loss")
+    return _maml_mlp_loss(params, rates, x_support, y_support, x_query, y_query, int(inner_steps), bool(first_order),
+                          str(loss), int(first_adapted_layer), bool(per_step_lr), [float(w) for w in step_weights])
 
 
 def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, loss: str = "mse") -> list[Tensor]:

@@ -6,6 +6,7 @@ errors as the compiled kernels (ValueError for shapes and devices, TypeError for
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -231,7 +232,8 @@ def task_losses(pred: Tensor, target: Tensor, loss: str) -> Tensor:
     raise ValueError(f"maml_mlp_meta_grad: loss must be 'mse' or 'cross_entropy', got {loss!r}")
 
 
-def _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, loss, first_adapted_layer):
+def _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, loss, first_adapted_layer,
+                     per_step_lr=False, step_weights=()):
     op = "maml_mlp_meta_grad"
     if loss not in ("mse", "cross_entropy"):
         raise ValueError(f"{op}: loss must be 'mse' or 'cross_entropy', got {loss!r}")
@@ -269,8 +271,16 @@ def _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_s
             )
         if weight.dtype != dtype or bias.dtype != dtype:
             raise TypeError(f"{op}: params must share one dtype")
+    if step_weights and len(step_weights) != inner_steps:
+        raise ValueError(f"{op}: step_weights must hold one weight per inner step ({inner_steps}) or none, got "
+                         f"{len(step_weights)}")
+    if not all(math.isfinite(w) for w in step_weights):
+        raise ValueError(f"{op}: step_weights must be finite, got {list(step_weights)}")
     for i, rate in enumerate(lr):
-        if rate.dim() != 0 and rate.shape != params[i].shape:
+        if per_step_lr and (rate.dim() != 1 or rate.shape[0] != inner_steps):
+            raise ValueError(f"{op}: lr[{i}] must hold one rate per inner step, [{inner_steps}], with per_step_lr, "
+                             f"got {list(rate.shape)}")
+        if not per_step_lr and rate.dim() != 0 and rate.shape != params[i].shape:
             raise ValueError(
                 f"{op}: lr[{i}] must be a scalar or have the shape of params[{i}], got {list(rate.shape)}"
             )
@@ -313,6 +323,8 @@ def maml_mlp_loss(
     first_order: bool,
     loss: str,
     first_adapted_layer: int,
+    per_step_lr: bool = False,
+    step_weights: Sequence[float] = (),
 ) -> Tensor:
     """The MAML meta-loss of an MLP over a meta-batch in batched torch, differentiable by autograd.
 
@@ -321,8 +333,11 @@ def maml_mlp_loss(
     Layers from first_adapted_layer on adapt in the inner loop (ANIL adapts the last only). The loss
     is the mean over tasks of each task's query loss after inner_steps SGD steps on its support loss;
     its gradient w.r.t. params and lr is MAML's (FOMAML's when first_order: the inner gradients are
-    constants)."""
-    _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, loss, first_adapted_layer)
+    constants). MAML++: with per_step_lr every lr tensor is [inner_steps], step s taking element s; with
+    step_weights the loss is sum_s step_weights[s] * (that mean after inner step s + 1)."""
+    _check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, loss, first_adapted_layer,
+                     per_step_lr, step_weights)
+    weights = list(step_weights) or [0.0] * (inner_steps - 1) + [1.0]
     for name, data in (("x_support", x_support), ("y_support", y_support), ("x_query", x_query), ("y_query", y_query)):
         if torch.is_grad_enabled() and data.requires_grad:
             raise ValueError(
@@ -336,14 +351,18 @@ def maml_mlp_loss(
         # differentiate become leaves of their own; per-task copies so that each task gets its own gradient
         start = [p if outer and p.requires_grad else p.detach().requires_grad_() for p in params[first:]]
         fast = list(params[:first]) + [p.expand(tasks, *p.shape) for p in start]
-        for _ in range(inner_steps):
+        total = None
+        for step in range(inner_steps):
             support = task_losses(mlp_forward(x_support, fast), y_support, loss).sum()
             grads = torch.autograd.grad(support, fast[first:], create_graph=outer and not first_order)
-            fast = fast[:first] + [
-                p - _lr_for(lr, first + i) * g for i, (p, g) in enumerate(zip(fast[first:], grads))
-            ]
-    with torch.set_grad_enabled(outer):
-        return task_losses(mlp_forward(x_query, fast), y_query, loss).mean()
+            rates = [_lr_for(lr, first + i) for i in range(len(grads))]
+            fast = fast[:first] + [p - (r[step] if per_step_lr else r) * g
+                                   for p, g, r in zip(fast[first:], grads, rates)]
+            if weights[step] != 0 or step == inner_steps - 1:
+                with torch.set_grad_enabled(outer):
+                    term = weights[step] * task_losses(mlp_forward(x_query, fast), y_query, loss).mean()
+                total = term if total is None else total + term
+    return total if outer else total.detach()
 
 
 def mlp_loss_grad(params: Sequence[Tensor], x: Tensor, y: Tensor, loss: str) -> list[Tensor]:
@@ -397,6 +416,8 @@ def maml_mlp_meta_grad(
     first_adapted_layer: int,
     compute_grad: bool,
     compute_lr_grad: bool,
+    per_step_lr: bool = False,
+    step_weights: Sequence[float] = (),
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
     """maml_mlp_loss and, by autograd, its gradient w.r.t. params (when compute_grad) and lr (when
     compute_lr_grad): (loss, param grads, lr grads), each list empty unless asked for."""
@@ -404,9 +425,8 @@ def maml_mlp_meta_grad(
     rates = [r.detach().requires_grad_(compute_lr_grad) for r in lr]
     wanted = (meta if compute_grad else []) + (rates if compute_lr_grad else [])
     with torch.enable_grad():
-        query = maml_mlp_loss(
-            meta, rates, x_support, y_support, x_query, y_query, inner_steps, first_order, loss, first_adapted_layer
-        )
+        query = maml_mlp_loss(meta, rates, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
+                              first_adapted_layer, per_step_lr, step_weights)
         found = torch.autograd.grad(query, wanted, allow_unused=True) if wanted else []
     found = [torch.zeros_like(t) if g is None else g.detach() for g, t in zip(found, wanted)]
     count = len(meta) if compute_grad else 0
@@ -594,7 +614,8 @@ def mlp_train_epoch_(params: Sequence[Tensor], grads: Sequence[Tensor], state: S
 def maml_mlp_meta_step_(params: Sequence[Tensor], lr: Sequence[Tensor], grads: Sequence[Tensor],
                         state: Sequence[Tensor], x_support: Tensor, y_support: Tensor, x_query: Tensor,
                         y_query: Tensor, inner_steps: int, first_order: bool, loss: str, first_adapted_layer: int,
-                        learn_lr: bool, optimizer: str, settings: Sequence[float]) -> Tensor:
+                        learn_lr: bool, optimizer: str, settings: Sequence[float], per_step_lr: bool = False,
+                        step_weights: Sequence[float] = ()) -> Tensor:
     """A MAML meta-step of an MLP in place: maml_mlp_meta_grad's gradients written into grads (params', then
     lr's when learn_lr), then optimizer_step_ on params (and lr) and state. Returns the meta-loss."""
     if learn_lr and len(lr) != len(params):
@@ -603,7 +624,7 @@ def maml_mlp_meta_step_(params: Sequence[Tensor], lr: Sequence[Tensor], grads: S
     _optimizer_layout("maml_mlp_meta_step_", optimizer, settings, updated, grads, state)
     value, param_grads, lr_grads = maml_mlp_meta_grad(params, lr, x_support, y_support, x_query, y_query,
                                                       inner_steps, first_order, loss, first_adapted_layer, True,
-                                                      learn_lr)
+                                                      learn_lr, per_step_lr, step_weights)
     with torch.no_grad():
         for grad, g in zip(grads, param_grads + lr_grads):
             grad.copy_(g)

@@ -27,6 +27,9 @@ VARIANTS = {
     "fomaml": (dict(first_order=True), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.9, nesterov=True)),
     "meta-sgd": (dict(learn_inner_lr=True), lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.01)),
     "anil": (dict(adapt_head_only=True), lambda p: torch.optim.SGD(p, lr=0.05, momentum=0.5, dampening=0.1)),
+    # LSLR, the multi-step loss annealed over 50 meta-steps, first order for the first 20
+    "maml++": (dict(per_step_inner_lr=True, multi_step_loss=50, first_order_meta_steps=20),
+               lambda p: torch.optim.Adam(p, lr=1e-2)),
 }
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-10, atol=1e-10)}
 
@@ -57,6 +60,8 @@ def plain_meta_step(maml, optimizer, batch):
     loss = maml.meta_loss(batch)
     loss.backward()
     optimizer.step()
+    if maml.plus is not None:
+        maml.plus.advance()
     return float(loss.detach())
 
 
@@ -88,7 +93,7 @@ def test_fused_meta_steps_leave_what_the_plain_path_leaves(variant, inner_steps,
 
 def test_what_the_fused_step_does_not_cover_runs_the_plain_path():
     maml = MAML(MLP(SIZES), learn_inner_lr=True, adapt_head_only=True)
-    assert maml.meta_step_path(torch.optim.Adam(maml.parameters())).startswith("python: Meta-SGD with ANIL")
+    assert maml.meta_step_path(torch.optim.Adam(maml.parameters())).startswith("python: learned rates with ANIL")
     maml = MAML(MLP(SIZES))
     assert "amsgrad" in maml.meta_step_path(torch.optim.Adam(maml.parameters(), amsgrad=True))
     assert "RMSprop" in maml.meta_step_path(torch.optim.RMSprop(maml.parameters()))
@@ -124,14 +129,15 @@ def op_arguments(variant="meta-sgd", dtype=torch.float64, loss="mse"):
     maml, optimizer = learner(variant, 2, loss, dtype)
     update = maml_module._fused_update(maml, optimizer)
     params = [p.detach() for p in maml.model.parameters()]
-    rates = [r.detach() for r in maml.inner_lrs] if maml.learn_inner_lr else [torch.tensor(0.1, dtype=dtype)]
+    learned = [r.detach() for r in maml_module._learned_rates(maml)]
     grads, state, settings = update.arguments()
     batch = next(batches(loss, dtype))
-    return (params, rates, grads, state, batch.x_support, batch.y_support, batch.x_query, batch.y_query, 2,
-            maml.first_order, loss, maml._first_adapted_layer, maml.learn_inner_lr, update.kind, settings)
+    return (params, learned or [torch.tensor(0.1, dtype=dtype)], grads, state, batch.x_support, batch.y_support,
+            batch.x_query, batch.y_query, 2, maml.first_order, loss, maml._first_adapted_layer, bool(learned),
+            update.kind, settings, *maml_module._per_step(maml))
 
 
-@pytest.mark.parametrize("variant", ["meta-sgd", "anil"])
+@pytest.mark.parametrize("variant", ["meta-sgd", "anil", "maml++"])
 def test_opcheck_meta_step(variant):
     torch.library.opcheck(torch.ops.metalearn_fast.maml_mlp_meta_step_.default, op_arguments(variant),
                           test_utils=OPCHECK_TESTS)

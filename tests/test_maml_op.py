@@ -14,13 +14,14 @@ from metalearn_fast.ops import maml_mlp_loss
 SIZES = [3, 8, 7, 4]
 
 
-def kernel_sizes(kernel):
-    """Layer sizes for each of the op's CPU kernels: small layers take the per-task kernel, and a
-    weight over its limit sends the MLP to the batched composite (which CUDA always runs)."""
+def kernel_shape(kernel):
+    """make_problem's sizes for each of the op's CPU kernels: small layers take the per-task kernel, and a
+    weight over its limit with more than 8 rows a task sends the MLP to the batched composite (which CUDA
+    always runs)."""
     if kernel == "per-task":
-        return SIZES
+        return dict(sizes=SIZES)
     width = math.isqrt(mf.backend_info()["cpu_maml_task_kernel_max_layer"] or 128 * 128) + 1
-    return [3, width, width, 4]
+    return dict(sizes=[3, width, width, 4], support=9, query=10)
 
 
 def make_problem(loss, device, tasks=4, support=5, query=6, seed=0, sizes=SIZES):
@@ -54,18 +55,24 @@ def task_loss(pred, target, loss):
     return F.mse_loss(pred, target) if loss == "mse" else F.cross_entropy(pred, target)
 
 
-def per_task_loop(params, rates, xs, ys, xq, yq, steps, first_order, loss, first_adapted):
-    """The oracle: one task at a time, each adapted with torch.autograd.grad."""
+def per_task_loop(params, rates, xs, ys, xq, yq, steps, first_order, loss, first_adapted, per_step=False,
+                  weights=None):
+    """The oracle: one task at a time, each adapted with torch.autograd.grad. MAML++: with per_step, inner step s
+    takes element s of each rate; with weights, the loss is their weighted sum of the query losses after every
+    inner step."""
+    weights = weights or [0.0] * (steps - 1) + [1.0]
     total = 0
     for t in range(xs.shape[0]):
         fast = list(params)
-        for _ in range(steps):
+        for step in range(steps):
             inner = task_loss(forward(xs[t], fast), ys[t], loss)
             adapted = list(range(2 * first_adapted, len(params)))
             grads = torch.autograd.grad(inner, [fast[i] for i in adapted], create_graph=not first_order)
             for i, g in zip(adapted, grads):
-                fast[i] = fast[i] - (rates[0] if len(rates) == 1 else rates[i]) * g
-        total = total + task_loss(forward(xq[t], fast), yq[t], loss)
+                rate = rates[0] if len(rates) == 1 else rates[i]
+                fast[i] = fast[i] - (rate[step] if per_step else rate) * g
+            if weights[step]:
+                total = total + weights[step] * task_loss(forward(xq[t], fast), yq[t], loss)
     return total / xs.shape[0]
 
 
@@ -86,7 +93,7 @@ VARIANTS = [
 @pytest.mark.parametrize("kernel", ["per-task", "batched"])
 def test_meta_loss_and_gradient_equal_the_per_task_loop(variant, steps, loss, kernel, device):
     _, first_order, meta_sgd, anil = variant
-    params, xs, ys, xq, yq = make_problem(loss, device, sizes=kernel_sizes(kernel))
+    params, xs, ys, xq, yq = make_problem(loss, device, **kernel_shape(kernel))
     g = torch.Generator().manual_seed(1)
     if meta_sgd:
         rates = [(0.05 + 0.1 * torch.rand(p.shape, generator=g, dtype=torch.float64)).to(device).requires_grad_()
@@ -109,11 +116,11 @@ def test_meta_loss_and_gradient_equal_the_per_task_loop(variant, steps, loss, ke
     assert rates[0].grad is None and ours_grads[len(params)].abs().sum() > 0
 
 
-def loop_meta_grad(params, lr, xs, ys, xq, yq, steps, first_order, loss, first_adapted):
+def loop_meta_grad(params, lr, xs, ys, xq, yq, steps, first_order, loss, first_adapted, **plus):
     """From the per-task loop: the meta-loss, its gradients w.r.t. params and w.r.t. lr."""
     params = [p.detach().requires_grad_() for p in params]
     lr = [r.detach().requires_grad_() for r in lr]
-    value = per_task_loop(params, lr, xs, ys, xq, yq, steps, first_order, loss, first_adapted)
+    value = per_task_loop(params, lr, xs, ys, xq, yq, steps, first_order, loss, first_adapted, **plus)
     grads = torch.autograd.grad(value, params + lr, allow_unused=True)
     grads = [torch.zeros_like(t) if g is None else g for g, t in zip(grads, params + lr)]
     return value.detach(), grads[: len(params)], grads[len(params):]
@@ -156,6 +163,51 @@ def test_the_op_equals_the_loop_across_depths_dtypes_and_requests(impl, sizes, d
                     torch.testing.assert_close(got, want, **tolerance)
 
 
+# MAML++'s options of the op: name, per-step rates (one [steps] tensor per param, or one for all), step weights
+MAML_PLUS = [
+    ("lslr", "per-param", ()),
+    ("lslr-shared", "shared", ()),
+    ("multi-step", None, (0.2, 0.3, 0.5)),
+    ("multi-step-skipping", None, (0.5, 0.0, 0.5)),
+    ("both", "per-param", (0.2, 0.3, 0.5)),
+]
+
+
+@pytest.mark.parametrize("case", MAML_PLUS, ids=[c[0] for c in MAML_PLUS])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
+@pytest.mark.parametrize("anil", [False, True], ids=["all", "anil"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("kernel", ["per-task", "batched"])
+def test_per_step_rates_and_the_multi_step_loss_equal_the_per_task_loop(case, first_order, anil, loss, kernel,
+                                                                        device):
+    """MAML++ in the op (per_step_lr: LSLR; step_weights: the multi-step loss), every combination of requested
+    gradients, against the loop with each step's own rates and the weighted query losses."""
+    _, rates_kind, weights = case
+    steps = 3
+    params, xs, ys, xq, yq = make_problem(loss, device, **kernel_shape(kernel))
+    params = [p.detach() for p in params]
+    g = torch.Generator().manual_seed(2)
+    per_step = rates_kind is not None
+    if per_step:  # distinct rates per step: a rate used at the wrong step shows
+        lr = [(0.05 + 0.1 * torch.rand(steps, generator=g, dtype=torch.float64)).to(device)
+              for _ in (params if rates_kind == "per-param" else params[:1])]
+    else:
+        lr = [torch.tensor(0.1, dtype=torch.float64, device=device)]
+    args = (params, lr, xs, ys, xq, yq, steps, first_order, loss, len(params) // 2 - 1 if anil else 0)
+    want_loss, want_grads, want_lr_grads = loop_meta_grad(*args, per_step=per_step, weights=list(weights))
+    for wanted in ((True, True), (True, False), (False, True), (False, False)):
+        got_loss, grads, lr_grads = mf.ops._maml_mlp_meta_grad(*args, *wanted, per_step, list(weights))
+        expected = [want_loss, *(want_grads if wanted[0] else []), *(want_lr_grads if wanted[1] else [])]
+        got = [got_loss, *grads, *lr_grads]
+        assert len(got) == len(expected)
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    # the options change the answer: dropping them would not pass the comparisons above
+    plain = mf.ops._maml_mlp_meta_grad(params, [torch.tensor(0.1, dtype=torch.float64, device=device)],
+                                       *args[2:], True, False)
+    assert not torch.allclose(plain[0], want_loss)
+
+
 @pytest.mark.parametrize("anil", [False, True])
 def test_first_order_gradient_differs_from_second_order(anil, device):
     params, xs, ys, xq, yq = make_problem("mse", device)
@@ -186,6 +238,13 @@ def test_opcheck_maml_ops(device):
     # and with the inputs requiring grad, so that the autograd registration is exercised
     torch.library.opcheck(torch.ops.metalearn_fast.maml_mlp_loss.default,
                           ([p.requires_grad_() for p in params], [rate[0].requires_grad_()], *args[2:]))
+    # MAML++'s per-step rates and step weights
+    per_step = [torch.tensor([0.1, 0.2], dtype=torch.float64, device=device) for _ in params]
+    plus = ([p.detach() for p in params], per_step, *args[2:])
+    torch.library.opcheck(torch.ops.metalearn_fast.maml_mlp_meta_grad.default, (*plus, True, True, True, [0.3, 0.7]))
+    torch.library.opcheck(torch.ops.metalearn_fast.maml_mlp_loss.default,
+                          ([p.requires_grad_() for p in plus[0]], [r.requires_grad_() for r in per_step], *args[2:],
+                           True, [0.3, 0.7]))
 
 
 def test_data_requiring_grad_is_refused(device):
@@ -213,7 +272,7 @@ def test_bad_arguments_are_named(impl, device):
     rate = [torch.tensor(0.1, dtype=torch.float64, device=device)]
     # "op" is what the engine calls: the compiled op, or the reference on the fallback
     fn = mf.ops._maml_mlp_meta_grad if impl == "op" else reference.maml_mlp_meta_grad
-    good = (params, rate, xs, ys, xq, yq, 1, False, "mse", 0, True, True)
+    good = (params, rate, xs, ys, xq, yq, 1, False, "mse", 0, True, True, False, [])
     cases = [
         ({6: 0}, ValueError, "inner_steps"),
         ({8: "hinge"}, ValueError, "loss must be"),
@@ -225,6 +284,10 @@ def test_bad_arguments_are_named(impl, device):
         ({0: params[:3]}, ValueError, "params"),
         ({1: [torch.ones(2, dtype=torch.float64, device=device)]}, ValueError, r"lr\[0\]"),
         ({2: xs[:0], 3: ys[:0], 4: xq[:0], 5: yq[:0]}, ValueError, "empty"),
+        ({12: True}, ValueError, r"lr\[0\] must hold one rate per inner step, \[1\]"),
+        ({6: 2, 12: True, 1: [torch.ones(3, dtype=torch.float64, device=device)]}, ValueError, "one rate per inner"),
+        ({13: [0.5, 0.5]}, ValueError, r"step_weights must hold one weight per inner step \(1\)"),
+        ({13: [float("nan")]}, ValueError, "step_weights must be finite"),
     ]
     for change, error, message in cases:
         args = list(good)
@@ -237,7 +300,7 @@ def test_bad_arguments_are_named(impl, device):
 @pytest.mark.parametrize("impl", ["op", "reference"])
 @pytest.mark.parametrize("kernel", ["per-task", "batched"])
 def test_class_labels_out_of_range_are_named(impl, kernel, device):
-    params, xs, ys, xq, yq = make_problem("cross_entropy", device, sizes=kernel_sizes(kernel))
+    params, xs, ys, xq, yq = make_problem("cross_entropy", device, **kernel_shape(kernel))
     params = [p.detach() for p in params]
     rate = [torch.tensor(0.1, dtype=torch.float64, device=device)]
     fn = mf.ops._maml_mlp_meta_grad if impl == "op" else reference.maml_mlp_meta_grad
@@ -288,6 +351,21 @@ def test_gradcheck_maml_mlp_loss(loss, first_order, device):
         assert gradcheck(lambda *r: fn(*params, *r), tuple(rates), eps=1e-6, atol=1e-6)
     else:
         assert gradcheck(fn, (*params, *rates), eps=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+def test_gradcheck_per_step_rates_and_the_multi_step_loss(loss, device):
+    """float64 finite differences of the MAML++ meta-loss (per-step rates, weighted query losses) against its
+    analytic gradient, params and rates."""
+    params, xs, ys, xq, yq = make_problem(loss, device, tasks=2, support=3, query=3)
+    rates = [torch.tensor([0.1, 0.15], dtype=torch.float64, device=device, requires_grad=True) for _ in params]
+    count = len(params)
+
+    def fn(*tensors):
+        return maml_mlp_loss(list(tensors[:count]), list(tensors[count:]), xs, ys, xq, yq, inner_steps=2, loss=loss,
+                             per_step_lr=True, step_weights=[0.4, 0.6])
+
+    assert gradcheck(fn, (*params, *rates), eps=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("first_order", [False, True])

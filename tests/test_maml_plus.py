@@ -108,19 +108,28 @@ def test_each_option_and_all_together_match_the_per_task_loop(option, path, firs
     assert_matches_oracle(maml, make_batch(), first_order)
 
 
+@pytest.mark.parametrize("steps", [1, STEPS])
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
-def test_one_step_lslr_runs_the_fused_op_and_matches_the_loop(monkeypatch, first_order):
-    """With one inner step, LSLR is one learned 0-dim rate per parameter: the fused MLP op takes it."""
-    from metalearn_fast.algorithms import maml as maml_module
-
-    calls = []
-    fused = maml_module.maml_mlp_loss
-    monkeypatch.setattr(maml_module, "maml_mlp_loss", lambda *a, **k: calls.append(1) or fused(*a, **k))
-    maml = make_maml(make_model("mlp"), steps=1, first_order=first_order, per_step_inner_lr=True, multi_step_loss=5)
-    assert_matches_oracle(maml, make_batch(), first_order)
-    assert calls and maml.meta_step_path(torch.optim.Adam(maml.parameters())).startswith("python: the per-step")
+def test_lslr_and_the_multi_step_loss_run_the_fused_meta_step_as_torch_optim_would(steps, first_order):
+    """On an MLP the fused meta-step takes the per-step rates and the multi-step loss: its update (Adam on the
+    weights and the rates) equals torch's Adam on the per-task loop's meta-gradient, step after step."""
+    options = dict(steps=steps, first_order=first_order, per_step_inner_lr=True, multi_step_loss=10)
+    maml, twin = make_maml(make_model("mlp"), **options), make_maml(make_model("mlp"), **options)
+    optimizer = torch.optim.Adam(maml.parameters(), lr=0.01)
+    twin_optimizer = torch.optim.Adam(twin.parameters(), lr=0.01)
+    assert maml.meta_step_path(optimizer) == "fused"
     before = [r.detach().clone() for r in maml.plus.step_inner_lrs]
-    maml.meta_step(make_batch(), torch.optim.Adam(maml.parameters(), lr=0.01))
+    for seed in range(3):  # the annealed weights change with every step
+        batch = make_batch(seed)
+        loss = maml.meta_step(batch, optimizer)
+        twin_optimizer.zero_grad()
+        expected = oracle_meta_loss(twin, batch, first_order)
+        expected.backward()
+        twin_optimizer.step()
+        twin.plus.advance()
+        torch.testing.assert_close(loss, expected.detach(), **CLOSE)
+        for (name, got), want in zip(maml.named_parameters(), twin.parameters()):
+            torch.testing.assert_close(got, want, **CLOSE, msg=lambda m, name=name: f"{name}: {m}")
     assert all(not torch.equal(b, r) for b, r in zip(before, maml.plus.step_inner_lrs))  # the rates learn
 
 

@@ -30,14 +30,15 @@ class MamlMlpLoss : public torch::autograd::Function<MamlMlpLoss> {
  public:
   static Tensor forward(AutogradContext* ctx, at::TensorList params, at::TensorList lr, const Tensor& x_support,
                         const Tensor& y_support, const Tensor& x_query, const Tensor& y_query, int64_t inner_steps,
-                        bool first_order, c10::string_view loss, int64_t first_adapted) {
+                        bool first_order, c10::string_view loss, int64_t first_adapted, bool per_step_lr,
+                        c10::ArrayRef<double> step_weights) {
     const bool compute_grad = any_requires_grad(params);
     const bool compute_lr_grad = any_requires_grad(lr);
     MetaGrad result;
     {
       at::AutoDispatchBelowADInplaceOrView guard;
       result = call_maml_mlp_meta_grad(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order,
-                                       loss, first_adapted, compute_grad, compute_lr_grad);
+                                       loss, first_adapted, compute_grad, compute_lr_grad, per_step_lr, step_weights);
     }
     auto& [value, grads, lr_grads] = result;
     grads.insert(grads.end(), lr_grads.begin(), lr_grads.end());
@@ -57,8 +58,8 @@ class MamlMlpLoss : public torch::autograd::Function<MamlMlpLoss> {
     const auto has = ctx->saved_data["has"].toBoolList();
     // one call scales every gradient
     std::vector<Tensor> scaled = at::_foreach_mul(ctx->get_saved_variables(), grad_outputs[0]);
-    // one entry per input: params, lr, the four data tensors and the four options (undefined)
-    variable_list result(param_count + lr_count + 8);
+    // one entry per input: params, lr, the four data tensors and the six options (undefined)
+    variable_list result(param_count + lr_count + 10);
     auto next = scaled.begin();
     if (has[0]) {
       std::move(next, next + param_count, result.begin());
@@ -71,7 +72,8 @@ class MamlMlpLoss : public torch::autograd::Function<MamlMlpLoss> {
 
 Tensor maml_mlp_loss_autograd(at::TensorList params, at::TensorList lr, const Tensor& x_support,
                               const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
-                              int64_t inner_steps, bool first_order, c10::string_view loss, int64_t first_adapted) {
+                              int64_t inner_steps, bool first_order, c10::string_view loss, int64_t first_adapted,
+                              bool per_step_lr, c10::ArrayRef<double> step_weights) {
   const char* names[] = {"x_support", "y_support", "x_query", "y_query"};
   const Tensor* data[] = {&x_support, &y_support, &x_query, &y_query};
   for (int i = 0; i < 4; ++i) {
@@ -83,11 +85,13 @@ Tensor maml_mlp_loss_autograd(at::TensorList params, at::TensorList lr, const Te
     static auto op = c10::Dispatcher::singleton()
                          .findSchemaOrThrow("metalearn_fast::maml_mlp_loss", "")
                          .typed<Tensor(at::TensorList, at::TensorList, const Tensor&, const Tensor&, const Tensor&,
-                                       const Tensor&, int64_t, bool, c10::string_view, int64_t)>();
-    return op.call(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss, first_adapted);
+                                       const Tensor&, int64_t, bool, c10::string_view, int64_t, bool,
+                                       c10::ArrayRef<double>)>();
+    return op.call(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss, first_adapted,
+                   per_step_lr, step_weights);
   }
   return MamlMlpLoss::apply(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
-                            first_adapted);
+                            first_adapted, per_step_lr, step_weights);
 }
 
 }  // namespace

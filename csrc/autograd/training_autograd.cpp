@@ -56,15 +56,17 @@ Tensor maml_mlp_meta_step_autograd(TensorList params, TensorList lr, TensorList 
                                    const Tensor& x_support, const Tensor& y_support, const Tensor& x_query,
                                    const Tensor& y_query, int64_t inner_steps, bool first_order, c10::string_view loss,
                                    int64_t first_adapted, bool learn_lr, c10::string_view optimizer,
-                                   c10::ArrayRef<double> settings) {
+                                   c10::ArrayRef<double> settings, bool per_step_lr,
+                                   c10::ArrayRef<double> step_weights) {
   static auto op = find<Tensor(TensorList, TensorList, TensorList, TensorList, const Tensor&, const Tensor&,
                                const Tensor&, const Tensor&, int64_t, bool, c10::string_view, int64_t, bool,
-                               c10::string_view, c10::ArrayRef<double>)>("metalearn_fast::maml_mlp_meta_step_");
+                               c10::string_view, c10::ArrayRef<double>, bool, c10::ArrayRef<double>)>(
+      "metalearn_fast::maml_mlp_meta_step_");
   Tensor value;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
     value = op.call(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
-                    first_adapted, learn_lr, optimizer, settings);
+                    first_adapted, learn_lr, optimizer, settings, per_step_lr, step_weights);
   }
   bump_versions({params, grads, state});
   if (learn_lr) bump_versions({lr});

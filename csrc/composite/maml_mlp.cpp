@@ -17,6 +17,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -187,13 +189,17 @@ std::vector<std::pair<Tensor, Tensor>> hessian_times(const Pass& pass, const std
   return out;
 }
 
-// lr for a parameter, shaped to broadcast against its per-task gradient [T, ...].
-const Tensor& rate(const std::vector<Tensor>& lr, size_t param) { return lr.size() == 1 ? lr[0] : lr[param]; }
+// lr for a parameter at inner step s, shaped to broadcast against its per-task gradient [T, ...].
+Tensor rate(const std::vector<Tensor>& lr, const Schedule& schedule, int64_t s, size_t param) {
+  const Tensor& given = lr.size() == 1 ? lr[0] : lr[param];
+  return schedule.per_step_lr ? given.select(0, s) : given;
+}
 
 }  // namespace
 
 void check_maml_args(at::TensorList params, at::TensorList lr, const Tensor& xs, const Tensor& ys, const Tensor& xq,
-                     const Tensor& yq, int64_t inner_steps, LossKind kind, int64_t first_adapted, const char* op) {
+                     const Tensor& yq, int64_t inner_steps, LossKind kind, int64_t first_adapted, const char* op,
+                     bool per_step_lr) {
   TORCH_CHECK_VALUE(params.size() >= 2 && params.size() % 2 == 0, op,
                     ": params must be [weight_0, bias_0, weight_1, bias_1, ...], got ", params.size(), " tensors");
   const int64_t count = static_cast<int64_t>(params.size() / 2);
@@ -222,8 +228,14 @@ void check_maml_args(at::TensorList params, at::TensorList lr, const Tensor& xs,
                      ": params must share one dtype");
   }
   for (size_t i = 0; i < lr.size(); ++i) {
-    TORCH_CHECK_VALUE(lr[i].dim() == 0 || lr[i].sizes() == params[i].sizes(), op, ": lr[", i,
-                      "] must be a scalar or have the shape of params[", i, "], got ", lr[i].sizes());
+    if (per_step_lr) {
+      TORCH_CHECK_VALUE(lr[i].dim() == 1 && lr[i].size(0) == inner_steps, op, ": lr[", i,
+                        "] must hold one rate per inner step, [", inner_steps, "], with per_step_lr, got ",
+                        lr[i].sizes());
+    } else {
+      TORCH_CHECK_VALUE(lr[i].dim() == 0 || lr[i].sizes() == params[i].sizes(), op, ": lr[", i,
+                        "] must be a scalar or have the shape of params[", i, "], got ", lr[i].sizes());
+    }
   }
   const int64_t width = params[params.size() - 2].size(0);
   for (const auto& [name, y, x] : {std::tuple<const char*, const Tensor&, const Tensor&>{"y_support", ys, xs},
@@ -241,6 +253,19 @@ void check_maml_args(at::TensorList params, at::TensorList lr, const Tensor& xs,
   }
 }
 
+Schedule make_schedule(bool per_step_lr, c10::ArrayRef<double> step_weights, int64_t inner_steps, const char* op) {
+  TORCH_CHECK_VALUE(step_weights.empty() || static_cast<int64_t>(step_weights.size()) == inner_steps, op,
+                    ": step_weights must hold one weight per inner step (", inner_steps, ") or none, got ",
+                    step_weights.size());
+  for (double w : step_weights) TORCH_CHECK_VALUE(std::isfinite(w), op, ": step_weights must be finite, got ", w);
+  Schedule schedule{per_step_lr, std::vector<double>(step_weights.begin(), step_weights.end())};
+  if (schedule.weights.empty() && inner_steps > 0) {
+    schedule.weights.assign(inner_steps, 0.0);
+    schedule.weights.back() = 1.0;
+  }
+  return schedule;
+}
+
 namespace {
 
 // What the inner loop leaves for the reverse sweep: the layers at each step s (steps[0] the meta-parameters,
@@ -252,7 +277,8 @@ struct InnerLoop {
   std::vector<Tensor> probs;
 };
 
-InnerLoop inner_loop(at::TensorList params, const std::vector<Tensor>& lr, const Tensor& x_support,
+InnerLoop inner_loop(at::TensorList params, const std::vector<Tensor>& lr, const Schedule& schedule,
+                     const Tensor& x_support,
                      const Tensor& y_support, LossKind kind, int64_t inner_steps, int64_t first_adapted) {
   const int64_t count = static_cast<int64_t>(params.size() / 2);
   InnerLoop loop{std::vector<std::vector<Layer>>(1), std::vector<Pass>(inner_steps, Pass(count)),
@@ -276,8 +302,9 @@ InnerLoop inner_loop(at::TensorList params, const std::vector<Tensor>& lr, const
     loop.probs[s] = support_loss.probs;
     std::vector<Layer> next = loop.steps[s];
     for (int64_t l = first_adapted; l < count; ++l) {
-      next[l].weight = at::addcmul(loop.steps[s][l].weight, loop.grads[s][l].first, rate(lr, 2 * l), -1);
-      next[l].bias = at::addcmul(loop.steps[s][l].bias, loop.grads[s][l].second, rate(lr, 2 * l + 1), -1);
+      const auto& [weight, bias] = loop.steps[s][l];
+      next[l].weight = at::addcmul(weight, loop.grads[s][l].first, rate(lr, schedule, s, 2 * l), -1);
+      next[l].bias = at::addcmul(bias, loop.grads[s][l].second, rate(lr, schedule, s, 2 * l + 1), -1);
     }
     loop.steps.push_back(std::move(next));
   }
@@ -287,13 +314,17 @@ InnerLoop inner_loop(at::TensorList params, const std::vector<Tensor>& lr, const
 // The reverse sweep over the inner steps. On entry v holds the per-task query gradient w.r.t. the adapted
 // parameters and body_grads the (task-summed) body gradient; on return v holds the gradient w.r.t. the
 // meta-parameters (summed over tasks when the step-0 Hessian term was taken, per task otherwise) and
-// body_grads the body's. Returns d lr = -sum over steps and tasks of g_s * v_{s+1} (reduced to lr's shapes).
-std::vector<Tensor> reverse_sweep(const InnerLoop& loop, const std::vector<Tensor>& lr, LossKind kind,
-                                  const Tensor& y_support, int64_t first_adapted, bool first_order, bool compute_grad,
-                                  bool compute_lr_grad, std::vector<Tensor>& v, std::vector<Tensor>& body_grads) {
+// body_grads the body's. add_query(s) adds the weighted query gradient at step s's weights (the multi-step
+// loss) once v holds v_s. Returns d lr = -sum over tasks of g_s * v_{s+1}, summed over the steps (per step
+// with per-step rates), reduced to lr's shapes.
+std::vector<Tensor> reverse_sweep(const InnerLoop& loop, const std::vector<Tensor>& lr, const Schedule& schedule,
+                                  LossKind kind, const Tensor& y_support, int64_t first_adapted, bool first_order,
+                                  bool compute_grad, bool compute_lr_grad, std::vector<Tensor>& v,
+                                  std::vector<Tensor>& body_grads, const std::function<void(int64_t)>& add_query) {
   const int64_t count = static_cast<int64_t>(v.size() / 2), inner_steps = static_cast<int64_t>(loop.passes.size());
   const int64_t hessian_stop = compute_grad ? 0 : first_adapted;
-  const bool scalar_lr = lr.size() == 1 && lr[0].dim() == 0;
+  const bool per_step = schedule.per_step_lr;
+  const bool scalar_lr = lr.size() == 1 && (per_step || lr[0].dim() == 0);
   std::vector<Tensor> lr_grads(lr.size());
   // The Hessian term at step 0 only feeds the parameters' gradient: it is taken when that is asked
   // for, and summed over tasks (v holds task sums from then on).
@@ -305,35 +336,44 @@ std::vector<Tensor> reverse_sweep(const InnerLoop& loop, const std::vector<Tenso
         const size_t i = 2 * l + which;
         const Tensor& gi = which == 0 ? g[l].first : g[l].second;
         const size_t slot = lr.size() == 1 ? 0 : i;
+        if (per_step) {
+          if (!lr_grads[slot].defined()) lr_grads[slot] = at::zeros_like(lr[slot]);
+          lr_grads[slot].select(0, s).sub_((gi * v[i]).sum());
+          continue;
+        }
         Tensor term = lr[slot].dim() == 0 ? -(gi * v[i]).sum() : -(gi * v[i]).sum(0);
         lr_grads[slot] = lr_grads[slot].defined() ? lr_grads[slot] + term : term;
       }
     }
-    if (s == 0 ? !step0_hessian : first_order) continue;
-    // v_s = v_{s+1} - H_s (lr * v_{s+1}). With one scalar rate, H is applied to v itself and the
-    // rate scales the result, which saves a product per parameter.
-    std::vector<std::pair<Tensor, Tensor>> direction(count);
-    for (int64_t l = first_adapted; l < count; ++l) {
-      direction[l] = scalar_lr ? std::make_pair(v[2 * l], v[2 * l + 1])
-                               : std::make_pair(rate(lr, 2 * l) * v[2 * l], rate(lr, 2 * l + 1) * v[2 * l + 1]);
-    }
-    if (s == 0) {
-      for (int64_t i = 2 * first_adapted; i < static_cast<int64_t>(v.size()); ++i) v[i] = v[i].sum(0);
-    }
-    Loss at_step{kind, y_support, 1.0, loop.probs[s]};
-    auto hv = hessian_times(loop.passes[s], loop.steps[s], at_step, direction, first_adapted, hessian_stop, s > 0);
-    for (int64_t l = hessian_stop; l < count; ++l) {
-      auto& target = l >= first_adapted ? v : body_grads;
-      for (int64_t which = 0; which < 2; ++which) {
-        const Tensor& term = which == 0 ? hv[l].first : hv[l].second;
-        Tensor& into = target[2 * l + which];
-        if (scalar_lr) {
-          into.addcmul_(term, lr[0], -1);
-        } else {
-          into.sub_(term);
+    if (s == 0 ? step0_hessian : !first_order) {
+      // v_s = v_{s+1} - H_s (lr * v_{s+1}). With one scalar rate, H is applied to v itself and the
+      // rate scales the result, which saves a product per parameter.
+      std::vector<std::pair<Tensor, Tensor>> direction(count);
+      for (int64_t l = first_adapted; l < count; ++l) {
+        direction[l] = scalar_lr ? std::make_pair(v[2 * l], v[2 * l + 1])
+                                 : std::make_pair(rate(lr, schedule, s, 2 * l) * v[2 * l],
+                                                  rate(lr, schedule, s, 2 * l + 1) * v[2 * l + 1]);
+      }
+      if (s == 0) {
+        for (int64_t i = 2 * first_adapted; i < static_cast<int64_t>(v.size()); ++i) v[i] = v[i].sum(0);
+      }
+      Loss at_step{kind, y_support, 1.0, loop.probs[s]};
+      auto hv = hessian_times(loop.passes[s], loop.steps[s], at_step, direction, first_adapted, hessian_stop, s > 0);
+      const Tensor step_lr = scalar_lr ? rate(lr, schedule, s, 0) : Tensor();
+      for (int64_t l = hessian_stop; l < count; ++l) {
+        auto& target = l >= first_adapted ? v : body_grads;
+        for (int64_t which = 0; which < 2; ++which) {
+          const Tensor& term = which == 0 ? hv[l].first : hv[l].second;
+          Tensor& into = target[2 * l + which];
+          if (scalar_lr) {
+            into.addcmul_(term, step_lr, -1);
+          } else {
+            into.sub_(term);
+          }
         }
       }
     }
+    if (s > 0 && schedule.weights[s - 1] != 0) add_query(s);
   }
   if (step0_hessian) return lr_grads;
   for (int64_t i = 2 * first_adapted; i < static_cast<int64_t>(v.size()); ++i) v[i] = v[i].sum(0);
@@ -345,30 +385,55 @@ std::vector<Tensor> reverse_sweep(const InnerLoop& loop, const std::vector<Tenso
 MetaGrad maml_mlp_meta_grad_aten(at::TensorList params, at::TensorList lr_in, const Tensor& x_support,
                                  const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
                                  int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
-                                 bool compute_grad, bool compute_lr_grad, int64_t total_tasks) {
+                                 bool compute_grad, bool compute_lr_grad, int64_t total_tasks,
+                                 const Schedule& schedule) {
   const std::vector<Tensor> lr(lr_in.begin(), lr_in.end());
   const int64_t count = static_cast<int64_t>(params.size() / 2);
-  const InnerLoop loop = inner_loop(params, lr, x_support, y_support, kind, inner_steps, first_adapted);
+  const InnerLoop loop = inner_loop(params, lr, schedule, x_support, y_support, kind, inner_steps, first_adapted);
 
-  // Query loss at the adapted weights, mean over tasks, and its gradient.
-  Pass query(count);
-  query.inputs[0] = x_query;
-  Loss query_loss{kind, y_query, 1.0 / static_cast<double>(total_tasks), Tensor()};
-  // First order without rate gradients needs only the task-summed query gradient.
+  // First order without rate gradients needs only the task-summed query gradients.
   const bool sweep = !first_order || compute_lr_grad;
   const int64_t query_stop = compute_grad ? 0 : (compute_lr_grad ? first_adapted : count);
-  auto query_grads = forward_backward(query, loop.steps[inner_steps], query_loss, 0, query_stop,
-                                      sweep ? first_adapted : count, true);
-  if (!compute_grad && !compute_lr_grad) return {query.loss, {}, {}};
+  Tensor loss;
+  // The weighted query loss at step `step`'s weights (its share of the mean over tasks) and its gradient:
+  // per task on the adapted layers when the sweep follows.
+  auto query_at = [&](int64_t step) {
+    Pass query(count);
+    query.inputs[0] = x_query;
+    Loss query_loss{kind, y_query, schedule.weights[step - 1] / static_cast<double>(total_tasks), Tensor()};
+    auto grads = forward_backward(query, loop.steps[step], query_loss, 0, query_stop, sweep ? first_adapted : count,
+                                  true);
+    loss = loss.defined() ? loss + query.loss : query.loss;
+    return grads;
+  };
+  auto query_grads = query_at(inner_steps);
+  if (!compute_grad && !compute_lr_grad) {
+    for (int64_t s = 1; s < inner_steps; ++s) {
+      if (schedule.weights[s - 1] != 0) query_at(s);
+    }
+    return {loss, {}, {}};
+  }
   std::vector<Tensor> v(params.size()), body_grads(params.size()), lr_grads;
   for (int64_t l = 0; l < count; ++l) {
     auto& target = !sweep || l < first_adapted ? body_grads : v;
     target[2 * l] = query_grads[l].first;
     target[2 * l + 1] = query_grads[l].second;
   }
+  auto add_query = [&](int64_t step) {
+    const auto grads = query_at(step);
+    for (int64_t l = query_stop; l < count; ++l) {
+      auto& target = !sweep || l < first_adapted ? body_grads : v;
+      target[2 * l].add_(grads[l].first);
+      target[2 * l + 1].add_(grads[l].second);
+    }
+  };
   if (sweep) {
-    lr_grads = reverse_sweep(loop, lr, kind, y_support, first_adapted, first_order, compute_grad, compute_lr_grad, v,
-                             body_grads);
+    lr_grads = reverse_sweep(loop, lr, schedule, kind, y_support, first_adapted, first_order, compute_grad,
+                             compute_lr_grad, v, body_grads, add_query);
+  } else {
+    for (int64_t s = inner_steps - 1; s >= 1; --s) {
+      if (schedule.weights[s - 1] != 0) add_query(s);
+    }
   }
   std::vector<Tensor> grads;
   for (size_t i = 0; i < params.size() && compute_grad; ++i) {
@@ -380,19 +445,21 @@ MetaGrad maml_mlp_meta_grad_aten(at::TensorList params, at::TensorList lr_in, co
   for (auto& t : lr_grads) {
     t = t.defined() ? t.contiguous() : at::zeros_like(lr[&t - lr_grads.data()]);
   }
-  return {query.loss, grads, lr_grads};
+  return {loss, grads, lr_grads};
 }
 
 MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const Tensor& x_support,
                                  const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
                                  int64_t inner_steps, bool first_order, c10::string_view loss, int64_t first_adapted,
-                                 bool compute_grad, bool compute_lr_grad) {
+                                 bool compute_grad, bool compute_lr_grad, bool per_step_lr,
+                                 c10::ArrayRef<double> step_weights) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("metalearn_fast::maml_mlp_meta_grad", "")
                        .typed<MetaGrad(at::TensorList, at::TensorList, const Tensor&, const Tensor&, const Tensor&,
-                                       const Tensor&, int64_t, bool, c10::string_view, int64_t, bool, bool)>();
+                                       const Tensor&, int64_t, bool, c10::string_view, int64_t, bool, bool, bool,
+                                       c10::ArrayRef<double>)>();
   return op.call(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss, first_adapted,
-                 compute_grad, compute_lr_grad);
+                 compute_grad, compute_lr_grad, per_step_lr, step_weights);
 }
 
 LossKind maml_loss_kind(c10::string_view loss_name, const char* op) {
@@ -406,20 +473,24 @@ namespace {
 MetaGrad maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const Tensor& x_support, const Tensor& y_support,
                             const Tensor& x_query, const Tensor& y_query, int64_t inner_steps, bool first_order,
                             c10::string_view loss_name, int64_t first_adapted, bool compute_grad,
-                            bool compute_lr_grad) {
+                            bool compute_lr_grad, bool per_step_lr, c10::ArrayRef<double> step_weights) {
   const LossKind kind = maml_loss_kind(loss_name);
-  check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted);
+  check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted,
+                  "maml_mlp_meta_grad", per_step_lr);
+  const Schedule schedule = make_schedule(per_step_lr, step_weights, inner_steps);
   return maml_mlp_meta_grad_aten(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, kind,
-                                 first_adapted, compute_grad, compute_lr_grad, x_support.size(0));
+                                 first_adapted, compute_grad, compute_lr_grad, x_support.size(0), schedule);
 }
 
 // maml_mlp_loss below autograd (no gradient wanted): the loss alone, from the device's
 // maml_mlp_meta_grad kernel.
 Tensor maml_mlp_loss(at::TensorList params, at::TensorList lr, const Tensor& x_support, const Tensor& y_support,
                      const Tensor& x_query, const Tensor& y_query, int64_t inner_steps, bool first_order,
-                     c10::string_view loss_name, int64_t first_adapted) {
+                     c10::string_view loss_name, int64_t first_adapted, bool per_step_lr,
+                     c10::ArrayRef<double> step_weights) {
   return std::get<0>(call_maml_mlp_meta_grad(params, lr, x_support, y_support, x_query, y_query, inner_steps,
-                                             first_order, loss_name, first_adapted, false, false));
+                                             first_order, loss_name, first_adapted, false, false, per_step_lr,
+                                             step_weights));
 }
 
 

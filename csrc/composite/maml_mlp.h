@@ -13,17 +13,30 @@ enum class LossKind { kMse, kCrossEntropy };
 // (loss, param grads, lr grads), each list empty when not asked for
 using MetaGrad = std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>>;
 
+// The MAML++ options of the MAML ops (How to Train Your MAML): with per_step_lr, lr[i] holds one rate per inner
+// step ([inner_steps]); weights[s] is the weight of the query loss after inner step s + 1 in the meta-loss (the
+// multi-step loss; given as an empty list, the last step's loss alone, weight 1).
+struct Schedule {
+  bool per_step_lr = false;
+  std::vector<double> weights;
+};
+
 // The loss argument, checked, and every other argument (ValueError / TypeError naming it).
 LossKind maml_loss_kind(c10::string_view loss_name, const char* op = "maml_mlp_meta_grad");
 void check_maml_args(at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
                      const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
-                     int64_t inner_steps, LossKind kind, int64_t first_adapted, const char* op = "maml_mlp_meta_grad");
+                     int64_t inner_steps, LossKind kind, int64_t first_adapted, const char* op = "maml_mlp_meta_grad",
+                     bool per_step_lr = false);
+// per_step_lr and step_weights, checked against inner_steps, as a Schedule.
+Schedule make_schedule(bool per_step_lr, c10::ArrayRef<double> step_weights, int64_t inner_steps,
+                       const char* op = "maml_mlp_meta_grad");
 
 // maml_mlp_meta_grad through the dispatcher (the device's kernel).
 MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
                                  const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
                                  int64_t inner_steps, bool first_order, c10::string_view loss, int64_t first_adapted,
-                                 bool compute_grad, bool compute_lr_grad);
+                                 bool compute_grad, bool compute_lr_grad, bool per_step_lr,
+                                 c10::ArrayRef<double> step_weights);
 
 // The meta-step in batched ATen ops on any device, arguments already checked, for the tasks of
 // x_support..y_query, which are part of a meta-batch of total_tasks: the loss and gradients returned are their
@@ -31,7 +44,8 @@ MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const
 MetaGrad maml_mlp_meta_grad_aten(at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
                                  const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
                                  int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
-                                 bool compute_grad, bool compute_lr_grad, int64_t total_tasks);
+                                 bool compute_grad, bool compute_lr_grad, int64_t total_tasks,
+                                 const Schedule& schedule);
 
 // Reptile on an MLP: the loss of reptile_mlp_step_, and the arguments checked.
 LossKind check_reptile_args(at::TensorList params, const at::Tensor& x_support, const at::Tensor& y_support,

@@ -18,7 +18,7 @@ at::Tensor maml_mlp_meta_step(at::TensorList params, at::TensorList lr, at::Tens
                               const at::Tensor& x_support, const at::Tensor& y_support, const at::Tensor& x_query,
                               const at::Tensor& y_query, int64_t inner_steps, bool first_order, c10::string_view loss,
                               int64_t first_adapted, bool learn_lr, c10::string_view optimizer,
-                              c10::ArrayRef<double> settings) {
+                              c10::ArrayRef<double> settings, bool per_step_lr, c10::ArrayRef<double> step_weights) {
   const char* op = "maml_mlp_meta_step_";
   std::vector<at::Tensor> updated(params.begin(), params.end());
   if (learn_lr) {
@@ -28,7 +28,8 @@ at::Tensor maml_mlp_meta_step(at::TensorList params, at::TensorList lr, at::Tens
   }
   parse_optimizer(op, optimizer, settings, updated, grads, state);
   auto [value, param_grads, lr_grads] = call_maml_mlp_meta_grad(
-      params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss, first_adapted, true, learn_lr);
+      params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss, first_adapted, true, learn_lr,
+      per_step_lr, step_weights);
   param_grads.insert(param_grads.end(), lr_grads.begin(), lr_grads.end());
   for (size_t i = 0; i < updated.size(); ++i) grads[i].copy_(param_grads[i]);
   call_optimizer_step(updated, grads, state, optimizer, settings);

@@ -49,8 +49,10 @@ struct Problem {
   bool reptile = false;
   std::vector<int64_t> in, out;                // per layer
   std::vector<const T*> weight, weight_t, bias;  // the meta-parameters; weight_t: W^T [I,O]
-  std::vector<const T*> rate;                   // per param: its learning rate
+  std::vector<const T*> rate;                   // per param: its learning rate (at step 0)
   std::vector<char> rate_per_element;           // per param: rate shaped like it, or one number
+  int64_t rate_step_stride = 0;                 // 1 when each inner step has its own rate (per_step_lr)
+  std::vector<double> weights;                  // per step: the weight of the query loss after it
   std::vector<size_t> rate_slot;                // per param: which lr tensor (for the rates' gradient)
   const T *x_support, *x_query;
   const T *y_support, *y_query;                // mse targets
@@ -144,9 +146,14 @@ class TaskKernel {
       }
       return;
     }
-    // First order without rate gradients needs no sweep.
+    // First order without rate gradients needs no sweep: the weighted query gradients add up.
     const bool sweep = !p.first_order || p.compute_lr_grad;
-    if (!query_pass(t, sweep, share) || !sweep) return;
+    if (!query_pass(t, p.steps, sweep, false, share) || !sweep) {
+      for (int64_t s = p.steps - 1; s >= 1; --s) {
+        if (p.weights[s - 1] != 0) query_pass(t, s, sweep, true, share);
+      }
+      return;
+    }
     reverse_sweep(t, share);
     if (!p.compute_grad) return;
     for (int64_t l = p.first_adapted; l < p.layers; ++l) {
@@ -186,19 +193,19 @@ class TaskKernel {
         }
       }
       for (int64_t l = fa; l < L; ++l) {
-        times_rate(w_[(s + 1) * L + l], weight(s, l), g_[s * L + l], 2 * l, p.out[l] * p.in[l]);
-        times_rate(b_[(s + 1) * L + l], bias(s, l), gb_[s * L + l], 2 * l + 1, p.out[l]);
+        times_rate(w_[(s + 1) * L + l], weight(s, l), g_[s * L + l], s, 2 * l, p.out[l] * p.in[l]);
+        times_rate(b_[(s + 1) * L + l], bias(s, l), gb_[s * L + l], s, 2 * l + 1, p.out[l]);
         transpose(wt_[(s + 1) * L + l], w_[(s + 1) * L + l], p.out[l], p.in[l]);
       }
     }
   }
 
-  // The query pass at the adapted weights, its loss (the task's share of the mean) and its gradient: per task
-  // into v for the adapted layers when the sweep follows, summed into the share otherwise. False when no
-  // gradient is wanted.
-  bool query_pass(const Task& t, bool sweep, Share<T>& share) {
+  // The query pass at inner step `step`'s weights, its weighted loss (the task's share of the mean) and its
+  // gradient: per task into v for the adapted layers when the sweep follows (added to v when accumulate), summed
+  // into the share otherwise. False when no gradient is wanted.
+  bool query_pass(const Task& t, int64_t step, bool sweep, bool accumulate, Share<T>& share) {
     const Problem<T>& p = p_;
-    const int64_t L = p.layers, S = p.steps, Q = p.query, fa = p.first_adapted, C = p.out[L - 1];
+    const int64_t L = p.layers, S = step, Q = p.query, fa = p.first_adapted, C = p.out[L - 1];
     for (int64_t l = 0; l < L; ++l) {
       T* z = l + 1 < L ? qact_[l + 1] : logits_;
       mm(z, l == 0 ? t.xq : qact_[l], weight_t(S, l), Q, p.in[l], p.out[l], Start::kRow, bias(S, l));
@@ -206,17 +213,16 @@ class TaskKernel {
     }
     T* qd = qd_;
     T* qe = qe_;
-    share.loss +=
-        loss_and_grad(p.kind, logits_, t.yq, t.lq, Q, C, 1.0 / static_cast<double>(p.total_tasks), qd, query_probs_);
+    const double scale = p.weights[step - 1] / static_cast<double>(p.total_tasks);
+    share.loss += loss_and_grad(p.kind, logits_, t.yq, t.lq, Q, C, scale, qd, query_probs_);
     if (!p.compute_grad && !p.compute_lr_grad) return false;
     const int64_t query_stop = p.compute_grad ? 0 : fa;
     for (int64_t l = L - 1; l >= query_stop; --l) {
       const T* a = l == 0 ? t.xq : qact_[l];
       const bool per_task = sweep && l >= fa;
-      mm_tn(per_task ? v_[l] : share.grads[2 * l].data(), qd, a, Q, p.out[l], p.in[l],
-            per_task ? Start::kZero : Start::kKeep);
-      column_sums(per_task ? vb_[l] : share.grads[2 * l + 1].data(), qd, Q, p.out[l],
-                  per_task ? Start::kZero : Start::kKeep);
+      const Start start = per_task && !accumulate ? Start::kZero : Start::kKeep;
+      mm_tn(per_task ? v_[l] : share.grads[2 * l].data(), qd, a, Q, p.out[l], p.in[l], start);
+      column_sums(per_task ? vb_[l] : share.grads[2 * l + 1].data(), qd, Q, p.out[l], start);
       if (l > query_stop) {
         mm(qe, qd, weight(S, l), Q, p.out[l], p.in[l], Start::kZero);
         mask(qe, qact_[l], Q * p.in[l]);
@@ -227,51 +233,59 @@ class TaskKernel {
   }
 
   // The reverse sweep over the inner steps: rate gradients, and v_s = v_{s+1} - H_s (lr * v_{s+1}) by a tangent
-  // forward and backward pass (the body's share of H u goes straight into the share's gradients).
+  // forward and backward pass (the body's share of H u goes straight into the share's gradients), plus the
+  // weighted query gradient at step s's weights under a multi-step loss.
   void reverse_sweep(const Task& t, Share<T>& share) {
     const Problem<T>& p = p_;
-    const int64_t L = p.layers, K = p.support, fa = p.first_adapted, C = p.out[L - 1];
-    const int64_t hessian_stop = p.compute_grad ? 0 : fa;
+    const int64_t L = p.layers, fa = p.first_adapted;
     for (int64_t s = p.steps - 1; s >= 0; --s) {
       if (p.compute_lr_grad) {
         // d lr -= g_s * v_{s+1}, summed to the rate's shape
         for (int64_t l = fa; l < L; ++l) {
-          rate_grad(share, 2 * l, g_[s * L + l], v_[l], p.out[l] * p.in[l]);
-          rate_grad(share, 2 * l + 1, gb_[s * L + l], vb_[l], p.out[l]);
+          rate_grad(share, 2 * l, s, g_[s * L + l], v_[l], p.out[l] * p.in[l]);
+          rate_grad(share, 2 * l + 1, s, gb_[s * L + l], vb_[l], p.out[l]);
         }
       }
       // the Hessian term at step 0 only feeds the parameters' gradient
-      if (p.first_order || (s == 0 && !p.compute_grad)) continue;
-      // direction u = lr * v on the adapted layers
-      for (int64_t l = fa; l < L; ++l) {
-        times_rate(u_[l], v_[l], nullptr, 2 * l, p.out[l] * p.in[l]);
-        times_rate(ub_[l], vb_[l], nullptr, 2 * l + 1, p.out[l]);
-        transpose(ut_[l], u_[l], p.out[l], p.in[l]);
-      }
-      // tangent forward: r z_l = a_l U_l^T + ub_l + r a_l W_l^T, r a_{l+1} = r z_l masked
-      for (int64_t l = fa; l < L; ++l) {
-        T* rz = l + 1 < L ? ra_[l + 1] : rz_;
-        mm(rz, input(t, s, l), ut_[l], K, p.in[l], p.out[l], Start::kRow, ub_[l]);
-        if (l > fa) mm(rz, ra_[l], weight_t(s, l), K, p.in[l], p.out[l], Start::kKeep);
-        if (l + 1 < L) mask(rz, act_[s * L + l + 1], K * p.out[l]);
-      }
-      T* rd = rd_;
-      T* re = re_;
-      loss_hessian_times(p.kind, rz_, probs_[s], K, C, rd);
-      // tangent backward: H u = (rd_l^T a_l + d_l^T r a_l, sum rd_l) per layer
-      for (int64_t l = L - 1; l >= hessian_stop; --l) {
-        mm_tn(hw_, rd, input(t, s, l), K, p.out[l], p.in[l], Start::kZero);
-        if (l > fa) mm_tn(hw_, delta_[s * L + l], ra_[l], K, p.out[l], p.in[l], Start::kKeep);
-        column_sums(hb_, rd, K, p.out[l], Start::kZero);
-        const bool adapted = l >= fa;
-        subtract(adapted ? v_[l] : share.grads[2 * l].data(), hw_, p.out[l] * p.in[l]);
-        subtract(adapted ? vb_[l] : share.grads[2 * l + 1].data(), hb_, p.out[l]);
-        if (l > hessian_stop) {
-          mm(re, rd, weight(s, l), K, p.out[l], p.in[l], Start::kZero);
-          if (adapted) mm(re, delta_[s * L + l], u_[l], K, p.out[l], p.in[l], Start::kKeep);
-          mask(re, act_[s * L + l], K * p.in[l]);
-          std::swap(rd, re);
-        }
+      if (!p.first_order && (s > 0 || p.compute_grad)) hessian_step(t, s, share);
+      if (s > 0 && p.weights[s - 1] != 0) query_pass(t, s, true, true, share);
+    }
+  }
+
+  // v_s = v_{s+1} - H_s (lr * v_{s+1}), the body's share of H u into the share's gradients.
+  void hessian_step(const Task& t, int64_t s, Share<T>& share) {
+    const Problem<T>& p = p_;
+    const int64_t L = p.layers, K = p.support, fa = p.first_adapted, C = p.out[L - 1];
+    const int64_t hessian_stop = p.compute_grad ? 0 : fa;
+    // direction u = lr * v on the adapted layers
+    for (int64_t l = fa; l < L; ++l) {
+      times_rate(u_[l], v_[l], nullptr, s, 2 * l, p.out[l] * p.in[l]);
+      times_rate(ub_[l], vb_[l], nullptr, s, 2 * l + 1, p.out[l]);
+      transpose(ut_[l], u_[l], p.out[l], p.in[l]);
+    }
+    // tangent forward: r z_l = a_l U_l^T + ub_l + r a_l W_l^T, r a_{l+1} = r z_l masked
+    for (int64_t l = fa; l < L; ++l) {
+      T* rz = l + 1 < L ? ra_[l + 1] : rz_;
+      mm(rz, input(t, s, l), ut_[l], K, p.in[l], p.out[l], Start::kRow, ub_[l]);
+      if (l > fa) mm(rz, ra_[l], weight_t(s, l), K, p.in[l], p.out[l], Start::kKeep);
+      if (l + 1 < L) mask(rz, act_[s * L + l + 1], K * p.out[l]);
+    }
+    T* rd = rd_;
+    T* re = re_;
+    loss_hessian_times(p.kind, rz_, probs_[s], K, C, rd);
+    // tangent backward: H u = (rd_l^T a_l + d_l^T r a_l, sum rd_l) per layer
+    for (int64_t l = L - 1; l >= hessian_stop; --l) {
+      mm_tn(hw_, rd, input(t, s, l), K, p.out[l], p.in[l], Start::kZero);
+      if (l > fa) mm_tn(hw_, delta_[s * L + l], ra_[l], K, p.out[l], p.in[l], Start::kKeep);
+      column_sums(hb_, rd, K, p.out[l], Start::kZero);
+      const bool adapted = l >= fa;
+      subtract(adapted ? v_[l] : share.grads[2 * l].data(), hw_, p.out[l] * p.in[l]);
+      subtract(adapted ? vb_[l] : share.grads[2 * l + 1].data(), hb_, p.out[l]);
+      if (l > hessian_stop) {
+        mm(re, rd, weight(s, l), K, p.out[l], p.in[l], Start::kZero);
+        if (adapted) mm(re, delta_[s * L + l], u_[l], K, p.out[l], p.in[l], Start::kKeep);
+        mask(re, act_[s * L + l], K * p.in[l]);
+        std::swap(rd, re);
       }
     }
   }
@@ -282,9 +296,11 @@ class TaskKernel {
   const T* weight_t(int64_t s, int64_t l) const { return own(s, l) ? wt_[s * p_.layers + l] : p_.weight_t[l]; }
   const T* bias(int64_t s, int64_t l) const { return own(s, l) ? b_[s * p_.layers + l] : p_.bias[l]; }
 
-  // out = x - rate * g (the SGD step), or out = rate * x (the direction of a Hessian product, g null)
-  void times_rate(T* __restrict out, const T* __restrict x, const T* __restrict g, int64_t param, int64_t n) const {
-    const T* rate = p_.rate[param];
+  // out = x - rate * g (the SGD step at inner step s), or out = rate * x (the direction of a Hessian product, g
+  // null)
+  void times_rate(T* __restrict out, const T* __restrict x, const T* __restrict g, int64_t s, int64_t param,
+                  int64_t n) const {
+    const T* rate = p_.rate[param] + s * p_.rate_step_stride;
     const int64_t stride = p_.rate_per_element[param] ? 1 : 0;
     if (g == nullptr) {
       for (int64_t i = 0; i < n; ++i) out[i] = rate[i * stride] * x[i];
@@ -292,8 +308,8 @@ class TaskKernel {
       for (int64_t i = 0; i < n; ++i) out[i] = x[i] - rate[i * stride] * g[i];
     }
   }
-  void rate_grad(Share<T>& share, int64_t param, const T* g, const T* v, int64_t n) const {
-    T* out = share.lr_grads[p_.rate_slot[param]].data();
+  void rate_grad(Share<T>& share, int64_t param, int64_t s, const T* g, const T* v, int64_t n) const {
+    T* out = share.lr_grads[p_.rate_slot[param]].data() + s * p_.rate_step_stride;
     if (p_.rate_per_element[param]) {
       for (int64_t i = 0; i < n; ++i) out[i] -= g[i] * v[i];
       return;
@@ -362,21 +378,23 @@ METALEARN_FAST_END_AVX2
 // (a 512x512 MLP with 64 rows a task) run faster as the composite's batched GEMMs.
 constexpr int64_t kFewRows = 8;
 
-bool takes_task_kernel(at::TensorList params, at::TensorList lr, const Tensor& x_support, const Tensor& x_query) {
+bool takes_task_kernel(at::TensorList params, at::TensorList lr, const Tensor& x_support, const Tensor& x_query,
+                       bool per_step_lr) {
   if (!cpu_has_avx2_fma()) return false;
   const auto dtype = params[0].scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return false;
   bool small = true;
   for (size_t i = 0; i < params.size(); i += 2) small = small && params[i].numel() <= kMaxSmallLayer;
   if (!small && std::max(x_support.size(1), x_query.size(1)) > kFewRows) return false;
-  return lr.size() == params.size() || lr[0].dim() == 0;
+  return lr.size() == params.size() || lr[0].dim() == 0 || per_step_lr;
 }
 
 template <typename T>
 MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, const Tensor& x_support,
                                const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
                                int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
-                               bool compute_grad, bool compute_lr_grad, bool reptile = false) {
+                               bool compute_grad, bool compute_lr_grad, const Schedule& schedule,
+                               bool reptile = false) {
   std::vector<Tensor> params, weight_t, lr;
   for (const auto& t : params_in) params.push_back(t.contiguous());
   for (const auto& t : lr_in) lr.push_back(t.contiguous());
@@ -395,6 +413,8 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
   p.compute_grad = compute_grad;
   p.compute_lr_grad = compute_lr_grad;
   p.reptile = reptile;
+  p.rate_step_stride = schedule.per_step_lr ? 1 : 0;
+  p.weights = schedule.weights;
   for (int64_t l = 0; l < layers; ++l) {
     const Tensor& w = params[2 * l];
     weight_t.push_back(w.t().contiguous());
@@ -407,7 +427,7 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
   for (size_t i = 0; i < params.size(); ++i) {
     const size_t slot = lr.size() == 1 ? 0 : i;
     p.rate.push_back(lr[slot].const_data_ptr<T>());
-    p.rate_per_element.push_back(lr[slot].dim() > 0);
+    p.rate_per_element.push_back(!schedule.per_step_lr && lr[slot].dim() > 0);
     p.rate_slot.push_back(slot);
   }
   p.x_support = xs.const_data_ptr<T>();
@@ -445,7 +465,7 @@ constexpr int64_t kCpuChunkBytes = 1 << 20;
 MetaGrad meta_grad_in_chunks(at::TensorList params, at::TensorList lr, const Tensor& x_support,
                              const Tensor& y_support, const Tensor& x_query, const Tensor& y_query, int64_t inner_steps,
                              bool first_order, LossKind kind, int64_t first_adapted, bool compute_grad,
-                             bool compute_lr_grad) {
+                             bool compute_lr_grad, const Schedule& schedule) {
   const int64_t tasks = x_support.size(0);
   int64_t bytes_per_task = 0;
   for (const auto& p : params) bytes_per_task += p.numel() * p.element_size();
@@ -462,7 +482,8 @@ MetaGrad meta_grad_in_chunks(at::TensorList params, at::TensorList lr, const Ten
       const int64_t start = c * chunk, n = std::min(chunk, tasks - start);
       shares[c] = maml_mlp_meta_grad_aten(params, lr, x_support.narrow(0, start, n), y_support.narrow(0, start, n),
                                           x_query.narrow(0, start, n), y_query.narrow(0, start, n), inner_steps,
-                                          first_order, kind, first_adapted, compute_grad, compute_lr_grad, tasks);
+                                          first_order, kind, first_adapted, compute_grad, compute_lr_grad, tasks,
+                                          schedule);
     }
   });
   MetaGrad total = std::move(shares[0]);
@@ -478,19 +499,23 @@ MetaGrad meta_grad_in_chunks(at::TensorList params, at::TensorList lr, const Ten
 MetaGrad maml_mlp_meta_grad_cpu(at::TensorList params, at::TensorList lr, const Tensor& x_support,
                                 const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
                                 int64_t inner_steps, bool first_order, c10::string_view loss_name,
-                                int64_t first_adapted, bool compute_grad, bool compute_lr_grad) {
+                                int64_t first_adapted, bool compute_grad, bool compute_lr_grad, bool per_step_lr,
+                                c10::ArrayRef<double> step_weights) {
   const LossKind kind = maml_loss_kind(loss_name);
-  check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted);
+  check_maml_args(params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted,
+                  "maml_mlp_meta_grad", per_step_lr);
+  const Schedule schedule = make_schedule(per_step_lr, step_weights, inner_steps);
 #ifdef METALEARN_FAST_SMALL_KERNELS
-  if (takes_task_kernel(params, lr, x_support, x_query)) {
+  if (takes_task_kernel(params, lr, x_support, x_query, per_step_lr)) {
     return AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "maml_mlp_meta_grad_cpu", [&] {
       return task_kernel_meta_grad<scalar_t>(params, lr, x_support, y_support, x_query, y_query, inner_steps,
-                                             first_order, kind, first_adapted, compute_grad, compute_lr_grad);
+                                             first_order, kind, first_adapted, compute_grad, compute_lr_grad,
+                                             schedule);
     });
   }
 #endif
   return meta_grad_in_chunks(params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, kind,
-                             first_adapted, compute_grad, compute_lr_grad);
+                             first_adapted, compute_grad, compute_lr_grad, schedule);
 }
 
 // reptile_mlp_step_ on the CPU: the per-task kernel's inner loop where it applies, else the composite's.
@@ -499,10 +524,11 @@ Tensor reptile_mlp_step_cpu(at::TensorList params, const Tensor& x_support, cons
   const LossKind kind = check_reptile_args(params, x_support, y_support, inner_steps, loss_name);
   const Tensor rate = at::scalar_tensor(inner_lr, params[0].options());
 #ifdef METALEARN_FAST_SMALL_KERNELS
-  if (takes_task_kernel(params, rate, x_support, x_support)) {
+  if (takes_task_kernel(params, rate, x_support, x_support, false)) {
+    const Schedule schedule = make_schedule(false, {}, inner_steps, "reptile_mlp_step_");
     auto [loss, means, unused] = AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "reptile_mlp_step_cpu", [&] {
       return task_kernel_meta_grad<scalar_t>(params, rate, x_support, y_support, x_support, y_support, inner_steps,
-                                             true, kind, 0, true, false, /*reptile=*/true);
+                                             true, kind, 0, true, false, schedule, /*reptile=*/true);
     });
     return reptile_update_(params, means, outer_lr, loss);
   }

@@ -109,11 +109,9 @@ class MAML(_TaskBatchedLearner):
         """Mean over tasks of the query loss after adapting on the support set (with a multi-step loss, the
         weighted sum over inner steps of those means): a scalar, differentiable w.r.t. ``maml.parameters()``."""
         self._check_batch(batch)
-        plus_path = self.plus is not None and self.plus.needs_python_path
+        if self.plan.kind == "fused":  # an MLP: no BatchNorm, so no per-step BatchNorm either
+            return _fused_meta_loss(self, batch)
         weights = self.plus.loss_weights() if self.plus is not None and self.plus.multi_step else None
-        if self.plan.kind == "fused" and not plus_path:  # the multi-step loss: one fused call per weighted count
-            return torch.stack([w * _fused_meta_loss(self, batch, k + 1) for k, w in enumerate(weights) if w > 0]
-                               ).sum() if weights else _fused_meta_loss(self, batch)
         if self.plan.uses_func_grad and not self._first_order() and self.plus is None:
             return _func_grad_meta_loss(self, batch)
         terms = []
@@ -238,35 +236,45 @@ def _fused_update(maml: MAML, optimizer: torch.optim.Optimizer) -> Union[FusedUp
     """The optimizer's update as the fused meta-step applies it, or why it cannot (a 'python: ...' sentence)."""
     if maml.plan.kind != "fused":
         return "python: the model is not an MLP with a built-in loss"
-    if maml.learn_inner_lr and maml.adapt_head_only:
-        return "python: Meta-SGD with ANIL learns rates for the head only"
-    if maml.plus is not None and maml.plus.needs_python_path:
-        return "python: per-step rates, per-step BatchNorm and the multi-step loss run on the batched path"
-    if maml.plus is not None and maml.plus.step_inner_lrs is not None:
-        return "python: the per-step rates are learned through meta_loss (the fused op, one inner step), then step"
-    if maml.plus is not None and maml.plus.multi_step and sum(w > 0 for w in maml.plus.loss_weights()) > 1:
-        return "python: the multi-step loss sums the fused op's meta-losses, then steps"
-    return maml._updates.get(optimizer, maml._meta_parameters() + list(maml.inner_lrs or []))
+    learned = _learned_rates(maml)
+    if learned and maml.adapt_head_only:
+        return "python: learned rates with ANIL are the head's only"
+    return maml._updates.get(optimizer, maml._meta_parameters() + learned)
 
 
-def _fused_rates(maml: MAML, like: Tensor) -> list[Tensor]:
-    """The learned rates (Meta-SGD), else inner_lr as a 0-dim tensor of like's dtype and device, made once."""
-    if maml.inner_lrs is not None:
-        return list(maml.inner_lrs)
+def _learned_rates(maml: MAML) -> list[Tensor]:
+    """The learned inner rates, one tensor per adapted parameter: Meta-SGD's or LSLR's ([inner_steps] each)."""
+    rates = maml.inner_lrs
+    if rates is None and maml.plus is not None:
+        rates = maml.plus.step_inner_lrs
+    return [] if rates is None else list(rates.parameters(recurse=False))  # (iterating a ParameterList is slower)
+
+
+def _per_step(maml: MAML) -> tuple[bool, list[float]]:
+    """The fused ops' MAML++ arguments: (per_step_lr, step_weights)."""
+    if maml.plus is None:
+        return False, []
+    return maml.plus.step_inner_lrs is not None, maml.plus.loss_weights() if maml.plus.multi_step else []
+
+
+def _fused_rate(maml: MAML, like: Tensor) -> Tensor:
+    """inner_lr as a 0-dim tensor of like's dtype and device, made once."""
     if getattr(maml, "_rate_key", None) != (maml.inner_lr, like.dtype, like.device):
         maml._rate_key, maml._rate = (maml.inner_lr, like.dtype, like.device), _number_as_rate(maml.inner_lr, like)
-    return [maml._rate]
+    return maml._rate
 
 
-def _fused_meta_loss(maml: MAML, batch: TaskBatch, steps: Optional[int] = None) -> Tensor:
-    """MAML.meta_loss as one op (ops.maml_mlp_loss): inner loop (``steps``, default inner_steps) and analytic
-    meta-gradient."""
+def _fused_meta_loss(maml: MAML, batch: TaskBatch) -> Tensor:
+    """MAML.meta_loss as one op (ops.maml_mlp_loss): inner loop and analytic meta-gradient, the MAML++ per-step
+    rates and multi-step loss included."""
     parameters = maml._meta_parameters()
-    learned = maml.inner_lrs if maml.inner_lrs is not None else maml.plus.rates(0, None) if maml.plus is not None else None
-    if learned is None:
-        rates: Union[Tensor, list[Tensor]] = _fused_rates(maml, parameters[0])[0]
-    else:  # one rate tensor per parameter (Meta-SGD's, or LSLR's for the one step); ANIL leaves the body's unused
-        rates = [torch.zeros((), dtype=p.dtype, device=p.device) for p in parameters]
+    learned = _learned_rates(maml)
+    per_step_lr, step_weights = _per_step(maml)
+    if not learned:
+        rates: Union[Tensor, list[Tensor]] = _fused_rate(maml, parameters[0])
+    else:  # one rate tensor per parameter (Meta-SGD's, LSLR's); ANIL leaves the body's unused
+        shape = (maml.inner_steps,) if per_step_lr else ()
+        rates = [torch.zeros(shape, dtype=p.dtype, device=p.device) for p in parameters]
         for i, rate in zip(maml._adapted_indices, learned):
             rates[i] = rate
     outputs = parameters[-2].shape[0]
@@ -274,21 +282,24 @@ def _fused_meta_loss(maml: MAML, batch: TaskBatch, steps: Optional[int] = None) 
                                 (batch.x_query, batch.y_query, "y_query", batch.largest_labels[1])):
         maml._check_target((*x.shape[:2], outputs), y, name, largest)
     return maml_mlp_loss(parameters, rates, batch.x_support, batch.y_support, batch.x_query, batch.y_query,
-                         inner_steps=steps or maml.inner_steps, first_order=maml._first_order(), loss=maml.loss,
-                         first_adapted_layer=maml._first_adapted_layer)
+                         inner_steps=maml.inner_steps, first_order=maml._first_order(), loss=maml.loss,
+                         first_adapted_layer=maml._first_adapted_layer, per_step_lr=per_step_lr,
+                         step_weights=step_weights)
 
 
 def _fused_meta_step(maml: MAML, batch: TaskBatch, update: FusedUpdate) -> Tensor:
     """MAML.meta_step as one op: ops.maml_mlp_meta_step_ (meta-loss, meta-gradient into .grad, optimizer update)."""
-    params = update.tensors[: len(update.tensors) - (len(maml.inner_lrs) if maml.learn_inner_lr else 0)]
+    learned = _learned_rates(maml)
+    params = update.tensors[: len(update.tensors) - len(learned)]
     maml._check_batch(batch, params[0])
     maml._check_labels(batch, params[-2].shape[0])
     grads, state, settings = update.arguments()
+    per_step_lr, step_weights = _per_step(maml)
     with torch.no_grad():
         loss = maml_mlp_meta_step_(
-            params, _fused_rates(maml, params[0]), grads, state, batch.x_support, batch.y_support, batch.x_query,
-            batch.y_query, maml.inner_steps, maml._first_order(), maml.loss, maml._first_adapted_layer,
-            maml.learn_inner_lr, update.kind, settings)
+            params, learned or [_fused_rate(maml, params[0])], grads, state, batch.x_support, batch.y_support,
+            batch.x_query, batch.y_query, maml.inner_steps, maml._first_order(), maml.loss, maml._first_adapted_layer,
+            bool(learned), update.kind, settings, per_step_lr, step_weights)
     update.finish(state)
     return loss
 

@@ -116,12 +116,6 @@ class StepOptions(nn.Module):
         self.taken += 1
 
     @property
-    def needs_python_path(self) -> bool:
-        """Whether the fused MLP op cannot run these options. It takes the derivative order, the multi-step loss (one
-        call per weighted step count) and, with one inner step, the per-step rates (one 0-dim rate per parameter)."""
-        return self.step_norms is not None or (self.steps > 1 and self.step_inner_lrs is not None)
-
-    @property
     def multi_step(self) -> bool:
         return self.fixed_weights is not None or self.anneal_steps is not None
 
