@@ -314,9 +314,7 @@ class TaskKernel {
       for (int64_t i = 0; i < n; ++i) out[i] -= g[i] * v[i];
       return;
     }
-    T total = 0;
-    for (int64_t i = 0; i < n; ++i) total += g[i] * v[i];
-    out[0] -= total;
+    out[0] -= dot(g, v, n);
   }
   static void add(T* __restrict out, const T* __restrict x, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] += x[i];

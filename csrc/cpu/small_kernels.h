@@ -214,6 +214,22 @@ void column_sums(T* __restrict out, const T* __restrict d, int64_t R, int64_t N,
   }
 }
 
+// sum_i a[i] * b[i] in kLanes independent partial sums, added in a fixed order: the loop vectorizes (one
+// running sum would chain every addition to the one before), and the result is the same on every call.
+template <typename T>
+T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  T partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) partial[j] += a[i + j] * b[i + j];
+  }
+  T total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += partial[j];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
 // x = 0 where the ReLU output a is not positive (its derivative)
 template <typename T>
 void mask(T* __restrict x, const T* __restrict a, int64_t n) {
