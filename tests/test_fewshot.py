@@ -2,6 +2,7 @@
 meta-train classes only, one-line errors with exit status 2, and an end-to-end run in which MAML beats a random
 init and whose saved model reproduces its recorded accuracy. All data is generated here."""
 import json
+import math
 
 import numpy as np
 import pytest
@@ -151,6 +152,31 @@ def test_normalisation_comes_from_the_meta_train_classes_only(tmp_path):
     # the test classes' images leave the statistics alone
     data.x[torch.isin(data.y, torch.tensor(split["test"]))] = 1.0
     assert torch.equal(fewshot.Run(config, data, split).maml.model[0].mean, standardize.mean)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_each_methods_learning_rate_follows_the_schedule_over_its_own_steps(tmp_path, schedule):
+    """--lr-schedule cosine (the default) anneals MAML's and the baseline's Adam rates to zero over their own
+    step counts, lr_t = lr (1 + cos(pi t / T)) / 2, written out here; constant leaves them."""
+    write_images(tmp_path / "data", {f"k{i}": 4 for i in range(9)})
+    options = {"data": str(tmp_path / "data"), "ways": 2, "shots": 1, "query": 1, "meta_steps": 6,
+               "meta_lr": 0.01, "quick": True}
+    if schedule == "constant":
+        options["lr_schedule"] = "constant"
+    config = fewshot.config_from_options(options)
+    assert config.lr_schedule == schedule
+    data, split = fewshot.prepare(config)
+    job = fewshot.Run(config, data, split)
+    for name, step, next_batch, optimizer, total in (
+            ("maml", job.meta_step, lambda: job.tasks.sample(config.meta_batch), job.maml_optimizer, 6),
+            ("pretrain", job.pretrain_step, job.next_examples, job.pretrain_optimizer, config.pretrain_steps())):
+        before = [p.detach().clone() for group in optimizer.param_groups for p in group["params"]]
+        for t in range(1, total + 1):
+            step(next_batch())
+            expected = 0.01 * (1 + math.cos(math.pi * t / total)) / 2 if schedule == "cosine" else 0.01
+            assert optimizer.param_groups[0]["lr"] == pytest.approx(expected, abs=1e-12), (name, t)
+        after = [p for group in optimizer.param_groups for p in group["params"]]
+        assert any(not torch.equal(a, b) for a, b in zip(before, after))  # the steps trained
 
 
 ERRORS = {  # a case: (what to write into tmp_path, extra options, the words the one-line error must hold)

@@ -52,6 +52,7 @@ class Config:
     inner_steps: int = 1
     inner_lr: float = 0.4
     meta_lr: float = 1e-3
+    lr_schedule: str = "cosine"
     first_order: bool = False
     meta_sgd: bool = False
     maml_plus: bool = False
@@ -96,6 +97,9 @@ OPTIONS = [  # flag, type (None: a switch), default, help
     ("--inner-steps", options.positive_int, 1, "inner SGD steps during meta-training (default 1)"),
     ("--inner-lr", options.positive_float, 0.4, "inner SGD learning rate, for every method (default 0.4)"),
     ("--meta-lr", options.positive_float, 1e-3, "Adam learning rate of meta-training and pretraining (default 0.001)"),
+    ("--lr-schedule", options.choice("cosine", "constant"), "cosine", "that learning rate over training: cosine "
+     "annealing to zero (torch's CosineAnnealingLR, the last weights are then not a noisy late step's) or constant "
+     "(default cosine)"),
     ("--first-order", None, False, "first-order MAML (no second derivatives)"),
     ("--meta-sgd", None, False, "Meta-SGD: also learn one inner rate per weight"),
     ("--anil", None, False, "ANIL: the inner loop adapts the last layer only"),
@@ -224,6 +228,11 @@ class Run:
         self.pretrained[-1] = nn.Linear(self.pretrained[-1].in_features, len(train.class_names), device=self.device)
         self.maml_optimizer = torch.optim.Adam(self.maml.parameters(), lr=config.meta_lr)
         self.pretrain_optimizer = torch.optim.Adam(self.pretrained.parameters(), lr=config.meta_lr)
+        # --lr-schedule cosine: each method's Adam learning rate annealed to zero over its own steps
+        self.schedulers = {name: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
+                           for name, optimizer, steps in (("maml", self.maml_optimizer, config.meta_steps),
+                                                          ("pretrain", self.pretrain_optimizer, config.pretrain_steps()))
+                           } if config.lr_schedule == "cosine" else {}
         self.train_x, self.train_y = train.x.to(self.device), train.y.to(self.device)
         self.tasks = FewShotTasks(self.train_x, train.y, config.ways, config.shots, config.query, seed=config.seed)
         self.examples = torch.Generator().manual_seed(config.seed)
@@ -242,13 +251,23 @@ class Run:
                                        adapt_head_only=config.finetune == "head"),
                 "random_init": _learner(self.start_model, config)}
 
+    def meta_step(self, batch: TaskBatch) -> Tensor:
+        loss = self.maml.meta_step(batch, self.maml_optimizer)
+        self._scheduled("maml")
+        return loss
+
     def pretrain_step(self, index: Tensor) -> Tensor:
         optimizer = self.pretrain_optimizer
         optimizer.zero_grad(set_to_none=True)
         loss = F.cross_entropy(self.pretrained(self.train_x[index]), self.train_y[index])
         loss.backward()
         optimizer.step()
+        self._scheduled("pretrain")
         return loss.detach()
+
+    def _scheduled(self, phase: str) -> None:
+        if phase in self.schedulers:
+            self.schedulers[phase].step()
 
     def next_examples(self) -> Tensor:
         count = len(self.train_y)
@@ -298,7 +317,7 @@ def _run(config: Config, data: Dataset, split: dict, out: Path, command: Optiona
         return score if validating else None
 
     for name, method, step, next_batch, desc, label in (
-        ("maml", "maml", lambda batch: job.maml.meta_step(batch, job.maml_optimizer),
+        ("maml", "maml", job.meta_step,
          lambda: job.tasks.sample(config.meta_batch), "meta-training MAML", "meta-loss"),
         ("pretrain", "pretrained", job.pretrain_step, job.next_examples, "pretraining the baseline", "loss"),
     ):
@@ -441,7 +460,7 @@ def introduction(config: Config, data: Dataset, split: dict) -> str:
     return (f"metalearn-fast fewshot: {variant}, {config.ways}-way {config.shots}-shot ({config.query} query per class) "
             f"on {config.data}\n{len(data.y)} examples ({shape}) of {len(data.class_names)} classes: {sizes}; "
             f"model {config.model}, {config.inner_steps} inner step(s) of SGD lr {config.inner_lr}, Adam lr "
-            f"{config.meta_lr}, {config.meta_batch} tasks per meta-batch, {config.meta_steps} meta-steps; backend "
+            f"{config.meta_lr}{' (cosine-annealed)' if config.lr_schedule == 'cosine' else ''}, {config.meta_batch} tasks per meta-batch, {config.meta_steps} meta-steps; backend "
             f"{backend_info()['active']}, device {config.device}"
             f"{'' if config.device != 'cpu' else f', {config.threads} thread(s)'}, seed {config.seed}")
 
