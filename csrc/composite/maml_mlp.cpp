@@ -278,8 +278,8 @@ struct InnerLoop {
 };
 
 InnerLoop inner_loop(at::TensorList params, const std::vector<Tensor>& lr, const Schedule& schedule,
-                     const Tensor& x_support,
-                     const Tensor& y_support, LossKind kind, int64_t inner_steps, int64_t first_adapted) {
+                     const Tensor& x_support, const Tensor& y_support, LossKind kind, int64_t inner_steps,
+                     int64_t first_adapted) {
   const int64_t count = static_cast<int64_t>(params.size() / 2);
   InnerLoop loop{std::vector<std::vector<Layer>>(1), std::vector<Pass>(inner_steps, Pass(count)),
                  std::vector<std::vector<std::pair<Tensor, Tensor>>>(inner_steps), std::vector<Tensor>(inner_steps)};

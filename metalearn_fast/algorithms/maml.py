@@ -242,11 +242,16 @@ def _fused_update(maml: MAML, optimizer: torch.optim.Optimizer) -> Union[FusedUp
     return maml._updates.get(optimizer, maml._meta_parameters() + learned)
 
 
-def _learned_rates(maml: MAML) -> list[Tensor]:
+def _learned_rate_list(maml: MAML) -> Optional[nn.ParameterList]:
     """The learned inner rates, one tensor per adapted parameter: Meta-SGD's or LSLR's ([inner_steps] each)."""
-    rates = maml.inner_lrs
-    if rates is None and maml.plus is not None:
-        rates = maml.plus.step_inner_lrs
+    if maml.inner_lrs is not None:
+        return maml.inner_lrs
+    return maml.plus.step_inner_lrs if maml.plus is not None else None
+
+
+def _learned_rates(maml: MAML) -> list[Tensor]:
+    """_learned_rate_list's tensors ([] for none)."""
+    rates = _learned_rate_list(maml)
     return [] if rates is None else list(rates.parameters(recurse=False))  # (iterating a ParameterList is slower)
 
 
@@ -289,8 +294,9 @@ def _fused_meta_loss(maml: MAML, batch: TaskBatch) -> Tensor:
 
 def _fused_meta_step(maml: MAML, batch: TaskBatch, update: FusedUpdate) -> Tensor:
     """MAML.meta_step as one op: ops.maml_mlp_meta_step_ (meta-loss, meta-gradient into .grad, optimizer update)."""
-    learned = _learned_rates(maml)
-    params = update.tensors[: len(update.tensors) - len(learned)]
+    # the update's tensors are the model's parameters, then the learned rates (_fused_update)
+    split = len(update.tensors) - len(_learned_rate_list(maml) or ())
+    params, learned = update.tensors[:split], update.tensors[split:]
     maml._check_batch(batch, params[0])
     maml._check_labels(batch, params[-2].shape[0])
     grads, state, settings = update.arguments()

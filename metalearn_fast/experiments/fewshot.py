@@ -229,10 +229,10 @@ class Run:
         self.maml_optimizer = torch.optim.Adam(self.maml.parameters(), lr=config.meta_lr)
         self.pretrain_optimizer = torch.optim.Adam(self.pretrained.parameters(), lr=config.meta_lr)
         # --lr-schedule cosine: each method's Adam learning rate annealed to zero over its own steps
+        phases = (("maml", self.maml_optimizer, config.meta_steps),
+                  ("pretrain", self.pretrain_optimizer, config.pretrain_steps()))
         self.schedulers = {name: torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, steps)
-                           for name, optimizer, steps in (("maml", self.maml_optimizer, config.meta_steps),
-                                                          ("pretrain", self.pretrain_optimizer, config.pretrain_steps()))
-                           } if config.lr_schedule == "cosine" else {}
+                           for name, optimizer, steps in phases} if config.lr_schedule == "cosine" else {}
         self.train_x, self.train_y = train.x.to(self.device), train.y.to(self.device)
         self.tasks = FewShotTasks(self.train_x, train.y, config.ways, config.shots, config.query, seed=config.seed)
         self.examples = torch.Generator().manual_seed(config.seed)
@@ -457,11 +457,12 @@ def introduction(config: Config, data: Dataset, split: dict) -> str:
     if not split["validation"]:
         sizes += " (too few classes to spare --ways of them for meta-validation: validation is skipped, the last " \
                  "weights are scored)"
+    schedule = " (cosine-annealed)" if config.lr_schedule == "cosine" else ""
     return (f"metalearn-fast fewshot: {variant}, {config.ways}-way {config.shots}-shot ({config.query} query per class) "
             f"on {config.data}\n{len(data.y)} examples ({shape}) of {len(data.class_names)} classes: {sizes}; "
             f"model {config.model}, {config.inner_steps} inner step(s) of SGD lr {config.inner_lr}, Adam lr "
-            f"{config.meta_lr}{' (cosine-annealed)' if config.lr_schedule == 'cosine' else ''}, {config.meta_batch} tasks per meta-batch, {config.meta_steps} meta-steps; backend "
-            f"{backend_info()['active']}, device {config.device}"
+            f"{config.meta_lr}{schedule}, {config.meta_batch} tasks per meta-batch, {config.meta_steps} meta-steps; "
+            f"backend {backend_info()['active']}, device {config.device}"
             f"{'' if config.device != 'cpu' else f', {config.threads} thread(s)'}, seed {config.seed}")
 
 
