@@ -5,6 +5,10 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <cstring>
+#include <utility>
+#include <vector>
+
 #include "cpu/small_kernels.h"
 #include "metalearn_fast_build_info.h"
 
@@ -83,9 +87,140 @@ PyObject* linear_relu_unboxed(PyObject* /*module*/, PyObject* const* args, Py_ss
   END_HANDLE_TH_ERRORS
 }
 
+// The arguments of an unboxed entry point, read from Python objects; a wrong type raises TypeError naming the
+// argument (the Python wrappers pass the right types; these guard against misuse).
+struct Arguments {
+  const char* op;
+  PyObject* const* args;
+
+  [[noreturn]] void wrong(Py_ssize_t i, const char* name, const char* expected) const {
+    throw torch::TypeError(c10::str(op, ": argument ", i, " (", name, ") must be ", expected, ", got ",
+                                    Py_TYPE(args[i])->tp_name));
+  }
+  PyObject* const* items(Py_ssize_t i, const char* name, Py_ssize_t& size) const {
+    PyObject* obj = args[i];
+    if (PyList_Check(obj)) {
+      size = PyList_GET_SIZE(obj);
+      return &PyList_GET_ITEM(obj, 0);
+    }
+    if (PyTuple_Check(obj)) {
+      size = PyTuple_GET_SIZE(obj);
+      return &PyTuple_GET_ITEM(obj, 0);
+    }
+    wrong(i, name, "a list");
+  }
+  std::vector<at::Tensor> tensors(Py_ssize_t i, const char* name) const {
+    Py_ssize_t size = 0;
+    PyObject* const* item = items(i, name, size);
+    std::vector<at::Tensor> out;
+    out.reserve(size);
+    for (Py_ssize_t k = 0; k < size; ++k) {
+      if (!THPVariable_Check(item[k])) wrong(i, name, "a list of tensors");
+      out.push_back(THPVariable_Unpack(item[k]));
+    }
+    return out;
+  }
+  std::vector<double> numbers(Py_ssize_t i, const char* name) const {
+    Py_ssize_t size = 0;
+    PyObject* const* item = items(i, name, size);
+    std::vector<double> out(size);
+    for (Py_ssize_t k = 0; k < size; ++k) {
+      out[k] = PyFloat_AsDouble(item[k]);
+      if (out[k] == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        wrong(i, name, "a list of numbers");
+      }
+    }
+    return out;
+  }
+  const at::Tensor& tensor(Py_ssize_t i, const char* name) const {
+    if (!THPVariable_Check(args[i])) wrong(i, name, "a tensor");
+    return THPVariable_Unpack(args[i]);
+  }
+  int64_t integer(Py_ssize_t i, const char* name) const {
+    if (!PyLong_Check(args[i]) || PyBool_Check(args[i])) wrong(i, name, "an int");
+    return PyLong_AsLongLong(args[i]);
+  }
+  bool boolean(Py_ssize_t i, const char* name) const {
+    if (!PyBool_Check(args[i])) wrong(i, name, "a bool");
+    return args[i] == Py_True;
+  }
+  c10::string_view string(Py_ssize_t i, const char* name) const {
+    Py_ssize_t size = 0;
+    const char* text = PyUnicode_Check(args[i]) ? PyUnicode_AsUTF8AndSize(args[i], &size) : nullptr;
+    if (text == nullptr) wrong(i, name, "a str");
+    return c10::string_view(text, size);
+  }
+};
+
+// The GIL released for the length of a call (the op's worker threads do not need it).
+struct WithoutGil {
+  PyThreadState* state = PyEval_SaveThread();
+  ~WithoutGil() { PyEval_RestoreThread(state); }
+};
+
+// maml_mlp_meta_step_ called straight from Python (MAML.meta_step's fused path, once a meta-step): the
+// boxing of its 31 tensors by torch.ops cost about a tenth of the sinusoid's whole meta-step.
+PyObject* maml_mlp_meta_step_unboxed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* name = "maml_mlp_meta_step_";
+  if (nargs != 17) {
+    throw torch::TypeError(c10::str(name, ": expected 17 arguments, got ", nargs));
+  }
+  const Arguments a{name, args};
+  const std::vector<at::Tensor> params = a.tensors(0, "params"), lr = a.tensors(1, "lr");
+  const std::vector<at::Tensor> grads = a.tensors(2, "grads"), state = a.tensors(3, "state");
+  const std::vector<double> settings = a.numbers(14, "settings"), step_weights = a.numbers(16, "step_weights");
+  static auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("metalearn_fast::maml_mlp_meta_step_", "")
+          .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList, const at::Tensor&,
+                            const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, c10::string_view,
+                            int64_t, bool, c10::string_view, c10::ArrayRef<double>, bool, c10::ArrayRef<double>)>();
+  const at::Tensor &x_support = a.tensor(4, "x_support"), &y_support = a.tensor(5, "y_support");
+  const at::Tensor &x_query = a.tensor(6, "x_query"), &y_query = a.tensor(7, "y_query");
+  const int64_t inner_steps = a.integer(8, "inner_steps"), first_adapted = a.integer(11, "first_adapted_layer");
+  const bool first_order = a.boolean(9, "first_order"), learn_lr = a.boolean(12, "learn_lr");
+  const bool per_step_lr = a.boolean(15, "per_step_lr");
+  const c10::string_view loss = a.string(10, "loss"), optimizer = a.string(13, "optimizer");
+  at::Tensor value;
+  {
+    WithoutGil released;
+    value = op.call(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
+                    first_adapted, learn_lr, optimizer, settings, per_step_lr, step_weights);
+  }
+  return THPVariable_Wrap(std::move(value));
+  END_HANDLE_TH_ERRORS
+}
+
+// cpu_simd() -> str and set_cpu_simd(level: str) -> str (the level before): which hand-written CPU kernels
+// run ("none", "avx2", "avx512"; cpu/small_kernels.h), for backend_info and for tests that force each path.
+PyObject* cpu_simd_get(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyUnicode_FromString(metalearn_fast::cpu_simd_name(metalearn_fast::cpu_simd()));
+}
+
+PyObject* cpu_simd_set(PyObject* /*module*/, PyObject* level) {
+  HANDLE_TH_ERRORS
+  using metalearn_fast::CpuSimd;
+  const char* name = PyUnicode_Check(level) ? PyUnicode_AsUTF8(level) : nullptr;
+  for (CpuSimd candidate : {CpuSimd::kNone, CpuSimd::kAvx2, CpuSimd::kAvx512}) {
+    if (name != nullptr && std::strcmp(name, metalearn_fast::cpu_simd_name(candidate)) == 0) {
+      return PyUnicode_FromString(metalearn_fast::cpu_simd_name(metalearn_fast::set_cpu_simd(candidate)));
+    }
+  }
+  TORCH_CHECK_VALUE(false, "set_cpu_simd: level must be 'none', 'avx2' or 'avx512'");
+  END_HANDLE_TH_ERRORS
+}
+
 PyMethodDef methods[] = {
+    {"cpu_simd", cpu_simd_get, METH_NOARGS, "cpu_simd() -> str: which hand-written CPU kernels run"},
+    {"set_cpu_simd", cpu_simd_set, METH_O,
+     "set_cpu_simd(level) -> str: run the hand-written CPU kernels of 'none', 'avx2' or 'avx512' (at most the "
+     "CPU's); returns the level before"},
     {"linear_relu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(linear_relu_unboxed)), METH_FASTCALL,
      "linear_relu(x, weight, bias): the op without torch.ops' boxing (eager calls)"},
+    {"maml_mlp_meta_step_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(maml_mlp_meta_step_unboxed)),
+     METH_FASTCALL, "maml_mlp_meta_step_(...): the op without torch.ops' boxing (eager calls), all 17 arguments"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
@@ -104,6 +239,8 @@ extern "C" PyObject* PyInit__C(void) {
   PyModule_AddStringConstant(module, "CUDA_VERSION", METALEARN_FAST_CUDA_VERSION);
   PyModule_AddStringConstant(module, "NO_CUDA_REASON", METALEARN_FAST_NO_CUDA_REASON);
   PyModule_AddIntConstant(module, "CPU_TASK_KERNEL", metalearn_fast::cpu_has_avx2_fma());
+  PyModule_AddStringConstant(module, "CPU_SIMD_AVAILABLE",
+                             metalearn_fast::cpu_simd_name(metalearn_fast::cpu_simd_available()));
   PyModule_AddIntConstant(module, "CPU_TASK_KERNEL_MAX_LAYER", metalearn_fast::kMaxSmallLayer);
   return module;
 }

@@ -2,7 +2,8 @@
 
 METALEARN_FAST_BACKEND selects the backend: ``auto`` (default: the extension when it loads,
 else the pure-torch fallback with one warning), ``torch`` (always the fallback) or
-``extension`` (the extension or an ImportError).
+``extension`` (the extension or an ImportError). METALEARN_FAST_CPU_SIMD (``none``, ``avx2``, ``avx512``)
+lowers the instruction set of the extension's hand-written CPU kernels (default: the best the CPU has).
 """
 from __future__ import annotations
 
@@ -26,6 +27,15 @@ def requested_backend() -> str:
     return value
 
 
+CPU_SIMD = ("none", "avx2", "avx512")
+
+
+def _check_cpu_simd() -> None:
+    value = os.environ.get("METALEARN_FAST_CPU_SIMD", "")
+    if value and value not in CPU_SIMD:
+        raise ValueError(f"METALEARN_FAST_CPU_SIMD must be one of {', '.join(CPU_SIMD)}, got {value!r}")
+
+
 def load() -> Optional[ModuleType]:
     """The extension module, or None (with the reason kept for :func:`reason`)."""
     global _module, _reason, _loaded
@@ -33,6 +43,7 @@ def load() -> Optional[ModuleType]:
         return _module
     _loaded = True
     backend = requested_backend()
+    _check_cpu_simd()
     if backend == "torch":
         _reason = "METALEARN_FAST_BACKEND=torch selects the pure-torch fallback"
         return None

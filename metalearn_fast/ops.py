@@ -220,13 +220,25 @@ _sgd_step = torch.ops.metalearn_fast.sgd_step.default
 _sgd_step_inplace = torch.ops.metalearn_fast.sgd_step_.default
 optimizer_step_ = torch.ops.metalearn_fast.optimizer_step_.default
 mlp_train_epoch_ = torch.ops.metalearn_fast.mlp_train_epoch_.default
-maml_mlp_meta_step_ = torch.ops.metalearn_fast.maml_mlp_meta_step_.default
+_maml_mlp_meta_step = torch.ops.metalearn_fast.maml_mlp_meta_step_.default
 reptile_mlp_step_ = torch.ops.metalearn_fast.reptile_mlp_step_.default
 
 
-# Eager calls take the extension's unboxed entry point; torch.compile traces the registered op.
+# Eager calls take the extension's unboxed entry points; torch.compile traces the registered op.
 _linear_relu_eager = _extension.linear_relu if _extension is not None else _linear_relu
+_maml_mlp_meta_step_eager = _extension.maml_mlp_meta_step_ if _extension is not None else _maml_mlp_meta_step
 _is_compiling = torch.compiler.is_compiling
+
+
+def maml_mlp_meta_step_(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps: int,
+                        first_order: bool, loss: str, first_adapted_layer: int, learn_lr: bool, optimizer: str,
+                        settings: Sequence[float], per_step_lr: bool = False,
+                        step_weights: Sequence[float] = ()) -> Tensor:
+    """The op maml_mlp_meta_step_ (see SCHEMAS and csrc/ops.cpp): a whole MAML meta-step of an MLP, the
+    meta-gradient into ``grads`` and the optimizer's update on params (and lr when learn_lr) and state."""
+    call = _maml_mlp_meta_step if _is_compiling() else _maml_mlp_meta_step_eager
+    return call(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
+                first_adapted_layer, learn_lr, optimizer, settings, per_step_lr, list(step_weights))
 
 
 def linear_relu(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
@@ -363,6 +375,10 @@ def backend_info() -> dict:
         # the MAML op on the CPU: a per-task kernel for MLPs up to this weight size (AVX2 CPUs)
         "cpu_maml_task_kernel": bool(module.CPU_TASK_KERNEL) if module is not None else False,
         "cpu_maml_task_kernel_max_layer": module.CPU_TASK_KERNEL_MAX_LAYER if module is not None else 0,
+        # the hand-written CPU kernels' instruction set: what runs ("none", "avx2", "avx512"; lowered by
+        # METALEARN_FAST_CPU_SIMD) and the best this CPU has
+        "cpu_simd": module.cpu_simd() if module is not None else "none",
+        "cpu_simd_available": module.CPU_SIMD_AVAILABLE if module is not None else "none",
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda or "",
         "cuda_available": torch.cuda.is_available(),

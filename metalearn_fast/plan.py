@@ -36,6 +36,9 @@ class ModelPlan:
         layers = linear_stack(model)
         self.model = model
         self.parameter_names = [name for name, _ in model.named_parameters()]
+        # the modules in model.parameters() order (parameters() reads their parameters on every call)
+        self._modules = list(model.modules())
+        self._own_walk = type(model).parameters is nn.Module.parameters
         # per layer of a stack, whether a ReLU follows it; None for any other module
         self.relu_after: Optional[list[bool]] = None if layers is None else [relu for _, _, relu in layers]
         self.is_mlp = layers is not None and all(self.relu_after[:-1])
@@ -44,6 +47,14 @@ class ModelPlan:
         # the module path's meta-loss under torch.func (vmap of grad) until the model shows it cannot run there
         self.uses_func_grad = self.kind == "module"
         self._func_model: Optional[nn.Module] = None
+
+    def parameters(self) -> list[Tensor]:
+        """list(model.parameters()) of the model's current parameters, read from the modules that hold them
+        (a fifth of the time of Module.parameters' generators: it runs at every meta-step)."""
+        if not self._own_walk:
+            return list(self.model.parameters())
+        found = [p for module in self._modules for p in module._parameters.values() if p is not None]
+        return list(dict.fromkeys(found))  # a parameter shared by two modules once, as parameters() gives it
 
     @property
     def is_stack(self) -> bool:

@@ -156,6 +156,54 @@ def test_the_compiled_op_matches_the_reference_op(variant, loss):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.skipif(ops._extension is None, reason="the extension's unboxed entry point")
+def test_the_unboxed_entry_names_a_wrong_argument():
+    """ops.maml_mlp_meta_step_ calls the extension without torch.ops' boxing: an argument of the wrong type is a
+    TypeError naming it (as the schema would), not a crash, and nothing is updated."""
+    arguments = list(op_arguments("meta-sgd"))
+    before = [t.clone() for t in arguments[0]]
+    cases = [(0, "not a list", r"argument 0 \(params\) must be a list"),
+             (2, [1.0, 2.0], r"argument 2 \(grads\) must be a list of tensors"),
+             (4, 3.0, r"argument 4 \(x_support\) must be a tensor"),
+             (8, 2.0, r"argument 8 \(inner_steps\) must be an int"),
+             (9, 1, r"argument 9 \(first_order\) must be a bool"),
+             (10, None, r"argument 10 \(loss\) must be a str"),
+             (14, ["lr"], r"argument 14 \(settings\) must be a list of numbers")]
+    for index, value, message in cases:
+        wrong = list(arguments)
+        wrong[index] = value
+        with pytest.raises(TypeError, match=message), torch.no_grad():
+            ops._extension.maml_mlp_meta_step_(*wrong)
+    with pytest.raises(TypeError, match="expected 17 arguments, got 15"):
+        ops._extension.maml_mlp_meta_step_(*arguments[:15])
+    for b, p in zip(before, arguments[0]):
+        assert torch.equal(b, p)
+
+
+def test_the_parameter_walk_equals_module_parameters():
+    """ModelPlan.parameters (read at every meta-step) gives list(model.parameters()): after a parameter is
+    replaced, with a parameter shared by two layers (once), and for a model that overrides parameters()."""
+    from metalearn_fast.plan import ModelPlan
+
+    torch.manual_seed(0)
+    model = MLP([3, 8, 2])
+    plan = ModelPlan(model, builtin_loss=True)
+    assert [id(p) for p in plan.parameters()] == [id(p) for p in model.parameters()]
+    model[0].weight = torch.nn.Parameter(torch.randn(8, 3))
+    assert [id(p) for p in plan.parameters()] == [id(p) for p in model.parameters()]
+    shared = torch.nn.Linear(4, 4)
+    tied = torch.nn.Sequential(shared, torch.nn.ReLU(), shared)
+    assert [id(p) for p in ModelPlan(tied, builtin_loss=True).parameters()] == [id(p) for p in tied.parameters()]
+    assert len(ModelPlan(tied, builtin_loss=True).parameters()) == 2
+
+    class OnlyWeights(torch.nn.Sequential):
+        def parameters(self, recurse=True):
+            return (p for name, p in self.named_parameters() if name.endswith("weight"))
+
+    custom = OnlyWeights(torch.nn.Linear(3, 4))
+    assert [id(p) for p in ModelPlan(custom, builtin_loss=True).parameters()] == [id(custom[0].weight)]
+
+
 # ---- Reptile: the fused step against a per-task loop with torch.autograd.grad ----
 
 def reptile_loop_step(params, batch, inner_steps, inner_lr, outer_lr, loss):

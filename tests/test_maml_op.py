@@ -14,11 +14,33 @@ from metalearn_fast.ops import maml_mlp_loss
 SIZES = [3, 8, 7, 4]
 
 
+# The op's CPU kernels: the per-task kernel in AVX2 and in AVX-512 (each forced with set_cpu_simd: a CPU with
+# AVX-512 would run only that one), and the batched composite (which CUDA always runs).
+KERNELS = ["per-task", "per-task-avx512", "batched"]
+
+
+@pytest.fixture(autouse=True)
+def _cpu_simd(request):
+    """Forces the per-task kernel's instruction set for a test parametrized by ``kernel``: AVX2 for
+    "per-task", AVX-512 for "per-task-avx512" (skipped on a CPU without it)."""
+    kernel = request.node.callspec.params.get("kernel") if hasattr(request.node, "callspec") else None
+    extension = mf.ops._extension
+    if extension is None or kernel not in ("per-task", "per-task-avx512"):
+        yield
+        return
+    level = "avx512" if kernel == "per-task-avx512" else "avx2"
+    if level == "avx512" and extension.CPU_SIMD_AVAILABLE != "avx512":
+        pytest.skip("this CPU has no AVX-512")
+    before = extension.set_cpu_simd(level)
+    assert extension.cpu_simd() == level
+    yield
+    extension.set_cpu_simd(before)
+
+
 def kernel_shape(kernel):
     """make_problem's sizes for each of the op's CPU kernels: small layers take the per-task kernel, and a
-    weight over its limit with more than 8 rows a task sends the MLP to the batched composite (which CUDA
-    always runs)."""
-    if kernel == "per-task":
+    weight over its limit with more than 8 rows a task sends the MLP to the batched composite."""
+    if kernel.startswith("per-task"):
         return dict(sizes=SIZES)
     width = math.isqrt(mf.backend_info()["cpu_maml_task_kernel_max_layer"] or 128 * 128) + 1
     return dict(sizes=[3, width, width, 4], support=9, query=10)
@@ -90,7 +112,7 @@ VARIANTS = [
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
 @pytest.mark.parametrize("steps", [1, 2, 5])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-@pytest.mark.parametrize("kernel", ["per-task", "batched"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_meta_loss_and_gradient_equal_the_per_task_loop(variant, steps, loss, kernel, device):
     _, first_order, meta_sgd, anil = variant
     params, xs, ys, xq, yq = make_problem(loss, device, **kernel_shape(kernel))
@@ -177,7 +199,7 @@ MAML_PLUS = [
 @pytest.mark.parametrize("first_order", [False, True], ids=["second", "first"])
 @pytest.mark.parametrize("anil", [False, True], ids=["all", "anil"])
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
-@pytest.mark.parametrize("kernel", ["per-task", "batched"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_per_step_rates_and_the_multi_step_loss_equal_the_per_task_loop(case, first_order, anil, loss, kernel,
                                                                         device):
     """MAML++ in the op (per_step_lr: LSLR; step_weights: the multi-step loss), every combination of requested
@@ -298,7 +320,7 @@ def test_bad_arguments_are_named(impl, device):
 
 
 @pytest.mark.parametrize("impl", ["op", "reference"])
-@pytest.mark.parametrize("kernel", ["per-task", "batched"])
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_class_labels_out_of_range_are_named(impl, kernel, device):
     params, xs, ys, xq, yq = make_problem("cross_entropy", device, **kernel_shape(kernel))
     params = [p.detach() for p in params]

@@ -343,6 +343,51 @@ def test_backend_info_reports_the_build():
     assert info["compiled_cuda"] or info["why_no_cuda_kernels"]
 
 
+def _cpu_flags() -> set:
+    with open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(mf.ops._extension is None, reason="the instruction sets of the compiled CPU kernels")
+def test_cpu_simd_follows_the_cpu_and_can_be_lowered():
+    """The hand-written CPU kernels' instruction set is the best the CPU's flags (/proc/cpuinfo) allow, can be
+    lowered (never raised past the CPU) by set_cpu_simd and METALEARN_FAST_CPU_SIMD, and a wrong name is an
+    error that lists the right ones."""
+    import os
+    import platform
+    import subprocess
+    import sys
+
+    extension = mf.ops._extension
+    available = extension.CPU_SIMD_AVAILABLE
+    if platform.machine() == "x86_64" and os.path.exists("/proc/cpuinfo"):
+        flags = _cpu_flags()
+        expected = ("avx512" if {"avx512f", "avx512vl", "avx2", "fma"} <= flags
+                    else "avx2" if {"avx2", "fma"} <= flags else "none")
+        assert available == expected
+    assert mf.backend_info()["cpu_simd_available"] == available
+    before = extension.cpu_simd()
+    try:
+        assert extension.set_cpu_simd("none") == before
+        assert mf.backend_info()["cpu_simd"] == "none"
+        assert extension.set_cpu_simd("avx512") == "none"
+        assert extension.cpu_simd() == available  # capped at what the CPU has
+        with pytest.raises(ValueError, match="'none', 'avx2' or 'avx512'"):
+            extension.set_cpu_simd("sse2")
+    finally:
+        extension.set_cpu_simd(before)
+    code = "import metalearn_fast as mf; print(mf.backend_info()['cpu_simd'])"
+    env = {**os.environ, "METALEARN_FAST_CPU_SIMD": "none"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.split()[-1] == "none"
+    env["METALEARN_FAST_CPU_SIMD"] = "avx9"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "METALEARN_FAST_CPU_SIMD must be one of none, avx2, avx512" in out.stderr
+
+
 SWEEP = [(T, N, width_in, width_out)
          for T in (1, 3, 25) for N in (1, 7, 64) for width_in, width_out in ((1, 13), (13, 40), (40, 128), (128, 1))]
 

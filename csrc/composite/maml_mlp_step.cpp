@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cstring>
 #include <vector>
 
 #include "composite/maml_mlp.h"
@@ -13,6 +14,18 @@
 
 namespace metalearn_fast {
 namespace {
+
+// dst.copy_(src); a plain memcpy for contiguous CPU tensors of one dtype (copy_'s TensorIterator costs more than
+// copying a small MLP's gradient).
+void copy_into(const at::Tensor& dst, const at::Tensor& src) {
+  if (dst.is_cpu() && src.is_cpu() && dst.scalar_type() == src.scalar_type() && dst.sizes() == src.sizes() &&
+      dst.is_contiguous() && src.is_contiguous() && !dst.is_conj() && !src.is_conj() && !src.is_neg()) {
+    std::memcpy(dst.mutable_data_ptr(), src.const_data_ptr(), src.nbytes());
+    dst.unsafeGetTensorImpl()->bump_version();  // as copy_ does
+    return;
+  }
+  dst.copy_(src);
+}
 
 at::Tensor maml_mlp_meta_step(at::TensorList params, at::TensorList lr, at::TensorList grads, at::TensorList state,
                               const at::Tensor& x_support, const at::Tensor& y_support, const at::Tensor& x_query,
@@ -31,7 +44,7 @@ at::Tensor maml_mlp_meta_step(at::TensorList params, at::TensorList lr, at::Tens
       params, lr, x_support, y_support, x_query, y_query, inner_steps, first_order, loss, first_adapted, true, learn_lr,
       per_step_lr, step_weights);
   param_grads.insert(param_grads.end(), lr_grads.begin(), lr_grads.end());
-  for (size_t i = 0; i < updated.size(); ++i) grads[i].copy_(param_grads[i]);
+  for (size_t i = 0; i < updated.size(); ++i) copy_into(grads[i], param_grads[i]);
   call_optimizer_step(updated, grads, state, optimizer, settings);
   return value;
 }

@@ -1,8 +1,10 @@
 // Small dense kernels on raw pointers for the CPU's per-task and per-batch loops: register-blocked
 // GEMMs (GCC/Clang vector extensions), the elementwise pieces of an MLP's forward and backward pass,
-// and the losses with their gradients. Everything here is compiled for AVX2 + FMA and may run only
-// where cpu_has_avx2_fma() says so; callers keep their own loops inside the same target region
-// (METALEARN_FAST_BEGIN_AVX2 / METALEARN_FAST_END_AVX2) so that these calls inline.
+// and the losses with their gradients (small_kernels_impl.h). namespace small holds them compiled for
+// AVX2 + FMA, which may run only where cpu_has_avx2_fma() says so; callers keep their own loops inside
+// the same target region (METALEARN_FAST_BEGIN_AVX2 / METALEARN_FAST_END_AVX2) so that these calls
+// inline. The MAML per-task kernel also compiles them for AVX-512 (cpu/maml_mlp_cpu.cpp), which runs
+// where cpu_simd() is CpuSimd::kAvx512.
 #pragma once
 #include <ATen/ATen.h>
 
@@ -22,19 +24,33 @@
 #define METALEARN_FAST_BEGIN_AVX2 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma\")")
 #define METALEARN_FAST_END_AVX2 _Pragma("GCC pop_options")
 #endif
+// AVX-512 F and VL: 512-bit registers, and 32 vector registers at every width
+#if defined(__clang__)
+#define METALEARN_FAST_BEGIN_AVX512                                                                  \
+  _Pragma("clang attribute push(__attribute__((target(\"avx2,fma,avx512f,avx512vl\"))), apply_to = function)")
+#define METALEARN_FAST_END_AVX512 _Pragma("clang attribute pop")
+#else
+#define METALEARN_FAST_BEGIN_AVX512 _Pragma("GCC push_options") _Pragma("GCC target(\"avx2,fma,avx512f,avx512vl\")")
+#define METALEARN_FAST_END_AVX512 _Pragma("GCC pop_options")
+#endif
 #endif
 
 namespace metalearn_fast {
 
-// Whether this CPU runs the kernels below (AVX2 and FMA, checked once at run time).
-inline bool cpu_has_avx2_fma() {
-#ifdef METALEARN_FAST_SMALL_KERNELS
-  static const bool available = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return available;
-#else
-  return false;
-#endif
-}
+// Which of the hand-written CPU kernels run: none (ATen's composites), the AVX2 + FMA ones, or those and the
+// AVX-512 per-task MAML kernel. cpu_simd() is the best this CPU has (checked at run time), lowered by the
+// environment variable METALEARN_FAST_CPU_SIMD ("none", "avx2", "avx512") or by set_cpu_simd (tests force
+// each path on one machine this way). Never higher than the CPU has.
+enum class CpuSimd { kNone = 0, kAvx2 = 1, kAvx512 = 2 };
+
+CpuSimd cpu_simd_available();
+CpuSimd cpu_simd();
+// Sets the level (capped at cpu_simd_available()) and returns the one before.
+CpuSimd set_cpu_simd(CpuSimd level);
+const char* cpu_simd_name(CpuSimd level);
+
+// Whether the AVX2 + FMA kernels below run.
+inline bool cpu_has_avx2_fma() { return cpu_simd() >= CpuSimd::kAvx2; }
 
 // The per-task and per-batch CPU kernels take MLPs whose every weight has at most this many elements:
 // a layer's weights and activations then stay in the core's L1/L2 caches.
@@ -43,253 +59,8 @@ constexpr int64_t kMaxSmallLayer = 128 * 128;
 #ifdef METALEARN_FAST_SMALL_KERNELS
 namespace small {
 METALEARN_FAST_BEGIN_AVX2
-
-// How a GEMM's output starts: zero, a row vector repeated on every row (a bias), or as it is.
-enum class Start { kZero, kRow, kKeep };
-
-// One AVX2 register of T (GCC/Clang vector extension), loaded and stored unaligned.
-template <typename T>
-struct Lanes {
-  typedef T type __attribute__((vector_size(32)));
-  static constexpr int kCount = 32 / sizeof(T);
-  static type load(const T* p) {
-    type v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
-};
-
-// Columns [n0, n0 + R * lanes) of c [M,N] = start + A B, for A [M,K] with element (m,k) at
-// a[m * am + k * ak] and B [K,N] row-major. Two rows at a time, their sums held in registers over
-// the whole k loop: each piece of B loaded serves both rows. (The odd last row has its own copy of
-// the loop: one template over the row count measured 10% slower, its sums not all kept in registers.)
-template <typename T, int R>
-void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
-                  int64_t K, int64_t N, int64_t n0, Start start, const T* __restrict row) {
-  using V = typename Lanes<T>::type;
-  constexpr int kLanes = Lanes<T>::kCount;
-  auto begin = [&](V* acc, const T* cm) {
-    for (int i = 0; i < R; ++i) {
-      acc[i] = start == Start::kZero ? V{}
-               : start == Start::kRow ? Lanes<T>::load(row + n0 + i * kLanes)
-                                      : Lanes<T>::load(cm + i * kLanes);
-    }
-  };
-  int64_t m = 0;
-  for (; m + 2 <= M; m += 2) {
-    T* c0 = c + m * N + n0;
-    T* c1 = c0 + N;
-    V acc0[R], acc1[R];
-    begin(acc0, c0);
-    begin(acc1, c1);
-    const T* a0 = a + m * am;
-    const T* a1 = a0 + am;
-    for (int64_t k = 0; k < K; ++k) {
-      const V x0 = V{} + a0[k * ak], x1 = V{} + a1[k * ak];
-      const T* bk = b + k * N + n0;
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) {
-        const V y = Lanes<T>::load(bk + i * kLanes);
-        acc0[i] += x0 * y;
-        acc1[i] += x1 * y;
-      }
-    }
-    for (int i = 0; i < R; ++i) {
-      Lanes<T>::store(c0 + i * kLanes, acc0[i]);
-      Lanes<T>::store(c1 + i * kLanes, acc1[i]);
-    }
-  }
-  for (; m < M; ++m) {
-    T* c0 = c + m * N + n0;
-    V acc0[R];
-    begin(acc0, c0);
-    const T* a0 = a + m * am;
-    for (int64_t k = 0; k < K; ++k) {
-      const V x0 = V{} + a0[k * ak];
-      const T* bk = b + k * N + n0;
-#pragma GCC unroll 8
-      for (int i = 0; i < R; ++i) acc0[i] += x0 * Lanes<T>::load(bk + i * kLanes);
-    }
-    for (int i = 0; i < R; ++i) Lanes<T>::store(c0 + i * kLanes, acc0[i]);
-  }
-}
-
-// Column n of c [M,N] = start + A B, in scalars (the last N % lanes columns).
-template <typename T>
-void gemm_column(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
-                 int64_t K, int64_t N, int64_t n, Start start, const T* __restrict row) {
-  for (int64_t m = 0; m < M; ++m) {
-    T sum = start == Start::kZero ? T(0) : start == Start::kRow ? row[n] : c[m * N + n];
-    for (int64_t k = 0; k < K; ++k) sum += a[m * am + k * ak] * b[k * N + n];
-    c[m * N + n] = sum;
-  }
-}
-
-// c [M] = start + A b for A [M,K] row-major: one dot product per row, in register lanes along K.
-template <typename T>
-void gemv_rows(T* __restrict c, const T* __restrict a, const T* __restrict b, int64_t M, int64_t K, Start start,
-               const T* __restrict row) {
-  using V = typename Lanes<T>::type;
-  constexpr int kLanes = Lanes<T>::kCount;
-  for (int64_t m = 0; m < M; ++m) {
-    const T* am_ = a + m * K;
-    V acc{};
-    int64_t k = 0;
-    for (; k + kLanes <= K; k += kLanes) acc += Lanes<T>::load(am_ + k) * Lanes<T>::load(b + k);
-    T sum = start == Start::kZero ? T(0) : start == Start::kRow ? row[0] : c[m];
-    for (int i = 0; i < kLanes; ++i) sum += acc[i];
-    for (; k < K; ++k) sum += am_[k] * b[k];
-    c[m] = sum;
-  }
-}
-
-// gemm_columns with R registers per row, R = 1..8 picked at run time (R <= the template argument).
-template <typename T, int R>
-void gemm_columns_of(int r, T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N,
-                     int64_t n0, Start start, const T* row) {
-  if constexpr (R > 1) {
-    if (r < R) return gemm_columns_of<T, R - 1>(r, c, a, am, ak, b, M, K, N, n0, start, row);
-  }
-  gemm_columns<T, R>(c, a, am, ak, b, M, K, N, n0, start, row);
-}
-
-// c [M,N] = start + A B (A as in gemm_columns). Up to 8 registers wide, the whole width is one
-// tile; wider, tiles of four registers; then the last N % lanes columns one by one. A single
-// column (a layer of width one) is a matrix-vector product, taken along whichever side of A is
-// contiguous.
-template <typename T>
-void gemm(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N, Start start,
-          const T* row = nullptr) {
-  if (N == 1 && ak == 1) return gemv_rows(c, a, b, M, K, start, row);
-  if (N == 1 && am == 1 && start != Start::kRow) return gemm(c, b, 0, 1, a, 1, K, M, start);  // c^T = b^T A^T
-  constexpr int kLanes = Lanes<T>::kCount;
-  const int64_t registers = N / kLanes;
-  int64_t n0 = 0;
-  if (registers > 8) {
-    for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_columns<T, 4>(c, a, am, ak, b, M, K, N, n0, start, row);
-  }
-  if (n0 + kLanes <= N) {
-    const int r = static_cast<int>((N - n0) / kLanes);
-    gemm_columns_of<T, 8>(r, c, a, am, ak, b, M, K, N, n0, start, row);
-    n0 += r * kLanes;
-  }
-  for (; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, row);
-}
-
-// c [M,N] = start + A B for A [M,K] row-major.
-template <typename T>
-void mm(T* c, const T* a, const T* b, int64_t M, int64_t K, int64_t N, Start start, const T* row = nullptr) {
-  gemm(c, a, K, 1, b, M, K, N, start, row);
-}
-
-// c [M,N] = start + A^T B for A [R,M] and B [R,N] row-major (a weight's gradient d^T a).
-template <typename T>
-void mm_tn(T* c, const T* a, const T* b, int64_t R, int64_t M, int64_t N, Start start) {
-  gemm(c, a, 1, M, b, M, R, N, start);
-}
-
-// out [cols, rows] = in [rows, cols]^T, in 8x8 tiles: each tile's reads and writes touch 8 cache lines
-// (a plain column-by-row loop measured 2x slower at 40x40 and 3x at 256x256).
-template <typename T>
-void transpose(T* __restrict out, const T* __restrict in, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 8;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    const int64_t r1 = std::min(r0 + kTile, rows);
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-      const int64_t c1 = std::min(c0 + kTile, cols);
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t c = c0; c < c1; ++c) out[c * rows + r] = in[r * cols + c];
-      }
-    }
-  }
-}
-
-// out[n] (+)= sum over rows of d [R,N]
-template <typename T>
-void column_sums(T* __restrict out, const T* __restrict d, int64_t R, int64_t N, Start start) {
-  if (start == Start::kZero) std::fill(out, out + N, T(0));
-  for (int64_t r = 0; r < R; ++r) {
-    for (int64_t n = 0; n < N; ++n) out[n] += d[r * N + n];
-  }
-}
-
-// sum_i a[i] * b[i] in kLanes independent partial sums, added in a fixed order: the loop vectorizes (one
-// running sum would chain every addition to the one before), and the result is the same on every call.
-template <typename T>
-T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
-  constexpr int64_t kLanes = 16;
-  T partial[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int64_t j = 0; j < kLanes; ++j) partial[j] += a[i + j] * b[i + j];
-  }
-  T total = 0;
-  for (int64_t j = 0; j < kLanes; ++j) total += partial[j];
-  for (; i < n; ++i) total += a[i] * b[i];
-  return total;
-}
-
-// x = 0 where the ReLU output a is not positive (its derivative)
-template <typename T>
-void mask(T* __restrict x, const T* __restrict a, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = a[i] > T(0) ? x[i] : T(0);
-}
-
-template <typename T>
-void relu(T* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) x[i] = x[i] > T(0) ? x[i] : T(0);
-}
-
-// One task's loss: sets d = dLoss/dz for its logits z [R,C] (loss = scale * the task's mean loss),
-// keeps the softmax in probs (cross-entropy), and returns the loss.
-template <typename T>
-double loss_and_grad(LossKind kind, const T* z, const T* y, const int64_t* labels, int64_t R, int64_t C, double scale,
-                     T* d, T* probs) {
-  double value = 0;
-  if (kind == LossKind::kMse) {
-    const T factor = static_cast<T>(2.0 * scale / static_cast<double>(R * C));
-    for (int64_t i = 0; i < R * C; ++i) {
-      const T diff = z[i] - y[i];
-      value += static_cast<double>(diff) * diff;
-      d[i] = diff * factor;
-    }
-    return value * scale / static_cast<double>(R * C);
-  }
-  const T factor = static_cast<T>(scale / static_cast<double>(R));
-  for (int64_t r = 0; r < R; ++r) {
-    const T* zr = z + r * C;
-    T* pr = probs + r * C;
-    const T top = *std::max_element(zr, zr + C);
-    T total = 0;
-    for (int64_t c = 0; c < C; ++c) total += pr[c] = std::exp(zr[c] - top);
-    value -= static_cast<double>(zr[labels[r]] - top - std::log(total));
-    for (int64_t c = 0; c < C; ++c) {
-      pr[c] /= total;
-      d[r * C + c] = (pr[c] - (c == labels[r] ? T(1) : T(0))) * factor;
-    }
-  }
-  return value * scale / static_cast<double>(R);
-}
-
-// The loss Hessian (w.r.t. the logits, scale 1) applied to a tangent rz [R,C].
-template <typename T>
-void loss_hessian_times(LossKind kind, const T* rz, const T* probs, int64_t R, int64_t C, T* out) {
-  if (kind == LossKind::kMse) {
-    const T factor = static_cast<T>(2.0 / static_cast<double>(R * C));
-    for (int64_t i = 0; i < R * C; ++i) out[i] = rz[i] * factor;
-    return;
-  }
-  const T factor = static_cast<T>(1.0 / static_cast<double>(R));
-  for (int64_t r = 0; r < R; ++r) {
-    const T* p = probs + r * C;
-    const T* x = rz + r * C;
-    T dot = 0;
-    for (int64_t c = 0; c < C; ++c) dot += p[c] * x[c];
-    for (int64_t c = 0; c < C; ++c) out[r * C + c] = p[c] * (x[c] - dot) * factor;
-  }
-}
-
+constexpr int kVectorBytes = 32;
+#include "cpu/small_kernels_impl.h"
 METALEARN_FAST_END_AVX2
 }  // namespace small
 #endif  // METALEARN_FAST_SMALL_KERNELS

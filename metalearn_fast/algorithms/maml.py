@@ -304,7 +304,7 @@ def _fused_meta_step(maml: MAML, batch: TaskBatch, update: FusedUpdate) -> Tenso
     with torch.no_grad():
         loss = maml_mlp_meta_step_(
             params, learned or [_fused_rate(maml, params[0])], grads, state, batch.x_support, batch.y_support,
-            batch.x_query, batch.y_query, maml.inner_steps, maml._first_order(), maml.loss, maml._first_adapted_layer,
+            batch.x_query, batch.y_query, maml.inner_steps, bool(maml._first_order()), maml.loss, maml._first_adapted_layer,
             bool(learned), update.kind, settings, per_step_lr, step_weights)
     update.finish(state)
     return loss

@@ -97,7 +97,7 @@ class _TaskBatchedLearner(nn.Module):
         return self.plan.is_stack
 
     def _meta_parameters(self) -> list[Tensor]:
-        return list(self.model.parameters())
+        return self.plan.parameters()
 
     def _fits_one_chunk(self, batch: TaskBatch) -> bool:
         """Whether max_tasks_per_chunk lets the whole batch run at once (then the fused ops may take it)."""

@@ -1,0 +1,282 @@
+// The small dense kernels of small_kernels.h, compiled once per instruction set: included inside a namespace
+// and a target region that define kVectorBytes, the width of one SIMD register (32: AVX2; 64: AVX-512).
+// No include guard: each inclusion is a separate copy.
+
+// How a GEMM's output starts: zero, a row vector repeated on every row (a bias), or as it is.
+enum class Start { kZero, kRow, kKeep };
+
+// One SIMD register of T, Bytes wide (GCC/Clang vector extension), loaded and stored unaligned.
+template <typename T, int Bytes = kVectorBytes>
+struct Lanes {
+  typedef T type __attribute__((vector_size(Bytes)));
+  static constexpr int kCount = Bytes / sizeof(T);
+  static type load(const T* p) {
+    type v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
+};
+
+// Columns [n0, n0 + R * lanes) of c [M,N] = start + A B, for A [M,K] with element (m,k) at
+// a[m * am + k * ak] and B [K,N] row-major. Two rows at a time, their sums held in registers over
+// the whole k loop: each piece of B loaded serves both rows. (The odd last row has its own copy of
+// the loop: one template over the row count measured 10% slower, its sums not all kept in registers.)
+// AVX-512 has 32 registers, not 16: four rows at a time where their sums fit (R <= 5), so that each
+// piece of B serves four rows and the FMAs of a k step are independent enough to fill the pipelines.
+template <typename T, int R, int Bytes = kVectorBytes>
+void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
+                  int64_t K, int64_t N, int64_t n0, Start start, const T* __restrict row) {
+  using L = Lanes<T, Bytes>;
+  using V = typename L::type;
+  constexpr int kLanes = L::kCount;
+  auto begin = [&](V* acc, const T* cm) {
+    for (int i = 0; i < R; ++i) {
+      acc[i] = start == Start::kZero ? V{}
+               : start == Start::kRow ? L::load(row + n0 + i * kLanes)
+                                      : L::load(cm + i * kLanes);
+    }
+  };
+  int64_t m = 0;
+  if constexpr (kVectorBytes == 64 && R <= 5) {
+    for (; m + 4 <= M; m += 4) {
+      V acc[4][R];
+      for (int j = 0; j < 4; ++j) begin(acc[j], c + (m + j) * N + n0);
+      const T* a0 = a + m * am;
+      for (int64_t k = 0; k < K; ++k) {
+        V x[4];
+#pragma GCC unroll 4
+        for (int j = 0; j < 4; ++j) x[j] = V{} + a0[j * am + k * ak];
+        const T* bk = b + k * N + n0;
+#pragma GCC unroll 8
+        for (int i = 0; i < R; ++i) {
+          const V y = L::load(bk + i * kLanes);
+#pragma GCC unroll 4
+          for (int j = 0; j < 4; ++j) acc[j][i] += x[j] * y;
+        }
+      }
+      for (int j = 0; j < 4; ++j) {
+        for (int i = 0; i < R; ++i) L::store(c + (m + j) * N + n0 + i * kLanes, acc[j][i]);
+      }
+    }
+  }
+  for (; m + 2 <= M; m += 2) {
+    T* c0 = c + m * N + n0;
+    T* c1 = c0 + N;
+    V acc0[R], acc1[R];
+    begin(acc0, c0);
+    begin(acc1, c1);
+    const T* a0 = a + m * am;
+    const T* a1 = a0 + am;
+    for (int64_t k = 0; k < K; ++k) {
+      const V x0 = V{} + a0[k * ak], x1 = V{} + a1[k * ak];
+      const T* bk = b + k * N + n0;
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const V y = L::load(bk + i * kLanes);
+        acc0[i] += x0 * y;
+        acc1[i] += x1 * y;
+      }
+    }
+    for (int i = 0; i < R; ++i) {
+      L::store(c0 + i * kLanes, acc0[i]);
+      L::store(c1 + i * kLanes, acc1[i]);
+    }
+  }
+  for (; m < M; ++m) {
+    T* c0 = c + m * N + n0;
+    V acc0[R];
+    begin(acc0, c0);
+    const T* a0 = a + m * am;
+    for (int64_t k = 0; k < K; ++k) {
+      const V x0 = V{} + a0[k * ak];
+      const T* bk = b + k * N + n0;
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) acc0[i] += x0 * L::load(bk + i * kLanes);
+    }
+    for (int i = 0; i < R; ++i) L::store(c0 + i * kLanes, acc0[i]);
+  }
+}
+
+// Column n of c [M,N] = start + A B, in scalars (the last N % lanes columns).
+template <typename T>
+void gemm_column(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
+                 int64_t K, int64_t N, int64_t n, Start start, const T* __restrict row) {
+  for (int64_t m = 0; m < M; ++m) {
+    T sum = start == Start::kZero ? T(0) : start == Start::kRow ? row[n] : c[m * N + n];
+    for (int64_t k = 0; k < K; ++k) sum += a[m * am + k * ak] * b[k * N + n];
+    c[m * N + n] = sum;
+  }
+}
+
+// c [M] = start + A b for A [M,K] row-major: one dot product per row, in register lanes along K.
+template <typename T>
+void gemv_rows(T* __restrict c, const T* __restrict a, const T* __restrict b, int64_t M, int64_t K, Start start,
+               const T* __restrict row) {
+  using V = typename Lanes<T>::type;
+  constexpr int kLanes = Lanes<T>::kCount;
+  for (int64_t m = 0; m < M; ++m) {
+    const T* am_ = a + m * K;
+    V acc{};
+    int64_t k = 0;
+    for (; k + kLanes <= K; k += kLanes) acc += Lanes<T>::load(am_ + k) * Lanes<T>::load(b + k);
+    T sum = start == Start::kZero ? T(0) : start == Start::kRow ? row[0] : c[m];
+    for (int i = 0; i < kLanes; ++i) sum += acc[i];
+    for (; k < K; ++k) sum += am_[k] * b[k];
+    c[m] = sum;
+  }
+}
+
+// gemm_columns with R registers per row, R = 1..8 picked at run time (R <= the template argument).
+template <typename T, int R>
+void gemm_columns_of(int r, T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N,
+                     int64_t n0, Start start, const T* row) {
+  if constexpr (R > 1) {
+    if (r < R) return gemm_columns_of<T, R - 1>(r, c, a, am, ak, b, M, K, N, n0, start, row);
+  }
+  gemm_columns<T, R>(c, a, am, ak, b, M, K, N, n0, start, row);
+}
+
+// c [M,N] = start + A B (A as in gemm_columns). Up to 8 registers wide, the whole width is one
+// tile; wider, tiles of four registers; then the last N % lanes columns one by one. A single
+// column (a layer of width one) is a matrix-vector product, taken along whichever side of A is
+// contiguous.
+template <typename T>
+void gemm(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N, Start start,
+          const T* row = nullptr) {
+  if (N == 1 && ak == 1) return gemv_rows(c, a, b, M, K, start, row);
+  if (N == 1 && am == 1 && start != Start::kRow) return gemm(c, b, 0, 1, a, 1, K, M, start);  // c^T = b^T A^T
+  constexpr int kLanes = Lanes<T>::kCount;
+  const int64_t registers = N / kLanes;
+  int64_t n0 = 0;
+  if (registers > 8) {
+    for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_columns<T, 4>(c, a, am, ak, b, M, K, N, n0, start, row);
+  }
+  if (n0 + kLanes <= N) {
+    const int r = static_cast<int>((N - n0) / kLanes);
+    gemm_columns_of<T, 8>(r, c, a, am, ak, b, M, K, N, n0, start, row);
+    n0 += r * kLanes;
+  }
+  if constexpr (kVectorBytes > 32) {  // a half register's worth of columns left (40 floats: 32 + 8)
+    constexpr int kHalf = 32 / sizeof(T);
+    if (n0 + kHalf <= N) {
+      gemm_columns<T, 1, 32>(c, a, am, ak, b, M, K, N, n0, start, row);
+      n0 += kHalf;
+    }
+  }
+  for (; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, row);
+}
+
+// c [M,N] = start + A B for A [M,K] row-major.
+template <typename T>
+void mm(T* c, const T* a, const T* b, int64_t M, int64_t K, int64_t N, Start start, const T* row = nullptr) {
+  gemm(c, a, K, 1, b, M, K, N, start, row);
+}
+
+// c [M,N] = start + A^T B for A [R,M] and B [R,N] row-major (a weight's gradient d^T a).
+template <typename T>
+void mm_tn(T* c, const T* a, const T* b, int64_t R, int64_t M, int64_t N, Start start) {
+  gemm(c, a, 1, M, b, M, R, N, start);
+}
+
+// out [cols, rows] = in [rows, cols]^T, in 8x8 tiles: each tile's reads and writes touch 8 cache lines
+// (a plain column-by-row loop measured 2x slower at 40x40 and 3x at 256x256).
+template <typename T>
+void transpose(T* __restrict out, const T* __restrict in, int64_t rows, int64_t cols) {
+  constexpr int64_t kTile = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
+    const int64_t r1 = std::min(r0 + kTile, rows);
+    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
+      const int64_t c1 = std::min(c0 + kTile, cols);
+      for (int64_t r = r0; r < r1; ++r) {
+        for (int64_t c = c0; c < c1; ++c) out[c * rows + r] = in[r * cols + c];
+      }
+    }
+  }
+}
+
+// out[n] (+)= sum over rows of d [R,N]
+template <typename T>
+void column_sums(T* __restrict out, const T* __restrict d, int64_t R, int64_t N, Start start) {
+  if (start == Start::kZero) std::fill(out, out + N, T(0));
+  for (int64_t r = 0; r < R; ++r) {
+    for (int64_t n = 0; n < N; ++n) out[n] += d[r * N + n];
+  }
+}
+
+// sum_i a[i] * b[i] in kLanes independent partial sums, added in a fixed order: the loop vectorizes (one
+// running sum would chain every addition to the one before), and the result is the same on every call.
+template <typename T>
+T dot(const T* __restrict a, const T* __restrict b, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  T partial[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) partial[j] += a[i + j] * b[i + j];
+  }
+  T total = 0;
+  for (int64_t j = 0; j < kLanes; ++j) total += partial[j];
+  for (; i < n; ++i) total += a[i] * b[i];
+  return total;
+}
+
+// x = 0 where the ReLU output a is not positive (its derivative)
+template <typename T>
+void mask(T* __restrict x, const T* __restrict a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = a[i] > T(0) ? x[i] : T(0);
+}
+
+template <typename T>
+void relu(T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) x[i] = x[i] > T(0) ? x[i] : T(0);
+}
+
+// One task's loss: sets d = dLoss/dz for its logits z [R,C] (loss = scale * the task's mean loss),
+// keeps the softmax in probs (cross-entropy), and returns the loss.
+template <typename T>
+double loss_and_grad(LossKind kind, const T* z, const T* y, const int64_t* labels, int64_t R, int64_t C, double scale,
+                     T* d, T* probs) {
+  double value = 0;
+  if (kind == LossKind::kMse) {
+    const T factor = static_cast<T>(2.0 * scale / static_cast<double>(R * C));
+    for (int64_t i = 0; i < R * C; ++i) {
+      const T diff = z[i] - y[i];
+      value += static_cast<double>(diff) * diff;
+      d[i] = diff * factor;
+    }
+    return value * scale / static_cast<double>(R * C);
+  }
+  const T factor = static_cast<T>(scale / static_cast<double>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* zr = z + r * C;
+    T* pr = probs + r * C;
+    const T top = *std::max_element(zr, zr + C);
+    T total = 0;
+    for (int64_t c = 0; c < C; ++c) total += pr[c] = std::exp(zr[c] - top);
+    value -= static_cast<double>(zr[labels[r]] - top - std::log(total));
+    for (int64_t c = 0; c < C; ++c) {
+      pr[c] /= total;
+      d[r * C + c] = (pr[c] - (c == labels[r] ? T(1) : T(0))) * factor;
+    }
+  }
+  return value * scale / static_cast<double>(R);
+}
+
+// The loss Hessian (w.r.t. the logits, scale 1) applied to a tangent rz [R,C].
+template <typename T>
+void loss_hessian_times(LossKind kind, const T* rz, const T* probs, int64_t R, int64_t C, T* out) {
+  if (kind == LossKind::kMse) {
+    const T factor = static_cast<T>(2.0 / static_cast<double>(R * C));
+    for (int64_t i = 0; i < R * C; ++i) out[i] = rz[i] * factor;
+    return;
+  }
+  const T factor = static_cast<T>(1.0 / static_cast<double>(R));
+  for (int64_t r = 0; r < R; ++r) {
+    const T* p = probs + r * C;
+    const T* x = rz + r * C;
+    T dot = 0;
+    for (int64_t c = 0; c < C; ++c) dot += p[c] * x[c];
+    for (int64_t c = 0; c < C; ++c) out[r * C + c] = p[c] * (x[c] - dot) * factor;
+  }
+}
+
