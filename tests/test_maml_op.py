@@ -148,12 +148,15 @@ def loop_meta_grad(params, lr, xs, ys, xq, yq, steps, first_order, loss, first_a
     return value.detach(), grads[: len(params)], grads[len(params):]
 
 
-@pytest.mark.parametrize("sizes", [[3, 4], [3, 9, 17, 6, 4]], ids=["one-layer", "four-layer"])
+@pytest.mark.parametrize("sizes", [[3, 4], [3, 9, 17, 6, 4], [1, 40, 40, 1]], ids=["one-layer", "four-layer",
+                                                                                 "sinusoid"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("impl", ["op", "reference"])
-def test_the_op_equals_the_loop_across_depths_dtypes_and_requests(impl, sizes, dtype, device):
-    """One and four layers, widths off the vector width, both dtypes, every variant and every combination
-    of requested gradients: the op (and reference.maml_mlp_meta_grad, its fallback) against the loop."""
+@pytest.mark.parametrize("impl, kernel", [("op", "per-task"), ("op", "per-task-avx512"), ("reference", None)])
+def test_the_op_equals_the_loop_across_depths_dtypes_and_requests(impl, kernel, sizes, dtype, device):
+    """One and four layers and the sinusoid's, widths on and off the vector widths (whole and half registers,
+    8x8 transpose tiles and their edges), both dtypes, every variant and every combination of requested
+    gradients: the op (its per-task kernel in AVX2 and in AVX-512 on the CPU; and reference.maml_mlp_meta_grad,
+    its fallback) against the loop."""
     fn = mf.ops._maml_mlp_meta_grad if impl == "op" else reference.maml_mlp_meta_grad
     g = torch.Generator().manual_seed(3)
     params = []

@@ -238,11 +238,19 @@ class TaskKernel {
   void times_rate(T* __restrict out, const T* __restrict x, const T* __restrict g, int64_t s, int64_t param,
                   int64_t n) const {
     const T* rate = p_.rate[param] + s * p_.rate_step_stride;
-    const int64_t stride = p_.rate_per_element[param] ? 1 : 0;
+    if (p_.rate_per_element[param]) {
+      if (g == nullptr) {
+        for (int64_t i = 0; i < n; ++i) out[i] = rate[i] * x[i];
+      } else {
+        for (int64_t i = 0; i < n; ++i) out[i] = x[i] - rate[i] * g[i];
+      }
+      return;
+    }
+    const T r = rate[0];  // one number: a loop that vectorizes (a stride of 0 made it gather)
     if (g == nullptr) {
-      for (int64_t i = 0; i < n; ++i) out[i] = rate[i * stride] * x[i];
+      for (int64_t i = 0; i < n; ++i) out[i] = r * x[i];
     } else {
-      for (int64_t i = 0; i < n; ++i) out[i] = x[i] - rate[i * stride] * g[i];
+      for (int64_t i = 0; i < n; ++i) out[i] = x[i] - r * g[i];
     }
   }
   void rate_grad(Share<T>& share, int64_t param, int64_t s, const T* g, const T* v, int64_t n) const {

@@ -8,6 +8,10 @@
 #pragma once
 #include <ATen/ATen.h>
 
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>

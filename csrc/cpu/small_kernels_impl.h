@@ -22,8 +22,6 @@ struct Lanes {
 // a[m * am + k * ak] and B [K,N] row-major. Two rows at a time, their sums held in registers over
 // the whole k loop: each piece of B loaded serves both rows. (The odd last row has its own copy of
 // the loop: one template over the row count measured 10% slower, its sums not all kept in registers.)
-// AVX-512 has 32 registers, not 16: four rows at a time where their sums fit (R <= 5), so that each
-// piece of B serves four rows and the FMAs of a k step are independent enough to fill the pipelines.
 template <typename T, int R, int Bytes = kVectorBytes>
 void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
                   int64_t K, int64_t N, int64_t n0, Start start, const T* __restrict row) {
@@ -38,28 +36,6 @@ void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak
     }
   };
   int64_t m = 0;
-  if constexpr (kVectorBytes == 64 && R <= 5) {
-    for (; m + 4 <= M; m += 4) {
-      V acc[4][R];
-      for (int j = 0; j < 4; ++j) begin(acc[j], c + (m + j) * N + n0);
-      const T* a0 = a + m * am;
-      for (int64_t k = 0; k < K; ++k) {
-        V x[4];
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) x[j] = V{} + a0[j * am + k * ak];
-        const T* bk = b + k * N + n0;
-#pragma GCC unroll 8
-        for (int i = 0; i < R; ++i) {
-          const V y = L::load(bk + i * kLanes);
-#pragma GCC unroll 4
-          for (int j = 0; j < 4; ++j) acc[j][i] += x[j] * y;
-        }
-      }
-      for (int j = 0; j < 4; ++j) {
-        for (int i = 0; i < R; ++i) L::store(c + (m + j) * N + n0 + i * kLanes, acc[j][i]);
-      }
-    }
-  }
   for (; m + 2 <= M; m += 2) {
     T* c0 = c + m * N + n0;
     T* c1 = c0 + N;
@@ -137,6 +113,74 @@ void gemm_columns_of(int r, T* c, const T* a, int64_t am, int64_t ak, const T* b
   gemm_columns<T, R>(c, a, am, ak, b, M, K, N, n0, start, row);
 }
 
+// AVX-512: Rows rows of columns [n0, n0 + R * lanes + Half * half a register) of c = start + A B in one pass,
+// R 512-bit registers and (Half) one 256-bit register per row (40 floats: 32 + 8), so that each element of A
+// broadcast serves the whole width. c, a: the block's first row.
+template <typename T, int R, bool Half, int Rows>
+void gemm_wide_rows(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t K,
+                    int64_t N, int64_t n0, Start start, const T* __restrict row) {
+  using L = Lanes<T>;
+  using H = Lanes<T, 32>;
+  using V = typename L::type;
+  using W = typename H::type;
+  constexpr int kLanes = L::kCount;
+  constexpr int kFull = R > 0 ? R : 1;
+  const int64_t tail = n0 + R * kLanes;
+  V acc[Rows][kFull];
+  W half[Rows];
+  for (int j = 0; j < Rows; ++j) {
+    const T* cj = c + j * N;
+    for (int i = 0; i < R; ++i) {
+      const int64_t n = n0 + i * kLanes;
+      acc[j][i] = start == Start::kZero ? V{} : L::load(start == Start::kRow ? row + n : cj + n);
+    }
+    if constexpr (Half) half[j] = start == Start::kZero ? W{} : H::load(start == Start::kRow ? row + tail : cj + tail);
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    const T* bk = b + k * N;
+    T x[Rows];
+#pragma GCC unroll 4
+    for (int j = 0; j < Rows; ++j) x[j] = a[j * am + k * ak];
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const V y = L::load(bk + n0 + i * kLanes);
+#pragma GCC unroll 4
+      for (int j = 0; j < Rows; ++j) acc[j][i] += x[j] * y;
+    }
+    if constexpr (Half) {
+      const W y = H::load(bk + tail);
+#pragma GCC unroll 4
+      for (int j = 0; j < Rows; ++j) half[j] += x[j] * y;
+    }
+  }
+  for (int j = 0; j < Rows; ++j) {
+    for (int i = 0; i < R; ++i) L::store(c + j * N + n0 + i * kLanes, acc[j][i]);
+    if constexpr (Half) H::store(c + j * N + tail, half[j]);
+  }
+}
+
+// gemm_wide_rows over all M rows: four at a time (their sums fit AVX-512's 32 registers for R + Half <= 5),
+// then two, then one.
+template <typename T, int R, bool Half>
+void gemm_wide(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N, Start start,
+               const T* row) {
+  int64_t m = 0;
+  for (; m + 4 <= M; m += 4) gemm_wide_rows<T, R, Half, 4>(c + m * N, a + m * am, am, ak, b, K, N, 0, start, row);
+  for (; m + 2 <= M; m += 2) gemm_wide_rows<T, R, Half, 2>(c + m * N, a + m * am, am, ak, b, K, N, 0, start, row);
+  for (; m < M; ++m) gemm_wide_rows<T, R, Half, 1>(c + m * N, a + m * am, am, ak, b, K, N, 0, start, row);
+}
+
+// gemm_wide with r = 0..R full registers picked at run time.
+template <typename T, int R>
+void gemm_wide_of(int r, bool half, T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K,
+                  int64_t N, Start start, const T* row) {
+  if constexpr (R > 0) {
+    if (r < R) return gemm_wide_of<T, R - 1>(r, half, c, a, am, ak, b, M, K, N, start, row);
+  }
+  if (half) return gemm_wide<T, R, true>(c, a, am, ak, b, M, K, N, start, row);
+  gemm_wide<T, R, false>(c, a, am, ak, b, M, K, N, start, row);
+}
+
 // c [M,N] = start + A B (A as in gemm_columns). Up to 8 registers wide, the whole width is one
 // tile; wider, tiles of four registers; then the last N % lanes columns one by one. A single
 // column (a layer of width one) is a matrix-vector product, taken along whichever side of A is
@@ -149,6 +193,15 @@ void gemm(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64
   constexpr int kLanes = Lanes<T>::kCount;
   const int64_t registers = N / kLanes;
   int64_t n0 = 0;
+  if constexpr (kVectorBytes == 64) {  // up to five 512-bit registers (and a 256-bit one) wide: one pass
+    constexpr int kHalf = 32 / sizeof(T);
+    const bool half = N - registers * kLanes >= kHalf;
+    if (registers + half <= 5 && registers + half > 0) {
+      gemm_wide_of<T, 5>(static_cast<int>(registers), half, c, a, am, ak, b, M, K, N, start, row);
+      for (n0 = registers * kLanes + half * kHalf; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, row);
+      return;
+    }
+  }
   if (registers > 8) {
     for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_columns<T, 4>(c, a, am, ak, b, M, K, N, n0, start, row);
   }
@@ -179,19 +232,52 @@ void mm_tn(T* c, const T* a, const T* b, int64_t R, int64_t M, int64_t N, Start 
   gemm(c, a, 1, M, b, M, R, N, start);
 }
 
-// out [cols, rows] = in [rows, cols]^T, in 8x8 tiles: each tile's reads and writes touch 8 cache lines
-// (a plain column-by-row loop measured 2x slower at 40x40 and 3x at 256x256).
+// One 8x8 float tile (4x4 double) of transpose: rows of `in` (stride in_stride) into columns of `out`, in
+// registers: eight loads, three rounds of shuffles, eight stores.
+inline void transpose_tile(float* __restrict out, int64_t out_stride, const float* __restrict in, int64_t in_stride) {
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(in + i * in_stride);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    r[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    r[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xee);
+    r[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    r[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xee);
+  }
+  for (int i = 0; i < 4; ++i) {
+    _mm256_storeu_ps(out + i * out_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x20));
+    _mm256_storeu_ps(out + (i + 4) * out_stride, _mm256_permute2f128_ps(r[i], r[i + 4], 0x31));
+  }
+}
+
+inline void transpose_tile(double* __restrict out, int64_t out_stride, const double* __restrict in,
+                           int64_t in_stride) {
+  __m256d r[4], t[4];
+  for (int i = 0; i < 4; ++i) r[i] = _mm256_loadu_pd(in + i * in_stride);
+  for (int i = 0; i < 4; i += 2) {
+    t[i] = _mm256_unpacklo_pd(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_pd(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    _mm256_storeu_pd(out + i * out_stride, _mm256_permute2f128_pd(t[i], t[i + 2], 0x20));
+    _mm256_storeu_pd(out + (i + 2) * out_stride, _mm256_permute2f128_pd(t[i], t[i + 2], 0x31));
+  }
+}
+
+// out [cols, rows] = in [rows, cols]^T: whole tiles in registers (transpose_tile; element by element, a 40x40
+// transpose took a tenth of the sinusoid's per-task meta-step), the edges element by element.
 template <typename T>
 void transpose(T* __restrict out, const T* __restrict in, int64_t rows, int64_t cols) {
-  constexpr int64_t kTile = 8;
-  for (int64_t r0 = 0; r0 < rows; r0 += kTile) {
-    const int64_t r1 = std::min(r0 + kTile, rows);
-    for (int64_t c0 = 0; c0 < cols; c0 += kTile) {
-      const int64_t c1 = std::min(c0 + kTile, cols);
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t c = c0; c < c1; ++c) out[c * rows + r] = in[r * cols + c];
-      }
-    }
+  constexpr int64_t kTile = 32 / sizeof(T);
+  const int64_t whole_rows = rows - rows % kTile, whole_cols = cols - cols % kTile;
+  for (int64_t r0 = 0; r0 < whole_rows; r0 += kTile) {
+    for (int64_t c0 = 0; c0 < whole_cols; c0 += kTile) transpose_tile(out + c0 * rows + r0, rows, in + r0 * cols + c0, cols);
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t c = r < whole_rows ? whole_cols : 0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];
   }
 }
 
