@@ -10,9 +10,10 @@
 // per-task gradient carried back by the reverse sweep v_s = v_{s+1} - H_s (lr * v_{s+1}).
 //
 // Each thread sums its tasks' shares of the loss and gradients; the shares are added in a fixed
-// order, so results do not depend on scheduling. The loops are compiled for AVX2 and FMA, used
-// when the CPU has them (checked at run time). Larger layers, where the composite's batched GEMMs
-// share the weights across tasks, other dtypes, and CPUs without AVX2 take the composite.
+// order, so results do not depend on scheduling. The loops (cpu/maml_mlp_task_impl.h) are compiled
+// for AVX2 + FMA and for AVX-512, each used when the CPU has it and cpu_simd() allows it (checked at
+// run time). Larger layers, where the composite's batched GEMMs share the weights across tasks, other
+// dtypes, and CPUs without AVX2 take the composite.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/core/GradMode.h>
