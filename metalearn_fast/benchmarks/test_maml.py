@@ -8,6 +8,8 @@ The baselines step with ``torch.optim.Adam(fused=True)``, torch's fastest Adam o
 Entries of each group:
 - metalearn_fast: ``mf.MAML(model, ...).meta_step(TaskBatch, Adam)``: for an MLP the whole meta-step,
   Adam's update included, is one call of the compiled maml_mlp_meta_step_ op when the extension is active;
+- metalearn_fast, AVX2 kernels: on a CPU with AVX-512 (where metalearn_fast runs its AVX-512 per-task kernel),
+  the same meta-step with the kernel's AVX2 copy (set_cpu_simd), to measure what AVX-512 gives;
 - metalearn_fast fallback: what METALEARN_FAST_BACKEND=torch runs for it, called directly in this
   process (the backend is chosen once per process): reference.maml_mlp_meta_step_;
 - plain torch: every task at once in lean batched torch: per-task weights [T, O, I], one baddbmm per
@@ -33,6 +35,7 @@ from metalearn_fast.benchmarks.entries import (
     HIGHER,
     LEARN2LEARN,
     OURS,
+    OURS_AVX2,
     PER_TASK_LOOP,
     PLAIN_TORCH,
     TORCH_FUNC,
@@ -144,6 +147,28 @@ def ours(workload, model, batch):
     return meta_step
 
 
+def ours_avx2(workload, model, batch):
+    step = ours(workload, model, batch)
+    extension = mf.ops._extension
+
+    def meta_step(optimizer):
+        before = extension.set_cpu_simd("avx2")
+        try:
+            return step(optimizer)
+        finally:
+            extension.set_cpu_simd(before)
+
+    return meta_step
+
+
+def require_avx512(device) -> None:
+    """Skip the AVX2 entry where the default kernel is not the AVX-512 one."""
+    extension = mf.ops._extension
+    if device.type != "cpu" or extension is None or extension.CPU_SIMD_AVAILABLE != "avx512":
+        pytest.skip("the per-task kernel's AVX2 copy against its AVX-512 one: needs the extension on a CPU with "
+                    "AVX-512")
+
+
 def fallback(workload, model, batch):
     params = list(model.parameters())
     rate = [torch.tensor(workload.inner_lr, dtype=params[0].dtype, device=params[0].device)]
@@ -161,7 +186,7 @@ def fallback(workload, model, batch):
     return meta_step
 
 
-WHOLE_STEP = (ours, fallback)
+WHOLE_STEP = (ours, ours_avx2, fallback)
 
 
 def plain_torch(workload, model, batch):
@@ -241,6 +266,7 @@ def with_learn2learn(workload, model, batch):
 
 ENTRIES = {
     OURS: ours,
+    OURS_AVX2: ours_avx2,
     FALLBACK: fallback,
     PLAIN_TORCH: plain_torch,
     TORCH_FUNC: torch_func,
@@ -278,6 +304,8 @@ def first_step(entry, workload, device):
 def test_maml_meta_step(measure, device, impl, workload):
     if impl in PEERS:
         require_peer(impl)
+    if impl == OURS_AVX2:
+        require_avx512(device)
     seconds, result, meta_step = first_step(impl, workload, device)
     expected = plain_torch_result((workload, device), lambda: first_step(PLAIN_TORCH, workload, device)[1])
     assert_same(result, expected, f"{workload.group}, {impl}", rtol=1e-3, atol=1e-5)
