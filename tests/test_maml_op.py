@@ -148,8 +148,8 @@ def loop_meta_grad(params, lr, xs, ys, xq, yq, steps, first_order, loss, first_a
     return value.detach(), grads[: len(params)], grads[len(params):]
 
 
-@pytest.mark.parametrize("sizes", [[3, 4], [3, 9, 17, 6, 4], [1, 40, 40, 1]], ids=["one-layer", "four-layer",
-                                                                                 "sinusoid"])
+@pytest.mark.parametrize("sizes", [[3, 4], [3, 9, 17, 6, 4], [1, 40, 40, 1], [5, 100, 70, 3]],
+                         ids=["one-layer", "four-layer", "sinusoid", "wide"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("impl, kernel", [("op", "per-task"), ("op", "per-task-avx512"), ("reference", None)])
 def test_the_op_equals_the_loop_across_depths_dtypes_and_requests(impl, kernel, sizes, dtype, device):

@@ -162,23 +162,23 @@ void gemm_wide_rows(T* __restrict c, const T* __restrict a, int64_t am, int64_t 
 // gemm_wide_rows over all M rows: four at a time (their sums fit AVX-512's 32 registers for R + Half <= 5),
 // then two, then one.
 template <typename T, int R, bool Half>
-void gemm_wide(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N, Start start,
-               const T* row) {
+void gemm_wide(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N, int64_t n0,
+               Start start, const T* row) {
   int64_t m = 0;
-  for (; m + 4 <= M; m += 4) gemm_wide_rows<T, R, Half, 4>(c + m * N, a + m * am, am, ak, b, K, N, 0, start, row);
-  for (; m + 2 <= M; m += 2) gemm_wide_rows<T, R, Half, 2>(c + m * N, a + m * am, am, ak, b, K, N, 0, start, row);
-  for (; m < M; ++m) gemm_wide_rows<T, R, Half, 1>(c + m * N, a + m * am, am, ak, b, K, N, 0, start, row);
+  for (; m + 4 <= M; m += 4) gemm_wide_rows<T, R, Half, 4>(c + m * N, a + m * am, am, ak, b, K, N, n0, start, row);
+  for (; m + 2 <= M; m += 2) gemm_wide_rows<T, R, Half, 2>(c + m * N, a + m * am, am, ak, b, K, N, n0, start, row);
+  for (; m < M; ++m) gemm_wide_rows<T, R, Half, 1>(c + m * N, a + m * am, am, ak, b, K, N, n0, start, row);
 }
 
 // gemm_wide with r = 0..R full registers picked at run time.
 template <typename T, int R>
 void gemm_wide_of(int r, bool half, T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K,
-                  int64_t N, Start start, const T* row) {
+                  int64_t N, int64_t n0, Start start, const T* row) {
   if constexpr (R > 0) {
-    if (r < R) return gemm_wide_of<T, R - 1>(r, half, c, a, am, ak, b, M, K, N, start, row);
+    if (r < R) return gemm_wide_of<T, R - 1>(r, half, c, a, am, ak, b, M, K, N, n0, start, row);
   }
-  if (half) return gemm_wide<T, R, true>(c, a, am, ak, b, M, K, N, start, row);
-  gemm_wide<T, R, false>(c, a, am, ak, b, M, K, N, start, row);
+  if (half) return gemm_wide<T, R, true>(c, a, am, ak, b, M, K, N, n0, start, row);
+  gemm_wide<T, R, false>(c, a, am, ak, b, M, K, N, n0, start, row);
 }
 
 // c [M,N] = start + A B (A as in gemm_columns). Up to 8 registers wide, the whole width is one
@@ -193,14 +193,21 @@ void gemm(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64
   constexpr int kLanes = Lanes<T>::kCount;
   const int64_t registers = N / kLanes;
   int64_t n0 = 0;
-  if constexpr (kVectorBytes == 64) {  // up to five 512-bit registers (and a 256-bit one) wide: one pass
+  if constexpr (kVectorBytes == 64) {
+    // tiles four 512-bit registers wide, four rows a block; then the rest of the width (up to five registers
+    // and a 256-bit one) in one pass; then the last columns one by one
     constexpr int kHalf = 32 / sizeof(T);
-    const bool half = N - registers * kLanes >= kHalf;
-    if (registers + half <= 5 && registers + half > 0) {
-      gemm_wide_of<T, 5>(static_cast<int>(registers), half, c, a, am, ak, b, M, K, N, start, row);
-      for (n0 = registers * kLanes + half * kHalf; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, row);
-      return;
+    if (registers > 5) {
+      for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_wide<T, 4, false>(c, a, am, ak, b, M, K, N, n0, start, row);
     }
+    const int64_t rest = (N - n0) / kLanes;
+    const bool half = N - n0 - rest * kLanes >= kHalf;
+    if (rest + half > 0) {
+      gemm_wide_of<T, 5>(static_cast<int>(rest), half, c, a, am, ak, b, M, K, N, n0, start, row);
+      n0 += rest * kLanes + half * kHalf;
+    }
+    for (; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, row);
+    return;
   }
   if (registers > 8) {
     for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_columns<T, 4>(c, a, am, ak, b, M, K, N, n0, start, row);
