@@ -72,11 +72,20 @@ OPCHECK_TESTS = (("test_schema", "test_autograd_registration", "test_faketensor"
                  if mf.backend_info()["active"] == "extension" else ("test_schema",))
 
 
-def test_opcheck(device):
+@pytest.mark.parametrize("cpu_kernels", ["default", "none"])
+def test_opcheck(cpu_kernels, device):
+    """opcheck on the device's kernel, and on the CPU also with the hand-written kernels off (METALEARN_FAST_CPU_SIMD
+    =none: the ATen composite CUDA runs, whose weight gradients came out as transposed views)."""
     params, x, y = problem(SIZES["small"], "cross_entropy", torch.float64, device)
     op = torch.ops.metalearn_fast.mlp_loss_grad.default
-    torch.library.opcheck(op, ([p.detach() for p in params], x, y, "cross_entropy"), test_utils=OPCHECK_TESTS)
-    torch.library.opcheck(op, (params, x, y, "cross_entropy"), test_utils=OPCHECK_TESTS)
+    extension = mf.ops._extension
+    before = extension.set_cpu_simd(cpu_kernels) if extension is not None and cpu_kernels == "none" else None
+    try:
+        torch.library.opcheck(op, ([p.detach() for p in params], x, y, "cross_entropy"), test_utils=OPCHECK_TESTS)
+        torch.library.opcheck(op, (params, x, y, "cross_entropy"), test_utils=OPCHECK_TESTS)
+    finally:
+        if before is not None:
+            extension.set_cpu_simd(before)
 
 
 @pytest.mark.parametrize("case,error,match", [

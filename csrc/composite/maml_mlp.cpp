@@ -587,11 +587,13 @@ std::vector<Layer> as_layers(at::TensorList params) {
   return layers;
 }
 
+// [W0, b0, W1, b1, ...], each contiguous like its parameter (as the ops' fake kernels say): a weight's gradient
+// can come out of its matrix product as a transposed view
 std::vector<Tensor> flatten(const std::vector<std::pair<Tensor, Tensor>>& grads) {
   std::vector<Tensor> out;
   for (const auto& [weight, bias] : grads) {
-    out.push_back(weight);
-    out.push_back(bias);
+    out.push_back(weight.contiguous());
+    out.push_back(bias.contiguous());
   }
   return out;
 }
