@@ -5,7 +5,6 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
-#include <cstring>
 #include <utility>
 #include <vector>
 
@@ -201,14 +200,11 @@ PyObject* cpu_simd_get(PyObject* /*module*/, PyObject* /*unused*/) {
 
 PyObject* cpu_simd_set(PyObject* /*module*/, PyObject* level) {
   HANDLE_TH_ERRORS
-  using metalearn_fast::CpuSimd;
   const char* name = PyUnicode_Check(level) ? PyUnicode_AsUTF8(level) : nullptr;
-  for (CpuSimd candidate : {CpuSimd::kNone, CpuSimd::kAvx2, CpuSimd::kAvx512}) {
-    if (name != nullptr && std::strcmp(name, metalearn_fast::cpu_simd_name(candidate)) == 0) {
-      return PyUnicode_FromString(metalearn_fast::cpu_simd_name(metalearn_fast::set_cpu_simd(candidate)));
-    }
-  }
-  TORCH_CHECK_VALUE(false, "set_cpu_simd: level must be 'none', 'avx2' or 'avx512'");
+  metalearn_fast::CpuSimd wanted = metalearn_fast::CpuSimd::kNone;
+  TORCH_CHECK_VALUE(name != nullptr && metalearn_fast::cpu_simd_from_name(name, &wanted),
+                    "set_cpu_simd: level must be 'none', 'avx2' or 'avx512'");
+  return PyUnicode_FromString(metalearn_fast::cpu_simd_name(metalearn_fast::set_cpu_simd(wanted)));
   END_HANDLE_TH_ERRORS
 }
 

@@ -18,6 +18,7 @@ from torch import nn
 import metalearn_fast as mf
 from metalearn_fast import TaskBatch
 
+from conftest import forced_cpu_simd
 from test_nn import plain_mlp
 
 FACTOR, SLACK = 4.0, 1e-5
@@ -127,9 +128,11 @@ def per_task_meta_training(start, batches, inner_lr, inner_steps, dtype, step_ra
     return model
 
 
+@pytest.mark.parametrize("simd", ["avx2", "avx512"])
 @pytest.mark.parametrize("path", ["fused-meta-step", "meta-loss-backward"])
 @pytest.mark.parametrize("sizes,inner_steps", [([1, 40, 40, 1], 1), ([1, 40, 40, 1], 5), ([1, 64, 128, 1], 2)])
-def test_float32_meta_training_stays_as_close_to_float64_as_plain_float32(sizes, inner_steps, path):
+def test_float32_meta_training_stays_as_close_to_float64_as_plain_float32(sizes, inner_steps, path, simd):
+    """The per-task kernel's AVX2 and AVX-512 copies, each forced (skipped on a CPU without it)."""
     torch.manual_seed(0)
     start = plain_mlp(sizes)
     steps, inner_lr = 60, 0.01
@@ -138,13 +141,14 @@ def test_float32_meta_training_stays_as_close_to_float64_as_plain_float32(sizes,
     model = our_mlp(start)
     maml = mf.MAML(model, inner_lr=inner_lr, inner_steps=inner_steps)
     optimizer = torch.optim.Adam(maml.parameters(), lr=1e-3)
-    for batch in sine_batches(steps):
-        if path == "fused-meta-step":
-            maml.meta_step(batch, optimizer)
-        else:  # the per-task kernel as an autograd op, torch.optim's own step
-            optimizer.zero_grad()
-            maml.meta_loss(batch).backward()
-            optimizer.step()
+    with forced_cpu_simd(simd):
+        for batch in sine_batches(steps):
+            if path == "fused-meta-step":
+                maml.meta_step(batch, optimizer)
+            else:  # the per-task kernel as an autograd op, torch.optim's own step
+                optimizer.zero_grad()
+                maml.meta_loss(batch).backward()
+                optimizer.step()
     if path == "fused-meta-step":
         assert maml.meta_step_path(optimizer) == "fused"
     assert_as_close_as_plain(model, plain32, truth, f"MAML {sizes} {inner_steps} steps, {path}")

@@ -11,6 +11,8 @@ import metalearn_fast as mf
 from metalearn_fast import reference
 from metalearn_fast.ops import maml_mlp_loss
 
+from conftest import forced_cpu_simd
+
 SIZES = [3, 8, 7, 4]
 
 
@@ -24,18 +26,11 @@ def _cpu_simd(request):
     """Forces the per-task kernel's instruction set for a test parametrized by ``kernel``: AVX2 for
     "per-task", AVX-512 for "per-task-avx512" (each skipped on a CPU without it)."""
     kernel = request.node.callspec.params.get("kernel") if hasattr(request.node, "callspec") else None
-    extension = mf.ops._extension
-    if extension is None or kernel not in ("per-task", "per-task-avx512"):
+    if kernel not in ("per-task", "per-task-avx512"):
         yield
         return
-    level = "avx512" if kernel == "per-task-avx512" else "avx2"
-    levels = ["none", "avx2", "avx512"]
-    if levels.index(level) > levels.index(extension.CPU_SIMD_AVAILABLE):
-        pytest.skip(f"this CPU has no {level.upper()}: the op runs its composite, tested as 'batched'")
-    before = extension.set_cpu_simd(level)
-    assert extension.cpu_simd() == level
-    yield
-    extension.set_cpu_simd(before)
+    with forced_cpu_simd("avx512" if kernel == "per-task-avx512" else "avx2"):
+        yield
 
 
 def kernel_shape(kernel):

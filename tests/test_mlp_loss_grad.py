@@ -3,6 +3,8 @@ product) and the learn2learn layer's use of it: a clone of an MLP chain takes it
 
 Oracles: the reference op (autograd.grad with create_graph) for the op; torch.func.functional_call with explicit
 inner steps p - lr * g, in float64, for the learners; torch.fx-free hand checks for what counts as a chain."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,8 @@ import metalearn_fast.l2l as l2l
 from metalearn_fast import ops, reference
 from metalearn_fast.l2l.algorithms import maml as l2l_maml
 from metalearn_fast.l2l.algorithms._mlp_chain import MlpChain
+
+from conftest import forced_cpu_simd
 
 # small layers take the CPU's per-task loops; a 130x130 layer is past their size rule and takes the composite
 SIZES = {"small": [3, 16, 8, 2], "past-the-kernel": [4, 130, 130, 3]}
@@ -78,14 +82,9 @@ def test_opcheck(cpu_kernels, device):
     =none: the ATen composite CUDA runs, whose weight gradients came out as transposed views)."""
     params, x, y = problem(SIZES["small"], "cross_entropy", torch.float64, device)
     op = torch.ops.metalearn_fast.mlp_loss_grad.default
-    extension = mf.ops._extension
-    before = extension.set_cpu_simd(cpu_kernels) if extension is not None and cpu_kernels == "none" else None
-    try:
+    with forced_cpu_simd("none") if cpu_kernels == "none" else contextlib.nullcontext():
         torch.library.opcheck(op, ([p.detach() for p in params], x, y, "cross_entropy"), test_utils=OPCHECK_TESTS)
         torch.library.opcheck(op, (params, x, y, "cross_entropy"), test_utils=OPCHECK_TESTS)
-    finally:
-        if before is not None:
-            extension.set_cpu_simd(before)
 
 
 @pytest.mark.parametrize("case,error,match", [

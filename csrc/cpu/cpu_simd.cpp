@@ -21,11 +21,10 @@ CpuSimd detect() {
 
 CpuSimd from_environment(CpuSimd available) {
   const char* value = std::getenv("METALEARN_FAST_CPU_SIMD");
-  if (value == nullptr || *value == '\0') return available;
-  for (CpuSimd level : {CpuSimd::kNone, CpuSimd::kAvx2, CpuSimd::kAvx512}) {
-    if (std::strcmp(value, cpu_simd_name(level)) == 0) return level < available ? level : available;
-  }
-  return available;  // metalearn_fast/_ext.py refuses other values before the extension loads
+  CpuSimd level = available;
+  // metalearn_fast/_ext.py refuses other values before the extension loads
+  if (value == nullptr || !cpu_simd_from_name(value, &level)) return available;
+  return level < available ? level : available;
 }
 
 std::atomic<int>& current() {
@@ -45,6 +44,16 @@ CpuSimd cpu_simd() { return static_cast<CpuSimd>(current().load(std::memory_orde
 CpuSimd set_cpu_simd(CpuSimd level) {
   const CpuSimd capped = level < cpu_simd_available() ? level : cpu_simd_available();
   return static_cast<CpuSimd>(current().exchange(static_cast<int>(capped)));
+}
+
+bool cpu_simd_from_name(const char* name, CpuSimd* level) {
+  for (CpuSimd candidate : {CpuSimd::kNone, CpuSimd::kAvx2, CpuSimd::kAvx512}) {
+    if (std::strcmp(name, cpu_simd_name(candidate)) == 0) {
+      *level = candidate;
+      return true;
+    }
+  }
+  return false;
 }
 
 const char* cpu_simd_name(CpuSimd level) {

@@ -52,6 +52,8 @@ CpuSimd cpu_simd();
 // Sets the level (capped at cpu_simd_available()) and returns the one before.
 CpuSimd set_cpu_simd(CpuSimd level);
 const char* cpu_simd_name(CpuSimd level);
+// The level named `name` ("none", "avx2", "avx512") into *level; false for any other name.
+bool cpu_simd_from_name(const char* name, CpuSimd* level);
 
 // Whether the AVX2 + FMA kernels below run.
 inline bool cpu_has_avx2_fma() { return cpu_simd() >= CpuSimd::kAvx2; }

@@ -22,10 +22,10 @@ struct Lanes {
 // a[m * am + k * ak] and B [K,N] row-major. Two rows at a time, their sums held in registers over
 // the whole k loop: each piece of B loaded serves both rows. (The odd last row has its own copy of
 // the loop: one template over the row count measured 10% slower, its sums not all kept in registers.)
-template <typename T, int R, int Bytes = kVectorBytes>
+template <typename T, int R>
 void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
                   int64_t K, int64_t N, int64_t n0, Start start, const T* __restrict row) {
-  using L = Lanes<T, Bytes>;
+  using L = Lanes<T>;
   using V = typename L::type;
   constexpr int kLanes = L::kCount;
   auto begin = [&](V* acc, const T* cm) {
@@ -217,13 +217,6 @@ void gemm(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64
     gemm_columns_of<T, 8>(r, c, a, am, ak, b, M, K, N, n0, start, row);
     n0 += r * kLanes;
   }
-  if constexpr (kVectorBytes > 32) {  // a half register's worth of columns left (40 floats: 32 + 8)
-    constexpr int kHalf = 32 / sizeof(T);
-    if (n0 + kHalf <= N) {
-      gemm_columns<T, 1, 32>(c, a, am, ak, b, M, K, N, n0, start, row);
-      n0 += kHalf;
-    }
-  }
   for (; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, row);
 }
 
@@ -281,7 +274,9 @@ void transpose(T* __restrict out, const T* __restrict in, int64_t rows, int64_t 
   constexpr int64_t kTile = 32 / sizeof(T);
   const int64_t whole_rows = rows - rows % kTile, whole_cols = cols - cols % kTile;
   for (int64_t r0 = 0; r0 < whole_rows; r0 += kTile) {
-    for (int64_t c0 = 0; c0 < whole_cols; c0 += kTile) transpose_tile(out + c0 * rows + r0, rows, in + r0 * cols + c0, cols);
+    for (int64_t c0 = 0; c0 < whole_cols; c0 += kTile) {
+      transpose_tile(out + c0 * rows + r0, rows, in + r0 * cols + c0, cols);
+    }
   }
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = r < whole_rows ? whole_cols : 0; c < cols; ++c) out[c * rows + r] = in[r * cols + c];

@@ -304,8 +304,8 @@ def _fused_meta_step(maml: MAML, batch: TaskBatch, update: FusedUpdate) -> Tenso
     with torch.no_grad():
         loss = maml_mlp_meta_step_(
             params, learned or [_fused_rate(maml, params[0])], grads, state, batch.x_support, batch.y_support,
-            batch.x_query, batch.y_query, maml.inner_steps, bool(maml._first_order()), maml.loss, maml._first_adapted_layer,
-            bool(learned), update.kind, settings, per_step_lr, step_weights)
+            batch.x_query, batch.y_query, maml.inner_steps, bool(maml._first_order()), maml.loss,
+            maml._first_adapted_layer, bool(learned), update.kind, settings, per_step_lr, step_weights)
     update.finish(state)
     return loss
 
