@@ -2,7 +2,8 @@
 
 It runs a whole meta-batch of T tasks at once on per-task parameters, the way the model's plan says
 (task_batched.py): one fused op for an MLP with a built-in loss, batched matrix products for any other
-Linear(+ReLU) stack, torch.func for any other module (``meta_loss`` as an inner loop of ``torch.func.grad``
+Linear(+ReLU) stack, a meta-gradient derived by hand for a conv/BatchNorm/ReLU network with a built-in loss
+(conv4's kind, plain MAML or FOMAML: convnet.py), torch.func for any other module (``meta_loss`` as an inner loop of ``torch.func.grad``
 on the meta weights all tasks share, ``_func_grad_meta_loss``). Every plan gives the numbers of a per-task
 loop with ``torch.autograd.grad``.
 
@@ -27,6 +28,7 @@ from ..ops import _number_as_rate, maml_mlp_loss, maml_mlp_meta_step_, sgd_step
 from ..optim import FusedUpdate, UpdateCache
 from ..tasks import TaskBatch, check_task_set
 from .maml_plus import StepOptions, batchnorm_indices
+from . import convnet
 from .task_batched import LossArg, _TaskBatchedLearner, _head_indices
 
 __all__ = ["MAML"]
@@ -100,6 +102,11 @@ class MAML(_TaskBatchedLearner):
             self.plus = StepOptions(parameters, self._adapted_indices, self.inner_lr, self.inner_steps,
                                     per_step_inner_lr, multi_step_loss, norms, first_order_meta_steps)
         self._updates = UpdateCache()
+        # a conv/BatchNorm/ReLU network (conv4) with a built-in loss: the meta-gradient derived by hand (convnet.py)
+        self._conv_net = None
+        if (self.plan.kind == "module" and isinstance(loss, str) and not learn_inner_lr and not adapt_head_only
+                and self.plus is None):
+            self._conv_net = convnet.conv_net_plan(model)
 
     def extra_repr(self) -> str:
         return (f"inner_lr={self.inner_lr}, inner_steps={self.inner_steps}, first_order={self.first_order}, learn_inner_"
@@ -111,6 +118,11 @@ class MAML(_TaskBatchedLearner):
         self._check_batch(batch)
         if self.plan.kind == "fused":  # an MLP: no BatchNorm, so no per-step BatchNorm either
             return _fused_meta_loss(self, batch)
+        if self._conv_net is not None:
+            self._check_targets(batch, self._meta_parameters()[-2].shape[0])
+            return convnet.meta_loss(self._conv_net, self._meta_parameters(), batch.x_support, batch.y_support,
+                                     batch.x_query, batch.y_query, self.inner_lr, self.inner_steps, self._first_order(),
+                                     self.loss)
         weights = self.plus.loss_weights() if self.plus is not None and self.plus.multi_step else None
         if self.plan.uses_func_grad and not self._first_order() and self.plus is None:
             return _func_grad_meta_loss(self, batch)
@@ -197,6 +209,12 @@ class MAML(_TaskBatchedLearner):
         self.plan.check_adapted(adapted, x, self._meta_parameters())
         return self.plan.forward(adapted, x)
 
+    def _check_targets(self, batch: TaskBatch, outputs: int) -> None:
+        """The built-in loss's demands on both target sets, for a model of ``outputs`` outputs."""
+        for x, y, name, largest in ((batch.x_support, batch.y_support, "y_support", batch.largest_labels[0]),
+                                    (batch.x_query, batch.y_query, "y_query", batch.largest_labels[1])):
+            self._check_target((*x.shape[:2], outputs), y, name, largest)
+
     def _first_order(self) -> bool:  # first_order, or derivative-order annealing not over yet
         return self.plus.first_order_now(self.first_order) if self.plus is not None else self.first_order
 
@@ -282,10 +300,7 @@ def _fused_meta_loss(maml: MAML, batch: TaskBatch) -> Tensor:
         rates = [torch.zeros(shape, dtype=p.dtype, device=p.device) for p in parameters]
         for i, rate in zip(maml._adapted_indices, learned):
             rates[i] = rate
-    outputs = parameters[-2].shape[0]
-    for x, y, name, largest in ((batch.x_support, batch.y_support, "y_support", batch.largest_labels[0]),
-                                (batch.x_query, batch.y_query, "y_query", batch.largest_labels[1])):
-        maml._check_target((*x.shape[:2], outputs), y, name, largest)
+    maml._check_targets(batch, parameters[-2].shape[0])
     return maml_mlp_loss(parameters, rates, batch.x_support, batch.y_support, batch.x_query, batch.y_query,
                          inner_steps=maml.inner_steps, first_order=maml._first_order(), loss=maml.loss,
                          first_adapted_layer=maml._first_adapted_layer, per_step_lr=per_step_lr,

@@ -1,0 +1,348 @@
+"""MAML's meta-gradient of a conv/BatchNorm/ReLU network, derived by hand: no autograd graph, no vmap.
+
+The model: blocks of [Conv2d, BatchNorm2d with batch statistics, ReLU], then AdaptiveAvgPool2d(1), Flatten and
+a Linear head (the MAML paper's conv4 and its relatives, ``nn.conv4``). Every task of a meta-batch runs at once:
+the T tasks' feature maps sit side by side in the channels of one tensor [N, T*C, H, W], so that each conv is
+one grouped convolution (groups=T, task t's weights on task t's channels) and each task's BatchNorm statistics
+are the per-channel statistics of that tensor (torch's own batch_norm kernels).
+
+The meta-gradient of K inner SGD steps, second order, is the query gradient v carried back through every step:
+v <- v - lr * H_k v, with H_k the Hessian of the support loss at the step's weights. H_k v is the directional
+derivative of the support gradient along v (forward-over-reverse, written out layer by layer below): about
+three convolutions' work per conv, and nothing stored but one step's activations. First order skips it.
+The numbers are the per-task loop's with torch.autograd.grad (tests/test_convnet.py, float64, 1e-10).
+
+Notation, per layer: a_prev -> z = conv(a_prev, W) + b -> xhat = (z - mean) * invstd -> y = gamma xhat + beta
+-> a = relu(y); g_* is the gradient of the loss and d* the derivative along v; M the values a channel's
+statistics average (N * H * W).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["ConvNetPlan", "conv_net_plan"]
+
+aten = torch.ops.aten
+
+
+@dataclass(frozen=True)
+class _Conv:
+    stride: tuple
+    padding: tuple
+    has_bias: bool
+    eps: float
+
+
+@dataclass(frozen=True)
+class ConvNetPlan:
+    """The structure ``conv_net_plan`` found: one _Conv per block; parameters come in model.parameters() order
+    (conv weight, [conv bias], norm weight, norm bias per block; head weight, head bias)."""
+    blocks: tuple
+
+    def sizes(self) -> list[int]:
+        """How many parameters each block holds, then the head's 2."""
+        return [3 + block.has_bias for block in self.blocks] + [2]
+
+
+def conv_net_plan(model: nn.Module) -> Optional[ConvNetPlan]:
+    """The plan of a model this module computes exactly, None for any other model: nn.Sequential of blocks
+    [Conv2d (zero padding, no dilation or groups), BatchNorm2d (affine, batch statistics), ReLU], then
+    AdaptiveAvgPool2d(1), Flatten, Linear with a bias; no parameter shared."""
+    if not isinstance(model, nn.Sequential) or type(model).forward is not nn.Sequential.forward:
+        return None
+    layers = list(model)
+    if len(layers) < 6 or (len(layers) - 3) % 3:
+        return None
+    blocks = []
+    for conv, norm, relu in zip(layers[:-3:3], layers[1:-3:3], layers[2:-3:3]):
+        if not (type(conv) is nn.Conv2d and type(norm) is nn.BatchNorm2d and type(relu) is nn.ReLU):
+            return None
+        if (conv.groups != 1 or conv.dilation != (1, 1) or conv.padding_mode != "zeros" or isinstance(conv.padding, str)
+                or not norm.affine or norm.track_running_stats or norm.num_features != conv.out_channels):
+            return None
+        blocks.append(_Conv(conv.stride, conv.padding, conv.bias is not None, norm.eps))
+    pool, flatten, head = layers[-3:]
+    if not (type(pool) is nn.AdaptiveAvgPool2d and pool.output_size in (1, (1, 1)) and type(flatten) is nn.Flatten
+            and (flatten.start_dim, flatten.end_dim) == (1, -1) and type(head) is nn.Linear and head.bias is not None
+            and head.in_features == layers[-6].out_channels):
+        return None
+    parameters = list(model.parameters())
+    if len({id(p) for p in parameters}) != sum(3 + b.has_bias for b in blocks) + 2:
+        return None
+    return ConvNetPlan(tuple(blocks))
+
+
+# ---- per-task weights: [T, ...] tensors in model.parameters() order, split into blocks and the head ----
+
+
+def _split(plan: ConvNetPlan, params: Sequence[Tensor]) -> tuple[list[tuple], tuple]:
+    """(per block (weight, bias or None, gamma, beta), (head weight, head bias)); a conv's weight [T, C, ...] as
+    the grouped convolution's [T*C, ...] (channels-last: oneDNN's faster input gradient), made once here."""
+    blocks, i = [], 0
+    for block in plan.blocks:
+        weight, bias = _Grouped.of(params[i]), params[i + 1] if block.has_bias else None
+        i += 1 + block.has_bias
+        blocks.append((weight, bias, params[i], params[i + 1]))
+        i += 2
+    return blocks, (params[i], params[i + 1])
+
+
+def _join(blocks: list[tuple], head: tuple) -> list[Tensor]:
+    """_split's inverse (a block without a conv bias gives None there, dropped)."""
+    return [t.per_task if isinstance(t, _Grouped) else t for block in blocks for t in block if t is not None] + list(head)
+
+
+@dataclass
+class _Grouped:
+    """A conv weight per task: per_task [T, C, Cin, k, k] and flat, the grouped convolution's [T*C, Cin, k, k]."""
+    per_task: Tensor
+    flat: Tensor
+
+    @staticmethod
+    def of(t: Tensor) -> "_Grouped":
+        flat = t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]).contiguous(memory_format=torch.channels_last)
+        return _Grouped(t, flat)
+
+
+def _conv(block: _Conv, a: Tensor, weight: _Grouped, bias: Optional[Tensor]) -> Tensor:
+    return F.conv2d(a, weight.flat, None if bias is None else bias.reshape(-1), block.stride, block.padding,
+                    groups=weight.per_task.shape[0])
+
+
+def _conv_grads(block: _Conv, g: Tensor, a: Tensor, weight: _Grouped, need_input: bool):
+    """(gradient w.r.t. a or None, w.r.t. the weight [T, ...], w.r.t. the bias [T, C] or None) of
+    sum(g * conv(a, weight, bias))."""
+    shape = weight.per_task.shape
+    g_a, g_w, g_b = aten.convolution_backward(
+        g, a, weight.flat, [shape[0] * shape[1]] if block.has_bias else None, list(block.stride),
+        list(block.padding), [1, 1], False, [0, 0], shape[0], [need_input, True, block.has_bias])
+    return g_a, g_w.reshape(shape), None if g_b is None else g_b.view(shape[:2])
+
+
+def _per_channel(t: Tensor) -> Tensor:
+    """[T, C] -> [1, T*C, 1, 1], to broadcast over [N, T*C, H, W]."""
+    return t.reshape(1, -1, 1, 1)
+
+
+def _channel_sum(t: Tensor) -> Tensor:
+    """[N, T*C, H, W] -> [T*C]."""
+    return t.sum((0, 2, 3))
+
+
+@dataclass
+class _Forward:
+    """One pass of the model on per-task weights: what the backward pass and the derivative along v read."""
+    inputs: list  # a_prev of every block, then the last block's output
+    z: list
+    xhat: list
+    mean: list
+    invstd: list
+    pooled: Tensor  # [N, T, C]
+    out: Tensor  # [N, T, O]
+
+
+def _forward(plan: ConvNetPlan, blocks: list[tuple], head: tuple, x: Tensor) -> _Forward:
+    """x: [N, T*Cin, H, W]."""
+    f = _Forward([], [], [], [], [], None, None)
+    a = x
+    for block, (weight, bias, gamma, beta) in zip(plan.blocks, blocks):
+        z = _conv(block, a, weight, bias)
+        y, mean, invstd = torch.native_batch_norm(z, gamma.reshape(-1), beta.reshape(-1), None, None, True, 0.0,
+                                                  block.eps)
+        f.inputs.append(a)
+        f.z.append(z)
+        f.mean.append(mean)
+        f.invstd.append(invstd)
+        f.xhat.append((z - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1))
+        a = torch.relu(y)
+    f.inputs.append(a)
+    tasks = head[0].shape[0]
+    f.pooled = a.mean((2, 3)).view(a.shape[0], tasks, -1)
+    f.out = torch.einsum("ntc,toc->nto", f.pooled, head[0]) + head[1]
+    return f
+
+
+def _loss(kind: str, out: Tensor, target: Tensor) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """(per-task losses [T], their gradient w.r.t. out [N, T, O], softmax or None) for out [N, T, O] and the
+    task-major target [T, N] (labels) or [T, N, O]."""
+    examples = out.shape[0]
+    if kind == "cross_entropy":
+        log_p = torch.log_softmax(out, -1)
+        labels = target.t().unsqueeze(-1)  # [N, T, 1]
+        losses = -log_p.gather(-1, labels).squeeze(-1).mean(0)
+        p = log_p.exp()
+        grad = p.scatter_add(-1, labels, torch.full_like(p[..., :1], -1.0)) / examples
+        return losses, grad, p
+    diff = out - target.transpose(0, 1)
+    return diff.pow(2).mean((0, 2)), diff * (2.0 / (examples * out.shape[2])), None
+
+
+def _loss_tangent(kind: str, d_out: Tensor, p: Optional[Tensor]) -> Tensor:
+    """The derivative of _loss's gradient along d_out."""
+    examples = d_out.shape[0]
+    if kind == "cross_entropy":
+        return p * (d_out - (p * d_out).sum(-1, keepdim=True)) / examples
+    return d_out * (2.0 / (examples * d_out.shape[2]))
+
+
+@dataclass
+class _Backward:
+    g_y: list  # per block: the gradient at y (after the ReLU's mask)
+    unit: list  # per block: batch_norm's input gradient with gamma = 1
+    g_z: list
+    g_gamma: list
+    g_head_out: Tensor
+
+
+def _backward(plan: ConvNetPlan, blocks: list[tuple], head: tuple, f: _Forward, g_out: Tensor
+              ) -> tuple[list[Tensor], _Backward]:
+    """The per-task gradients (model.parameters() order, [T, ...]) given g_out = dloss/dout."""
+    b = _Backward(*([None] * len(blocks) for _ in range(4)), g_out)
+    tasks = head[0].shape[0]
+    g_head = (torch.einsum("nto,ntc->toc", g_out, f.pooled), g_out.sum(0))
+    last = f.inputs[-1]
+    g_a = (torch.einsum("nto,toc->ntc", g_out, head[0]).reshape(last.shape[0], -1, 1, 1)
+           / (last.shape[2] * last.shape[3])).expand(last.shape)
+    grads = [None] * len(blocks)
+    for i in reversed(range(len(blocks))):
+        block, (weight, _, gamma, _) = plan.blocks[i], blocks[i]
+        g_y = aten.threshold_backward(g_a, f.inputs[i + 1], 0)
+        unit, g_gamma, g_beta = aten.native_batch_norm_backward(
+            g_y, f.z[i], None, None, None, f.mean[i], f.invstd[i], True, block.eps, [True, True, True])
+        g_z = unit * _per_channel(gamma)
+        g_a, g_w, g_b = _conv_grads(block, g_z, f.inputs[i], weight, i > 0)
+        b.g_y[i], b.unit[i], b.g_z[i], b.g_gamma[i] = g_y, unit, g_z, g_gamma
+        grads[i] = (g_w, g_b, g_gamma.view(tasks, -1), g_beta.view(tasks, -1))
+    return _join(grads, g_head), b
+
+
+def _hessian_times(plan: ConvNetPlan, blocks: list[tuple], head: tuple, f: _Forward, b: _Backward, kind: str,
+                   p: Optional[Tensor], v: list[Tensor]) -> list[Tensor]:
+    """Each task's Hessian of its loss (at the weights of f and b) times that task's v (model.parameters()
+    order, [T, ...]): the derivative of _backward's gradients along v."""
+    dblocks, dhead = _split(plan, v)
+    tasks = head[0].shape[0]
+    # along v through the forward pass
+    d_xhat, d_scale, d_a = [], [], []
+    da = None
+    for i, (block, (weight, _, gamma, _), (d_w, d_b, d_gamma, d_beta)) in enumerate(zip(plan.blocks, blocks, dblocks)):
+        dz = _conv(block, f.inputs[i], d_w, d_b)
+        if da is not None:
+            dz = dz + _conv(block, da, weight, None)
+        xhat, invstd = f.xhat[i], f.invstd[i].view(1, -1, 1, 1)
+        count = dz.numel() // dz.shape[1]
+        d_mean = dz.mean((0, 2, 3), keepdim=True)
+        d_std = (xhat * dz).sum((0, 2, 3), keepdim=True) / count  # the std's derivative: mean(xhat dz)
+        dxh = (dz - d_mean - xhat * d_std) * invstd
+        dy = xhat * _per_channel(d_gamma) + dxh * _per_channel(gamma) + _per_channel(d_beta)
+        d_xhat.append(dxh)
+        d_scale.append(d_std * invstd)  # d(std) / std: invstd's derivative is -invstd times this
+        da = aten.threshold_backward(dy, f.inputs[i + 1], 0)
+        d_a.append(da)
+    d_pooled = da.mean((2, 3)).view(da.shape[0], tasks, -1)
+    d_out = (torch.einsum("ntc,toc->nto", d_pooled, head[0]) + torch.einsum("ntc,toc->nto", f.pooled, dhead[0])
+             + dhead[1])
+    dg_out = _loss_tangent(kind, d_out, p)
+    g_out = b.g_head_out
+    dg_head = (torch.einsum("nto,ntc->toc", dg_out, f.pooled) + torch.einsum("nto,ntc->toc", g_out, d_pooled),
+               dg_out.sum(0))
+    last = f.inputs[-1]
+    dg_a = ((torch.einsum("nto,toc->ntc", dg_out, head[0]) + torch.einsum("nto,toc->ntc", g_out, dhead[0]))
+            .reshape(last.shape[0], -1, 1, 1) / (last.shape[2] * last.shape[3])).expand(last.shape)
+    # back along v through the backward pass
+    out = [None] * len(blocks)
+    for i in reversed(range(len(blocks))):
+        block, (weight, _, gamma, _), (d_w, _, d_gamma, _) = plan.blocks[i], blocks[i], dblocks[i]
+        xhat, invstd, dxh = f.xhat[i], f.invstd[i].view(1, -1, 1, 1), d_xhat[i]
+        g_y, unit, g_z = b.g_y[i], b.unit[i], b.g_z[i]
+        dg_y = aten.threshold_backward(dg_a, f.inputs[i + 1], 0)
+        d_unit, dg_gamma_part, dg_beta = aten.native_batch_norm_backward(
+            dg_y, f.z[i], None, None, None, f.mean[i], f.invstd[i], True, block.eps, [True, True, True])
+        count = g_y.numel() // g_y.shape[1]
+        g_y_dxh = _channel_sum(g_y * dxh)
+        g_gamma = b.g_gamma[i]
+        gam = gamma.reshape(1, -1, 1, 1)
+        # g_z = gamma * invstd * (g_y - mean(g_y) - xhat mean(g_y xhat)); its derivative along v:
+        dg_z = (d_unit * gam + unit * _per_channel(d_gamma) - g_z * d_scale[i]
+                - (dxh * (g_gamma / count).view(1, -1, 1, 1) + xhat * (g_y_dxh / count).view(1, -1, 1, 1))
+                * invstd * gam)
+        # dg_w = grad_w(a_prev, dg_z) + grad_w(da_prev, g_z); dg_a_prev = grad_a(W, dg_z) + grad_a(dW, g_z)
+        dg_a_prev, dg_w, dg_b = _conv_grads(block, dg_z, f.inputs[i], weight, i > 0)
+        if i > 0:
+            _, extra_w, _ = _conv_grads(block, g_z, d_a[i - 1], weight, False)
+            dg_w = dg_w + extra_w
+            extra_a, _, _ = _conv_grads(block, g_z, f.inputs[i], d_w, True)
+            dg_a_prev = dg_a_prev + extra_a
+            dg_a = dg_a_prev
+        out[i] = (dg_w, dg_b, (dg_gamma_part + g_y_dxh).view(tasks, -1), dg_beta.view(tasks, -1))
+    return _join(out, dg_head)
+
+
+def _task_major(x: Tensor) -> Tensor:
+    """[T, N, C, H, W] -> [N, T*C, H, W]."""
+    tasks, examples = x.shape[:2]
+    return x.transpose(0, 1).reshape(examples, tasks * x.shape[2], *x.shape[3:]).contiguous(
+        memory_format=torch.channels_last)
+
+
+def meta_loss_and_gradient(plan: ConvNetPlan, parameters: Sequence[Tensor], x_support: Tensor, y_support: Tensor,
+                           x_query: Tensor, y_query: Tensor, inner_lr: float, inner_steps: int, first_order: bool,
+                           loss: str) -> tuple[Tensor, list[Tensor]]:
+    """MAML's meta-loss (mean over tasks of the query loss after inner_steps SGD steps of rate inner_lr on each
+    task's support loss) and its gradient w.r.t. the meta ``parameters`` (model.parameters() order)."""
+    tasks = x_support.shape[0]
+    weights = [p.detach().expand(tasks, *p.shape) for p in parameters]
+    support, query = _task_major(x_support), _task_major(x_query)
+    steps = []
+    for _ in range(inner_steps):
+        blocks, head = _split(plan, weights)
+        f = _forward(plan, blocks, head, support)
+        _, g_out, p = _loss(loss, f.out, y_support)
+        grads, b = _backward(plan, blocks, head, f, g_out)
+        if not first_order:
+            steps.append((blocks, head, f, b, p))
+        weights = [w - inner_lr * g for w, g in zip(weights, grads)]
+    blocks, head = _split(plan, weights)
+    f = _forward(plan, blocks, head, query)
+    losses, g_out, _ = _loss(loss, f.out, y_query)
+    v, _ = _backward(plan, blocks, head, f, g_out)
+    for blocks, head, f, b, p in reversed(steps):
+        hv = _hessian_times(plan, blocks, head, f, b, loss, p, v)
+        v = [vi - inner_lr * h for vi, h in zip(v, hv)]
+    return losses.mean(), [vi.sum(0) / tasks for vi in v]
+
+
+class _MetaLoss(torch.autograd.Function):
+    """meta_loss_and_gradient as a differentiable scalar: its backward hands out the gradient computed with it
+    (the meta-loss cannot be differentiated twice)."""
+
+    @staticmethod
+    def forward(ctx, settings, x_support, y_support, x_query, y_query, *parameters):
+        with torch.no_grad():
+            loss, grads = meta_loss_and_gradient(settings[0], parameters, x_support, y_support, x_query, y_query,
+                                                 *settings[1:])
+        ctx.save_for_backward(*grads)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        return (None,) * 5 + tuple(grad * g for g in ctx.saved_tensors)
+
+
+def meta_loss(plan: ConvNetPlan, parameters: Sequence[Tensor], x_support: Tensor, y_support: Tensor,
+              x_query: Tensor, y_query: Tensor, inner_lr: float, inner_steps: int, first_order: bool,
+              loss: str) -> Tensor:
+    """meta_loss_and_gradient's meta-loss, differentiable w.r.t. ``parameters`` (its gradient comes with it)."""
+    in_channels = parameters[0].shape[1]
+    for name, x in (("x_support", x_support), ("x_query", x_query)):
+        if x.dim() != 5 or x.shape[2] != in_channels:
+            raise ValueError(f"{name} must be [T, N, {in_channels}, H, W] images for this model, got shape "
+                             f"{list(x.shape)}")
+    settings = (plan, inner_lr, inner_steps, first_order, loss)
+    return _MetaLoss.apply(settings, x_support, y_support, x_query, y_query, *parameters)

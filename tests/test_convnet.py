@@ -1,0 +1,196 @@
+"""MAML on conv/BatchNorm/ReLU networks (conv4's kind) through the hand-derived meta-gradient of
+metalearn_fast/algorithms/convnet.py, against the textbook oracle: a per-task loop of torch.autograd.grad
+(create_graph for second order) on the model itself, float64.
+"""
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+import metalearn_fast as mf
+from metalearn_fast import MAML, TaskBatch
+from metalearn_fast.algorithms import convnet
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def conv_net(channels=(1, 6, 5), stride=2, padding=1, bias=True, kernel=3, ways=4):
+    torch.manual_seed(0)
+    blocks = []
+    for c_in, c_out in zip(channels[:-1], channels[1:]):
+        blocks += [nn.Conv2d(c_in, c_out, kernel, stride=stride, padding=padding, bias=bias),
+                   nn.BatchNorm2d(c_out, eps=1e-3, track_running_stats=False), nn.ReLU()]
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], ways))
+
+
+def randomised(model, dtype=torch.float64, device="cpu"):
+    """BatchNorm's weight and bias away from 1 and 0, so that their derivatives are all exercised."""
+    torch.manual_seed(1)
+    model = model.to(device, dtype)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model
+
+
+def make_batch(loss, tasks=3, support=5, query=4, shape=(1, 9, 7), ways=4, dtype=torch.float64, device="cpu",
+               seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = torch.rand(tasks, support, *shape, generator=g, dtype=dtype)
+    xq = torch.rand(tasks, query, *shape, generator=g, dtype=dtype)
+    if loss == "cross_entropy":
+        ys, yq = (torch.randint(0, ways, (tasks, n), generator=g) for n in (support, query))
+    else:
+        ys, yq = (torch.randn(tasks, n, ways, generator=g, dtype=dtype) for n in (support, query))
+    return TaskBatch(*(t.to(device) for t in (xs, ys, xq, yq)))
+
+
+def loop_meta_loss(model, batch, lr, steps, first_order, loss):
+    """The oracle: one task at a time, the model's own forward, autograd.grad."""
+    names = [n for n, _ in model.named_parameters()]
+    criterion = nn.functional.cross_entropy if loss == "cross_entropy" else nn.functional.mse_loss
+    losses = []
+    for t in range(batch.num_tasks):
+        params = list(model.parameters())
+        for _ in range(steps):
+            inner = criterion(functional_call(model, dict(zip(names, params)), (batch.x_support[t],)),
+                              batch.y_support[t])
+            grads = torch.autograd.grad(inner, params, create_graph=not first_order)
+            params = [p - lr * g for p, g in zip(params, grads)]
+        losses.append(criterion(functional_call(model, dict(zip(names, params)), (batch.x_query[t],)),
+                                batch.y_query[t]))
+    return torch.stack(losses).mean()
+
+
+def assert_matches_loop(model, batch, steps, first_order, loss, lr=0.3, tol=1e-10):
+    maml = MAML(model, inner_lr=lr, inner_steps=steps, first_order=first_order, loss=loss)
+    assert maml._conv_net is not None
+    ours = maml.meta_loss(batch)
+    expected = loop_meta_loss(model, batch, lr, steps, first_order, loss)
+    torch.testing.assert_close(ours, expected, rtol=tol, atol=tol)
+    params = list(model.parameters())
+    for name, got, want in zip([n for n, _ in model.named_parameters()], torch.autograd.grad(ours, params),
+                               torch.autograd.grad(expected, params)):
+        torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
+@pytest.mark.parametrize("steps", [1, 2, 3])
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+def test_meta_gradient_equals_the_per_task_loop(device, loss, steps, first_order):
+    model = randomised(conv_net(), device=device)
+    assert_matches_loop(model, make_batch(loss, device=device), steps, first_order, loss)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(stride=1, padding=0), dict(stride=2, padding=0), dict(bias=False), dict(kernel=1, padding=0),
+    dict(channels=(2, 4, 3, 5)), dict(channels=(3, 4)), dict(stride=(2, 1), padding=(1, 0)),
+])
+def test_meta_gradient_across_layer_shapes(variant):
+    """Strides, paddings, kernel sizes, depths, input channels, no conv bias, non-square images."""
+    channels = variant.get("channels", (1, 6, 5))
+    model = randomised(conv_net(**variant))
+    batch = make_batch("cross_entropy", shape=(channels[0], 9, 7))
+    assert_matches_loop(model, batch, 2, False, "cross_entropy")
+
+
+def test_the_papers_conv4_on_omniglot_sized_images():
+    model = randomised(mf.nn.conv4(1, 5, hidden=8))
+    assert_matches_loop(model, make_batch("cross_entropy", tasks=2, shape=(1, 28, 28), ways=5), 1, False,
+                        "cross_entropy", lr=0.4)
+
+
+def test_chunks_give_the_batch_update():
+    """max_tasks_per_chunk splits the meta-batch: the same meta-gradient (weighted chunk by chunk)."""
+    batch = make_batch("cross_entropy", tasks=5)
+    grads = []
+    for chunk in (None, 2):
+        model = randomised(conv_net())
+        maml = MAML(model, inner_lr=0.3, loss="cross_entropy", max_tasks_per_chunk=chunk)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        maml.meta_step(batch, optimizer)
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_float32_is_as_close_to_the_float64_truth_as_the_loop():
+    """float32 rounding: the hand-derived meta-gradient no further from float64's than the autograd loop's."""
+    truth = None
+    errors = {}
+    for dtype, how in ((torch.float64, "ours"), (torch.float32, "ours"), (torch.float32, "loop")):
+        model = randomised(mf.nn.conv4(1, 5, hidden=16), dtype)
+        batch = make_batch("cross_entropy", tasks=4, shape=(1, 28, 28), ways=5, dtype=dtype)
+        maml = MAML(model, inner_lr=0.4, loss="cross_entropy")
+        loss = maml.meta_loss(batch) if how == "ours" else loop_meta_loss(model, batch, 0.4, 1, False,
+                                                                          "cross_entropy")
+        grads = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))]).double()
+        if truth is None:
+            truth = grads
+        else:
+            errors[how] = (grads - truth).norm() / truth.norm()
+    assert errors["ours"] <= 2 * errors["loop"] + 1e-7, errors
+
+
+def conv_parts():
+    return [nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, track_running_stats=False), nn.ReLU()]
+
+
+TAIL = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)]
+
+
+@pytest.mark.parametrize("model, why", [
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.ReLU(), *TAIL), "no BatchNorm"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4, affine=False, track_running_stats=False),
+                           nn.ReLU(), *TAIL), "BatchNorm without weight and bias"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, groups=1, dilation=2), *conv_parts()[1:], *TAIL), "dilation"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding="same"), *conv_parts()[1:], *TAIL), "padding='same'"),
+    (lambda: nn.Sequential(nn.Conv2d(1, 4, 3, padding=1, padding_mode="reflect"), *conv_parts()[1:], *TAIL),
+     "reflect padding"),
+    (lambda: nn.Sequential(*conv_parts()[:2], nn.Tanh(), *TAIL), "Tanh"),
+    (lambda: nn.Sequential(*conv_parts(), nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(16, 3)), "pool to 2x2"),
+    (lambda: nn.Sequential(*conv_parts(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3, bias=False)),
+     "head without bias"),
+    (lambda: nn.Sequential(*conv_parts(), *TAIL, nn.ReLU()), "something after the head"),
+])
+def test_other_models_take_the_general_path(model, why):
+    assert convnet.conv_net_plan(model()) is None, why
+
+
+def test_shared_layers_and_variants_take_the_general_path():
+    conv = nn.Conv2d(4, 4, 3, padding=1)
+    norm = nn.BatchNorm2d(4, track_running_stats=False)
+    shared = nn.Sequential(*conv_parts(), conv, norm, nn.ReLU(), conv, nn.BatchNorm2d(4, track_running_stats=False),
+                           nn.ReLU(), *TAIL)
+    assert convnet.conv_net_plan(shared) is None
+    assert convnet.conv_net_plan(nn.Sequential(*conv_parts(), *TAIL)) is not None
+    model = conv_net()
+    for options in (dict(learn_inner_lr=True), dict(adapt_head_only=True), dict(per_step_inner_lr=True),
+                    dict(loss=lambda pred, target: (pred - target).pow(2).flatten(1).mean(1))):
+        assert MAML(model, **{"loss": "cross_entropy", **options})._conv_net is None, options
+
+
+def test_bad_images_name_the_argument():
+    model = conv_net().double()
+    maml = MAML(model, loss="cross_entropy")
+    batch = make_batch("cross_entropy", shape=(2, 9, 7))  # the model takes 1 channel
+    with pytest.raises(ValueError, match=r"x_support must be \[T, N, 1, H, W\] images for this model, got shape "
+                                         r"\[3, 5, 2, 9, 7\]"):
+        maml.meta_loss(batch)
+    labels = make_batch("cross_entropy", ways=9)  # labels past the model's 4 outputs
+    with pytest.raises(ValueError, match="y_support holds class label"):
+        maml.meta_loss(labels)
+
+
+def test_nothing_passed_in_is_modified():
+    model = randomised(conv_net())
+    batch = make_batch("cross_entropy")
+    before = [t.clone() for t in (*model.parameters(), batch.x_support, batch.y_support, batch.x_query,
+                                  batch.y_query)]
+    MAML(model, inner_lr=0.3, loss="cross_entropy").meta_loss(batch).backward()
+    after = [*model.parameters(), batch.x_support, batch.y_support, batch.x_query, batch.y_query]
+    for a, b in zip(before, after):
+        assert torch.equal(a, b)
