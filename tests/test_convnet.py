@@ -194,3 +194,18 @@ def test_nothing_passed_in_is_modified():
     after = [*model.parameters(), batch.x_support, batch.y_support, batch.x_query, batch.y_query]
     for a, b in zip(before, after):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("tasks_per_chunk", [1, 2])
+def test_cache_sized_chunks_give_the_batch_numbers(monkeypatch, tasks_per_chunk):
+    """The meta-gradient runs in chunks of tasks whose feature maps fit convnet.CHUNK_BYTES: chunks of 1 task,
+    and of 2 tasks out of 3 (2 + 1), give the per-task loop's numbers."""
+    model = randomised(conv_net())
+    batch = make_batch("cross_entropy")
+    one_task = convnet._task_map_bytes(convnet.conv_net_plan(model), batch.x_support, batch.x_query)
+    monkeypatch.setattr(convnet, "CHUNK_BYTES", one_task * tasks_per_chunk)
+    calls = []
+    chunk = convnet._chunk_meta_loss
+    monkeypatch.setattr(convnet, "_chunk_meta_loss", lambda *args: calls.append(args[2].shape[0]) or chunk(*args))
+    assert_matches_loop(model, batch, 2, False, "cross_entropy")
+    assert calls == ([1, 1, 1] if tasks_per_chunk == 1 else [2, 1])

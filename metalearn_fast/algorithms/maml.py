@@ -3,9 +3,9 @@
 It runs a whole meta-batch of T tasks at once on per-task parameters, the way the model's plan says
 (task_batched.py): one fused op for an MLP with a built-in loss, batched matrix products for any other
 Linear(+ReLU) stack, a meta-gradient derived by hand for a conv/BatchNorm/ReLU network with a built-in loss
-(conv4's kind, plain MAML or FOMAML: convnet.py), torch.func for any other module (``meta_loss`` as an inner loop of ``torch.func.grad``
-on the meta weights all tasks share, ``_func_grad_meta_loss``). Every plan gives the numbers of a per-task
-loop with ``torch.autograd.grad``.
+(conv4's kind, plain MAML or FOMAML: convnet.py), torch.func for any other module (``meta_loss`` as an inner
+loop of ``torch.func.grad`` on the meta weights all tasks share, ``_func_grad_meta_loss``). Every plan gives
+the numbers of a per-task loop with ``torch.autograd.grad``.
 
 Names: ANIL's ``adapt_head_only=True`` is, in the fused ops (``ops.maml_mlp_loss``, ``maml_mlp_meta_step_``)
 and their C++, ``first_adapted_layer`` = the index of the last layer: the inner loop adapts layers
