@@ -5,9 +5,11 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include <array>
 #include <utility>
 #include <vector>
 
+#include "cpu/norm_tangent_cpu.h"
 #include "cpu/small_kernels.h"
 #include "metalearn_fast_build_info.h"
 
@@ -192,6 +194,47 @@ PyObject* maml_mlp_meta_step_unboxed(PyObject* /*module*/, PyObject* const* args
   END_HANDLE_TH_ERRORS
 }
 
+// norm_relu_tangent(7 tensors) and norm_relu_tangent_backward(11 tensors) -> tuple of tensors: the CPU kernels
+// of convnet.py's Hessian-vector product (cpu/norm_tangent_cpu.h), called with the GIL released.
+template <size_t N, typename Kernel>
+PyObject* tensors_in_tuple_out(const char* name, const std::array<const char*, N>& names, PyObject* const* args,
+                               Py_ssize_t nargs, const Kernel& kernel) {
+  if (nargs != static_cast<Py_ssize_t>(N)) {
+    throw torch::TypeError(c10::str(name, ": expected ", N, " tensors, got ", nargs, " arguments"));
+  }
+  const Arguments a{name, args};
+  std::array<at::Tensor, N> in;
+  for (size_t i = 0; i < N; ++i) in[i] = a.tensor(i, names[i]);
+  std::vector<at::Tensor> out;
+  {
+    WithoutGil released;
+    out = kernel(in);
+  }
+  PyObject* tuple = PyTuple_New(out.size());
+  for (size_t i = 0; i < out.size(); ++i) PyTuple_SET_ITEM(tuple, i, THPVariable_Wrap(std::move(out[i])));
+  return tuple;
+}
+
+PyObject* norm_relu_tangent_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  static const std::array<const char*, 7> names{"dz", "xhat", "a", "invstd", "gamma", "d_gamma", "d_beta"};
+  return tensors_in_tuple_out<7>("norm_relu_tangent", names, args, nargs, [](const auto& t) {
+    return metalearn_fast::norm_relu_tangent(t[0], t[1], t[2], t[3], t[4], t[5], t[6]);
+  });
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* norm_relu_tangent_backward_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  static const std::array<const char*, 11> names{"dg_a",  "a",       "xhat",    "d_xhat",  "g_y",    "unit",
+                                                 "invstd", "gamma", "d_gamma", "d_scale", "g_gamma"};
+  return tensors_in_tuple_out<11>("norm_relu_tangent_backward", names, args, nargs, [](const auto& t) {
+    return metalearn_fast::norm_relu_tangent_backward(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9],
+                                                      t[10]);
+  });
+  END_HANDLE_TH_ERRORS
+}
+
 // cpu_simd() -> str and set_cpu_simd(level: str) -> str (the level before): which hand-written CPU kernels
 // run ("none", "avx2", "avx512"; cpu/small_kernels.h), for backend_info and for tests that force each path.
 PyObject* cpu_simd_get(PyObject* /*module*/, PyObject* /*unused*/) {
@@ -217,6 +260,12 @@ PyMethodDef methods[] = {
      "linear_relu(x, weight, bias): the op without torch.ops' boxing (eager calls)"},
     {"maml_mlp_meta_step_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(maml_mlp_meta_step_unboxed)),
      METH_FASTCALL, "maml_mlp_meta_step_(...): the op without torch.ops' boxing (eager calls), all 17 arguments"},
+    {"norm_relu_tangent", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_tangent_entry)),
+     METH_FASTCALL, "norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta) -> (d_xhat, d_a, d_scale)"},
+    {"norm_relu_tangent_backward",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_tangent_backward_entry)), METH_FASTCALL,
+     "norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma, d_gamma, d_scale, g_gamma) -> "
+     "(dg_z, dg_gamma, dg_beta)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

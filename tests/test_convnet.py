@@ -2,6 +2,8 @@
 metalearn_fast/algorithms/convnet.py, against the textbook oracle: a per-task loop of torch.autograd.grad
 (create_graph for second order) on the model itself, float64.
 """
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -10,6 +12,8 @@ from torch.func import functional_call
 import metalearn_fast as mf
 from metalearn_fast import MAML, TaskBatch
 from metalearn_fast.algorithms import convnet
+
+from conftest import forced_cpu_simd
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -76,13 +80,98 @@ def assert_matches_loop(model, batch, steps, first_order, loss, lr=0.3, tol=1e-1
         torch.testing.assert_close(got, want, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
 
 
+def require_kernels():
+    """The extension, where its CPU kernels (norm_tangent_cpu.cpp) run; skips elsewhere (no compiled extension,
+    or the hand-written CPU kernels off: then convnet uses its torch formulas)."""
+    ext = mf.ops._extension
+    if ext is None or ext.cpu_simd() == "none":
+        pytest.skip("the CPU kernels are not built or not used on this machine")
+    return ext
+
+
+# second order with the CPU kernels for the Hessian-vector product's BatchNorm/ReLU parts (where they run: on
+# the CPU, built), with the torch formulas (the hand-written kernels off), and first order (no such product)
+VARIANTS = {"second-order": (False, None), "second-order-formulas": (False, "none"), "first-order": (True, None)}
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("loss", ["cross_entropy", "mse"])
 @pytest.mark.parametrize("steps", [1, 2, 3])
-@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
-def test_meta_gradient_equals_the_per_task_loop(device, loss, steps, first_order):
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_meta_gradient_equals_the_per_task_loop(device, loss, steps, variant):
+    first_order, level = VARIANTS[variant]
     model = randomised(conv_net(), device=device)
-    assert_matches_loop(model, make_batch(loss, device=device), steps, first_order, loss)
+    with forced_cpu_simd(level) if level else contextlib.nullcontext():
+        assert_matches_loop(model, make_batch(loss, device=device), steps, first_order, loss)
+
+
+def tangent_inputs(dtype, shape=(3, 7, 5, 4), seed=0, layout=torch.channels_last):
+    """Random inputs of the two kernels: maps [N, C, H, W] (a: a ReLU's output, a third of it 0) and vectors [C]."""
+    g = torch.Generator().manual_seed(seed)
+    maps = [torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=layout) for _ in range(7)]
+    maps[1] = maps[1].relu()  # a
+    vectors = [torch.rand(shape[1], generator=g, dtype=dtype) + 0.5 for _ in range(6)]
+    return maps, vectors
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("shape, layout", [
+    ((3, 7, 5, 4), torch.channels_last), ((5, 130, 14, 14), torch.channels_last), ((2, 3, 1, 1), torch.channels_last),
+    ((3, 7, 5, 4), torch.contiguous_format)], ids=["small", "several-blocks", "1x1", "nchw"])
+def test_the_cpu_kernels_compute_the_formulas(dtype, shape, layout):
+    """norm_relu_tangent(_backward) against convnet's torch formulas (their fallback): odd channel counts, more
+    rows than a block of the sums (128), 1x1 maps, maps in NCHW (made channels-last)."""
+    ext = require_kernels()
+    maps, vectors = tangent_inputs(dtype, shape, layout=layout)
+    dz, a, xhat, d_xhat, g_y, unit, dg_a = maps
+    invstd, gamma, d_gamma, d_beta, d_scale, g_gamma = vectors
+    tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+    with forced_cpu_simd("none"):
+        forward = convnet._norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta)
+        backward = convnet._norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma, d_gamma,
+                                                       d_scale, g_gamma)
+    for got, want in zip(ext.norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta), forward):
+        torch.testing.assert_close(got, want, **tol)
+    for got, want in zip(ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma, d_gamma,
+                                                        d_scale, g_gamma), backward):
+        torch.testing.assert_close(got, want, **tol)
+
+
+def test_the_cpu_kernels_give_the_same_numbers_on_any_number_of_threads():
+    ext = require_kernels()
+    maps, vectors = tangent_inputs(torch.float32, (5, 66, 14, 14))
+    dz, a, xhat, d_xhat, g_y, unit, dg_a = maps
+    invstd, gamma, d_gamma, d_beta, d_scale, g_gamma = vectors
+    threads, results = torch.get_num_threads(), []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            results.append([*ext.norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta),
+                            *ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma,
+                                                            d_gamma, d_scale, g_gamma)])
+    finally:
+        torch.set_num_threads(threads)
+    for other in results[1:]:
+        assert all(torch.equal(x, y) for x, y in zip(results[0], other))
+
+
+def test_the_cpu_kernels_name_a_bad_argument():
+    ext = require_kernels()
+    maps, vectors = tangent_inputs(torch.float32)
+    dz, a, xhat = maps[:3]
+    invstd, gamma, d_gamma, d_beta = vectors[:4]
+    with pytest.raises(ValueError, match=r"norm_relu_tangent: xhat must have shape \[3, 7, 5, 4\], got \[3, 7, 5\]"):
+        ext.norm_relu_tangent(dz, xhat[..., 0], a, invstd, gamma, d_gamma, d_beta)
+    with pytest.raises(TypeError, match="norm_relu_tangent: a must have dtype Float, got Double"):
+        ext.norm_relu_tangent(dz, xhat, a.double(), invstd, gamma, d_gamma, d_beta)
+    with pytest.raises(ValueError, match=r"gamma must be \[7\] \(one value per channel\), got shape \[6\]"):
+        ext.norm_relu_tangent(dz, xhat, a, invstd, gamma[:6], d_gamma, d_beta)
+    with pytest.raises(TypeError, match="dz must be float32 or float64, got Half"):
+        ext.norm_relu_tangent(dz.half(), xhat, a, invstd, gamma, d_gamma, d_beta)
+    with pytest.raises(TypeError, match=r"argument 3 \(invstd\) must be a tensor, got float"):
+        ext.norm_relu_tangent(dz, xhat, a, 1.0, gamma, d_gamma, d_beta)
+    with pytest.raises(TypeError, match="norm_relu_tangent_backward: expected 11 tensors, got 7 arguments"):
+        ext.norm_relu_tangent_backward(dz, xhat, a, invstd, gamma, d_gamma, d_beta)
 
 
 @pytest.mark.parametrize("variant", [

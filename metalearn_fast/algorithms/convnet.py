@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..ops import _extension
+
 __all__ = ["ConvNetPlan", "conv_net_plan"]
 
 aten = torch.ops.aten
@@ -233,6 +235,49 @@ def _backward(plan: ConvNetPlan, blocks: list[tuple], head: tuple, f: _Forward, 
     return _join(grads, g_head), b
 
 
+def _kernels(t: Tensor):
+    """The extension when its CPU kernels take t (a CPU float32/float64 tensor, hand-written kernels on), else None
+    (then the torch formulas, which are also the kernels' oracle in tests/test_convnet.py)."""
+    ext = _extension
+    if ext is None or t.device.type != "cpu" or t.dtype not in (torch.float32, torch.float64):
+        return None
+    return ext if ext.cpu_simd() != "none" else None
+
+
+def _norm_relu_tangent(dz: Tensor, xhat: Tensor, a: Tensor, invstd: Tensor, gamma: Tensor, d_gamma: Tensor,
+                       d_beta: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Along a direction through xhat = BatchNorm(z) (batch statistics), y = gamma xhat + beta, a = relu(y), from
+    dz: (d_xhat, d_a, d_scale = d(std) / std). Maps [N, C, H, W], per-channel vectors [C]."""
+    ext = _kernels(dz)
+    if ext is not None:
+        return ext.norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta)
+    count = dz.numel() // dz.shape[1]
+    d_mean = dz.mean((0, 2, 3), keepdim=True)
+    d_std = _channel_sum(xhat * dz) / count  # mean(xhat dz)
+    d_xhat = (dz - d_mean - xhat * _per_channel(d_std)) * _per_channel(invstd)
+    dy = xhat * _per_channel(d_gamma) + d_xhat * _per_channel(gamma) + _per_channel(d_beta)
+    return d_xhat, aten.threshold_backward(dy, a, 0), d_std * invstd
+
+
+def _norm_relu_tangent_backward(dg_a: Tensor, a: Tensor, xhat: Tensor, d_xhat: Tensor, g_y: Tensor, unit: Tensor,
+                                invstd: Tensor, gamma: Tensor, d_gamma: Tensor, d_scale: Tensor, g_gamma: Tensor
+                                ) -> tuple[Tensor, Tensor, Tensor]:
+    """The derivative of the gradient at z, g_z = gamma * unit with unit = invstd (g_y - mean(g_y) - xhat
+    mean(g_y xhat)) and g_y the gradient at y, along the direction of _norm_relu_tangent (d_xhat, d_scale), given
+    dg_a, the derivative of the gradient at a: (dg_z, dg_gamma, dg_beta)."""
+    ext = _kernels(dg_a)
+    if ext is not None:
+        return ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma, d_gamma, d_scale,
+                                              g_gamma)
+    count = dg_a.numel() // dg_a.shape[1]
+    dg_y = aten.threshold_backward(dg_a, a, 0)
+    dg_beta, dg_gamma = _channel_sum(dg_y), _channel_sum(dg_y * xhat) + _channel_sum(g_y * d_xhat)
+    scale = gamma * invstd
+    dg_z = (_per_channel(scale) * (dg_y - _per_channel(dg_beta / count) - xhat * _per_channel(dg_gamma / count))
+            + unit * _per_channel(d_gamma - gamma * d_scale) - d_xhat * _per_channel(scale * g_gamma / count))
+    return dg_z, dg_gamma, dg_beta
+
+
 def _hessian_times(blocks: list[tuple], head: tuple, f: _Forward, b: _Backward, p: Optional[Tensor], kind: str,
                    v: list[Tensor]) -> list[Tensor]:
     """Each task's Hessian of its loss (at the weights of f and b) times that task's v (model.parameters()
@@ -242,21 +287,16 @@ def _hessian_times(blocks: list[tuple], head: tuple, f: _Forward, b: _Backward, 
     tasks = head[0].shape[0]
     # along v through the forward pass
     d_xhat, d_scale, d_a = [], [], []
-    da = None
     for i, (block, (weight, _, gamma, _), (d_w, d_b, d_gamma, d_beta)) in enumerate(zip(plan.blocks, blocks, dblocks)):
         dz = _conv(block, f.inputs[i], d_w, d_b)
-        if da is not None:
-            dz = dz + _conv(block, da, weight, None)
-        xhat, invstd = f.xhat[i], f.invstd[i].view(1, -1, 1, 1)
-        count = dz.numel() // dz.shape[1]
-        d_mean = dz.mean((0, 2, 3), keepdim=True)
-        d_std = (xhat * dz).sum((0, 2, 3), keepdim=True) / count  # the std's derivative: mean(xhat dz)
-        dxh = (dz - d_mean - xhat * d_std) * invstd
-        dy = xhat * _per_channel(d_gamma) + dxh * _per_channel(gamma) + _per_channel(d_beta)
+        if i > 0:
+            dz = dz + _conv(block, d_a[-1], weight, None)
+        dxh, da, scale = _norm_relu_tangent(dz, f.xhat[i], f.inputs[i + 1], f.invstd[i], gamma.reshape(-1),
+                                            d_gamma.reshape(-1), d_beta.reshape(-1))
         d_xhat.append(dxh)
-        d_scale.append(d_std * invstd)  # d(std) / std: invstd's derivative is -invstd times this
-        da = aten.threshold_backward(dy, f.inputs[i + 1], 0)
+        d_scale.append(scale)
         d_a.append(da)
+    da = d_a[-1]
     d_pooled = da.mean((2, 3)).view(da.shape[0], tasks, -1)
     d_out = (torch.einsum("ntc,toc->nto", d_pooled, head[0]) + torch.einsum("ntc,toc->nto", f.pooled, dhead[0])
              + dhead[1])
@@ -271,29 +311,19 @@ def _hessian_times(blocks: list[tuple], head: tuple, f: _Forward, b: _Backward, 
     out = [None] * len(blocks)
     for i in reversed(range(len(blocks))):
         block, (weight, _, gamma, _), (d_w, _, d_gamma, _) = plan.blocks[i], blocks[i], dblocks[i]
-        xhat, invstd, dxh = f.xhat[i], f.invstd[i].view(1, -1, 1, 1), d_xhat[i]
-        g_y, unit = b.g_y[i], b.unit[i]
-        g_z = unit * _per_channel(gamma)
-        dg_y = aten.threshold_backward(dg_a, f.inputs[i + 1], 0)
-        d_unit, dg_gamma_part, dg_beta = aten.native_batch_norm_backward(
-            dg_y, f.z[i], None, None, None, f.mean[i], f.invstd[i], True, block.eps, [True, True, True])
-        count = g_y.numel() // g_y.shape[1]
-        g_y_dxh = _channel_sum(g_y * dxh)
-        g_gamma = b.g_gamma[i]
-        gam = gamma.reshape(1, -1, 1, 1)
-        # g_z = gamma * invstd * (g_y - mean(g_y) - xhat mean(g_y xhat)); its derivative along v:
-        dg_z = (d_unit * gam + unit * _per_channel(d_gamma) - g_z * d_scale[i]
-                - (dxh * (g_gamma / count).view(1, -1, 1, 1) + xhat * (g_y_dxh / count).view(1, -1, 1, 1))
-                * invstd * gam)
+        gamma = gamma.reshape(-1)
+        dg_z, dg_gamma, dg_beta = _norm_relu_tangent_backward(
+            dg_a, f.inputs[i + 1], f.xhat[i], d_xhat[i], b.g_y[i], b.unit[i], f.invstd[i], gamma, d_gamma.reshape(-1),
+            d_scale[i], b.g_gamma[i])
         # dg_w = grad_w(a_prev, dg_z) + grad_w(da_prev, g_z); dg_a_prev = grad_a(W, dg_z) + grad_a(dW, g_z)
         dg_a_prev, dg_w, dg_b = _conv_grads(block, dg_z, f.inputs[i], weight, i > 0)
         if i > 0:
+            g_z = b.unit[i] * _per_channel(gamma)
             _, extra_w, _ = _conv_grads(block, g_z, d_a[i - 1], weight, False)
             dg_w = dg_w + extra_w
             extra_a, _, _ = _conv_grads(block, g_z, f.inputs[i], d_w, True)
-            dg_a_prev = dg_a_prev + extra_a
-            dg_a = dg_a_prev
-        out[i] = (dg_w, dg_b, (dg_gamma_part + g_y_dxh).view(tasks, -1), dg_beta.view(tasks, -1))
+            dg_a = dg_a_prev + extra_a
+        out[i] = (dg_w, dg_b, dg_gamma.view(tasks, -1), dg_beta.view(tasks, -1))
     return _join(out, dg_head)
 
 

@@ -1,0 +1,23 @@
+// BatchNorm + ReLU parts of a Hessian-vector product through conv/BatchNorm/ReLU blocks (norm_tangent_cpu.cpp).
+#pragma once
+#include <ATen/ATen.h>
+
+#include <vector>
+
+namespace metalearn_fast {
+
+// Along a direction, through y = gamma xhat + beta (xhat = BatchNorm of z with batch statistics), a = relu(y):
+// dz -> (d_xhat, d_a, d_scale = d(std) / std per channel).
+std::vector<at::Tensor> norm_relu_tangent(const at::Tensor& dz, const at::Tensor& xhat, const at::Tensor& a,
+                                          const at::Tensor& invstd, const at::Tensor& gamma,
+                                          const at::Tensor& d_gamma, const at::Tensor& d_beta);
+
+// The derivative of the gradient at z (gamma * unit) along the same direction, given the derivative dg_a of
+// the gradient at a: (dg_z, dg_gamma, dg_beta).
+std::vector<at::Tensor> norm_relu_tangent_backward(const at::Tensor& dg_a, const at::Tensor& a, const at::Tensor& xhat,
+                                                   const at::Tensor& d_xhat, const at::Tensor& g_y,
+                                                   const at::Tensor& unit, const at::Tensor& invstd,
+                                                   const at::Tensor& gamma, const at::Tensor& d_gamma,
+                                                   const at::Tensor& d_scale, const at::Tensor& g_gamma);
+
+}  // namespace metalearn_fast
