@@ -9,7 +9,7 @@
 #include <utility>
 #include <vector>
 
-#include "cpu/norm_tangent_cpu.h"
+#include "cpu/norm_relu_cpu.h"
 #include "cpu/small_kernels.h"
 #include "metalearn_fast_build_info.h"
 
@@ -142,6 +142,14 @@ struct Arguments {
     if (!PyLong_Check(args[i]) || PyBool_Check(args[i])) wrong(i, name, "an int");
     return PyLong_AsLongLong(args[i]);
   }
+  double real(Py_ssize_t i, const char* name) const {
+    const double value = PyFloat_AsDouble(args[i]);
+    if (value == -1.0 && PyErr_Occurred()) {
+      PyErr_Clear();
+      wrong(i, name, "a number");
+    }
+    return value;
+  }
   bool boolean(Py_ssize_t i, const char* name) const {
     if (!PyBool_Check(args[i])) wrong(i, name, "a bool");
     return args[i] == Py_True;
@@ -194,8 +202,8 @@ PyObject* maml_mlp_meta_step_unboxed(PyObject* /*module*/, PyObject* const* args
   END_HANDLE_TH_ERRORS
 }
 
-// norm_relu_tangent(7 tensors) and norm_relu_tangent_backward(11 tensors) -> tuple of tensors: the CPU kernels
-// of convnet.py's Hessian-vector product (cpu/norm_tangent_cpu.h), called with the GIL released.
+// norm_relu, norm_relu_backward, norm_relu_tangent and norm_relu_tangent_backward -> tuple of tensors: the CPU
+// kernels of convnet.py's BatchNorm + ReLU (cpu/norm_relu_cpu.h), called with the GIL released.
 template <size_t N, typename Kernel>
 PyObject* tensors_in_tuple_out(const char* name, const std::array<const char*, N>& names, PyObject* const* args,
                                Py_ssize_t nargs, const Kernel& kernel) {
@@ -213,6 +221,28 @@ PyObject* tensors_in_tuple_out(const char* name, const std::array<const char*, N
   PyObject* tuple = PyTuple_New(out.size());
   for (size_t i = 0; i < out.size(); ++i) PyTuple_SET_ITEM(tuple, i, THPVariable_Wrap(std::move(out[i])));
   return tuple;
+}
+
+PyObject* norm_relu_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* name = "norm_relu";
+  if (nargs != 4) throw torch::TypeError(c10::str(name, ": expected 4 arguments (z, gamma, beta, eps), got ", nargs));
+  const Arguments a{name, args};
+  const double eps = a.real(3, "eps");
+  static const std::array<const char*, 3> names{"z", "gamma", "beta"};
+  return tensors_in_tuple_out<3>(name, names, args, 3, [eps](const auto& t) {
+    return metalearn_fast::norm_relu(t[0], t[1], t[2], eps);
+  });
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* norm_relu_backward_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  static const std::array<const char*, 5> names{"g_a", "a", "xhat", "invstd", "gamma"};
+  return tensors_in_tuple_out<5>("norm_relu_backward", names, args, nargs, [](const auto& t) {
+    return metalearn_fast::norm_relu_backward(t[0], t[1], t[2], t[3], t[4]);
+  });
+  END_HANDLE_TH_ERRORS
 }
 
 PyObject* norm_relu_tangent_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
@@ -260,6 +290,10 @@ PyMethodDef methods[] = {
      "linear_relu(x, weight, bias): the op without torch.ops' boxing (eager calls)"},
     {"maml_mlp_meta_step_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(maml_mlp_meta_step_unboxed)),
      METH_FASTCALL, "maml_mlp_meta_step_(...): the op without torch.ops' boxing (eager calls), all 17 arguments"},
+    {"norm_relu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_entry)), METH_FASTCALL,
+     "norm_relu(z, gamma, beta, eps) -> (xhat, a, invstd)"},
+    {"norm_relu_backward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_backward_entry)),
+     METH_FASTCALL, "norm_relu_backward(g_a, a, xhat, invstd, gamma) -> (g_y, unit, g_z, g_gamma, g_beta)"},
     {"norm_relu_tangent", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_tangent_entry)),
      METH_FASTCALL, "norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta) -> (d_xhat, d_a, d_scale)"},
     {"norm_relu_tangent_backward",

@@ -81,7 +81,7 @@ def assert_matches_loop(model, batch, steps, first_order, loss, lr=0.3, tol=1e-1
 
 
 def require_kernels():
-    """The extension, where its CPU kernels (norm_tangent_cpu.cpp) run; skips elsewhere (no compiled extension,
+    """The extension, where its CPU kernels (norm_relu_cpu.cpp) run; skips elsewhere (no compiled extension,
     or the hand-written CPU kernels off: then convnet uses its torch formulas)."""
     ext = mf.ops._extension
     if ext is None or ext.cpu_simd() == "none":
@@ -119,8 +119,9 @@ def tangent_inputs(dtype, shape=(3, 7, 5, 4), seed=0, layout=torch.channels_last
     ((3, 7, 5, 4), torch.channels_last), ((5, 130, 14, 14), torch.channels_last), ((2, 3, 1, 1), torch.channels_last),
     ((3, 7, 5, 4), torch.contiguous_format)], ids=["small", "several-blocks", "1x1", "nchw"])
 def test_the_cpu_kernels_compute_the_formulas(dtype, shape, layout):
-    """norm_relu_tangent(_backward) against convnet's torch formulas (their fallback): odd channel counts, more
-    rows than a block of the sums (128), 1x1 maps, maps in NCHW (made channels-last)."""
+    """norm_relu, norm_relu_backward, norm_relu_tangent and norm_relu_tangent_backward against convnet's torch
+    formulas (their fallback): odd channel counts, more rows than a block of the sums (128), 1x1 maps, maps in
+    NCHW (made channels-last)."""
     ext = require_kernels()
     maps, vectors = tangent_inputs(dtype, shape, layout=layout)
     dz, a, xhat, d_xhat, g_y, unit, dg_a = maps
@@ -130,6 +131,13 @@ def test_the_cpu_kernels_compute_the_formulas(dtype, shape, layout):
         forward = convnet._norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta)
         backward = convnet._norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma, d_gamma,
                                                        d_scale, g_gamma)
+    with forced_cpu_simd("none"):
+        plain = convnet._norm_relu(dz, gamma, d_beta, 1e-3)
+        plain_backward = convnet._norm_relu_backward(dg_a, a, xhat, invstd, gamma)
+    for got, want in zip(ext.norm_relu(dz, gamma, d_beta, 1e-3), plain):
+        torch.testing.assert_close(got, want, **tol)
+    for got, want in zip(ext.norm_relu_backward(dg_a, a, xhat, invstd, gamma), plain_backward):
+        torch.testing.assert_close(got, want, **tol)
     for got, want in zip(ext.norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta), forward):
         torch.testing.assert_close(got, want, **tol)
     for got, want in zip(ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma, d_gamma,
@@ -146,13 +154,29 @@ def test_the_cpu_kernels_give_the_same_numbers_on_any_number_of_threads():
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
-            results.append([*ext.norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta),
+            results.append([*ext.norm_relu(dz, gamma, d_beta, 1e-5),
+                            *ext.norm_relu_backward(dg_a, a, xhat, invstd, gamma),
+                            *ext.norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta),
                             *ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma,
                                                             d_gamma, d_scale, g_gamma)])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(x, y) for x, y in zip(results[0], other))
+
+
+def test_the_forward_kernel_keeps_a_small_variance_under_a_large_mean():
+    """Statistics in two passes (the mean, then squares about it): float32 maps of mean 1000 and std 1e-3 are
+    normalised no worse than torch's own batch_norm does it, against float64."""
+    ext = require_kernels()
+    g = torch.Generator().manual_seed(0)
+    z = (1000 + 1e-3 * torch.randn(4, 6, 5, 5, generator=g, dtype=torch.float64)).contiguous(
+        memory_format=torch.channels_last)
+    gamma, beta = torch.ones(6, dtype=torch.float64), torch.zeros(6, dtype=torch.float64)
+    truth = ext.norm_relu(z, gamma, beta, 0.0)[0]
+    ours = ext.norm_relu(z.float(), gamma.float(), beta.float(), 0.0)[0]
+    torch_y = torch.native_batch_norm(z.float(), gamma.float(), beta.float(), None, None, True, 0.0, 0.0)[0]
+    assert (ours.double() - truth).abs().max() <= max(2 * (torch_y.double() - truth).abs().max(), 1e-3)
 
 
 def test_the_cpu_kernels_name_a_bad_argument():
@@ -170,6 +194,12 @@ def test_the_cpu_kernels_name_a_bad_argument():
         ext.norm_relu_tangent(dz.half(), xhat, a, invstd, gamma, d_gamma, d_beta)
     with pytest.raises(TypeError, match=r"argument 3 \(invstd\) must be a tensor, got float"):
         ext.norm_relu_tangent(dz, xhat, a, 1.0, gamma, d_gamma, d_beta)
+    with pytest.raises(TypeError, match=r"norm_relu: argument 3 \(eps\) must be a number, got str"):
+        ext.norm_relu(dz, gamma, d_beta, "1e-5")
+    with pytest.raises(ValueError, match="norm_relu: eps must be >= 0, got -1"):
+        ext.norm_relu(dz, gamma, d_beta, -1.0)
+    with pytest.raises(ValueError, match=r"norm_relu_backward: a must have shape \[3, 7, 5, 4\]"):
+        ext.norm_relu_backward(dz, a[:2], xhat, invstd, gamma)
     with pytest.raises(TypeError, match="norm_relu_tangent_backward: expected 11 tensors, got 7 arguments"):
         ext.norm_relu_tangent_backward(dz, xhat, a, invstd, gamma, d_gamma, d_beta)
 

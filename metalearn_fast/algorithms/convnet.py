@@ -149,28 +149,47 @@ def _channel_sum(t: Tensor) -> Tensor:
 class _Forward:
     """One pass of the model on per-task weights: what the backward pass and the derivative along v read."""
     inputs: list  # a_prev of every block, then the last block's output
-    z: list
     xhat: list
-    mean: list
     invstd: list
     pooled: Tensor  # [N, T, C]
     out: Tensor  # [N, T, O]
 
 
+def _norm_relu(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm with z's own per-channel statistics, then ReLU: (xhat, a = relu(gamma xhat + beta), invstd)."""
+    ext = _kernels(z)
+    if ext is not None:
+        return ext.norm_relu(z, gamma, beta, eps)
+    y, mean, invstd = torch.native_batch_norm(z, gamma, beta, None, None, True, 0.0, eps)
+    return (z - _per_channel(mean)) * _per_channel(invstd), torch.relu(y), invstd
+
+
+def _norm_relu_backward(g_a: Tensor, a: Tensor, xhat: Tensor, invstd: Tensor, gamma: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """_norm_relu's backward pass from g_a, the gradient at a: (g_y, the gradient at y = gamma xhat + beta;
+    unit = invstd (g_y - mean(g_y) - xhat mean(g_y xhat)), BatchNorm's input gradient with gamma = 1; the
+    gradient at z, gamma unit; the gradients of gamma and beta)."""
+    ext = _kernels(g_a)
+    if ext is not None:
+        return ext.norm_relu_backward(g_a, a, xhat, invstd, gamma)
+    count = g_a.numel() // g_a.shape[1]
+    g_y = aten.threshold_backward(g_a, a, 0)
+    g_gamma, g_beta = _channel_sum(g_y * xhat), _channel_sum(g_y)
+    unit = (g_y - _per_channel(g_beta / count) - xhat * _per_channel(g_gamma / count)) * _per_channel(invstd)
+    return g_y, unit, unit * _per_channel(gamma), g_gamma, g_beta
+
+
 def _forward(plan: ConvNetPlan, blocks: list[tuple], head: tuple, x: Tensor) -> _Forward:
     """x: [N, T*Cin, H, W]."""
-    f = _Forward([], [], [], [], [], None, None)
+    f = _Forward([], [], [], None, None)
     a = x
     for block, (weight, bias, gamma, beta) in zip(plan.blocks, blocks):
-        z = _conv(block, a, weight, bias)
-        y, mean, invstd = torch.native_batch_norm(z, gamma.reshape(-1), beta.reshape(-1), None, None, True, 0.0,
-                                                  block.eps)
+        xhat, a_next, invstd = _norm_relu(_conv(block, a, weight, bias), gamma.reshape(-1), beta.reshape(-1),
+                                          block.eps)
         f.inputs.append(a)
-        f.z.append(z)
-        f.mean.append(mean)
+        f.xhat.append(xhat)
         f.invstd.append(invstd)
-        f.xhat.append((z - mean.view(1, -1, 1, 1)) * invstd.view(1, -1, 1, 1))
-        a = torch.relu(y)
+        a = a_next
     f.inputs.append(a)
     tasks = head[0].shape[0]
     f.pooled = a.mean((2, 3)).view(a.shape[0], tasks, -1)
@@ -224,10 +243,8 @@ def _backward(plan: ConvNetPlan, blocks: list[tuple], head: tuple, f: _Forward, 
     grads = [None] * len(blocks)
     for i in reversed(range(len(blocks))):
         block, (weight, _, gamma, _) = plan.blocks[i], blocks[i]
-        g_y = aten.threshold_backward(g_a, f.inputs[i + 1], 0)
-        unit, g_gamma, g_beta = aten.native_batch_norm_backward(
-            g_y, f.z[i], None, None, None, f.mean[i], f.invstd[i], True, block.eps, [True, True, True])
-        g_z = unit * _per_channel(gamma)
+        g_y, unit, g_z, g_gamma, g_beta = _norm_relu_backward(g_a, f.inputs[i + 1], f.xhat[i], f.invstd[i],
+                                                              gamma.reshape(-1))
         g_a, g_w, g_b = _conv_grads(block, g_z, f.inputs[i], weight, i > 0)
         if keep:
             b.g_y[i], b.unit[i], b.g_gamma[i] = g_y, unit, g_gamma

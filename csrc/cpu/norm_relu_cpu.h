@@ -1,10 +1,18 @@
-// BatchNorm + ReLU parts of a Hessian-vector product through conv/BatchNorm/ReLU blocks (norm_tangent_cpu.cpp).
+// BatchNorm (batch statistics) + ReLU of conv/BatchNorm/ReLU blocks for convnet.py (norm_relu_cpu.cpp).
 #pragma once
 #include <ATen/ATen.h>
 
 #include <vector>
 
 namespace metalearn_fast {
+
+// z -> (xhat = (z - mean) * invstd, a = relu(gamma xhat + beta), invstd), statistics per channel over N, H, W.
+std::vector<at::Tensor> norm_relu(const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& beta, double eps);
+
+// The gradient at a -> (g_y = g_a where a > 0, unit = invstd (g_y - mean(g_y) - xhat mean(g_y xhat)),
+// g_z = gamma unit, g_gamma = sum(g_y xhat), g_beta = sum(g_y)).
+std::vector<at::Tensor> norm_relu_backward(const at::Tensor& g_a, const at::Tensor& a, const at::Tensor& xhat,
+                                           const at::Tensor& invstd, const at::Tensor& gamma);
 
 // Along a direction, through y = gamma xhat + beta (xhat = BatchNorm of z with batch statistics), a = relu(y):
 // dz -> (d_xhat, d_a, d_scale = d(std) / std per channel).

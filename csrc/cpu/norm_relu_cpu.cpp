@@ -1,15 +1,17 @@
-// The BatchNorm + ReLU parts of a Hessian-vector product through conv/BatchNorm/ReLU blocks
-// (metalearn_fast/algorithms/convnet.py, whose torch formulas are these kernels' fallback and oracle), each in
-// two passes over a layer's feature maps instead of a dozen torch ops: one for the per-channel sums, one for
-// the outputs. Feature maps are channels-last [N, C, H, W] (in memory [M, C], M = N*H*W, C = tasks*channels);
-// per-channel vectors are [C]. Sums run per fixed block of rows, then over the blocks in double, in order: the
-// same numbers on any number of threads.
-#include "norm_tangent_cpu.h"
+// BatchNorm (batch statistics) + ReLU of conv/BatchNorm/ReLU blocks as MAML's hand-derived meta-gradient runs
+// them (metalearn_fast/algorithms/convnet.py, whose torch formulas are these kernels' fallback and oracle): the
+// forward pass, its backward pass and the two halves of a Hessian-vector product, each in two or three passes
+// over a layer's feature maps instead of several torch ops: per-channel sums first, then the outputs. Feature
+// maps are channels-last [N, C, H, W] (in memory [M, C], M = N*H*W, C = tasks*channels); per-channel vectors
+// are [C]. Sums run per fixed block of rows, then over the blocks in double, in order: the same numbers on any
+// number of threads.
+#include "norm_relu_cpu.h"
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <bit>
+#include <cmath>
 #include <cstdint>
 #include <type_traits>
 #include <vector>
@@ -85,8 +87,9 @@ std::vector<at::Tensor> prepared(const char* op, const std::vector<std::pair<con
 }
 
 template <typename T>
-void tangent_forward(int64_t M, int64_t C, const T* __restrict dz, const T* __restrict xhat, const T* __restrict a, const T* __restrict invstd, const T* __restrict gamma,
-                     const T* __restrict d_gamma, const T* __restrict d_beta, T* __restrict d_xhat, T* __restrict d_a, T* __restrict d_scale) {
+void tangent_forward(int64_t M, int64_t C, const T* __restrict dz, const T* __restrict xhat, const T* __restrict a,
+                     const T* __restrict invstd, const T* __restrict gamma, const T* __restrict d_gamma,
+                     const T* __restrict d_beta, T* __restrict d_xhat, T* __restrict d_a, T* __restrict d_scale) {
   const std::vector<double> sums = channel_sums<2, T>(M, C, [&](int64_t m, T* __restrict s) {
     const T* __restrict dz_m = dz + m * C;
     const T* __restrict x_m = xhat + m * C;
@@ -123,9 +126,11 @@ void tangent_forward(int64_t M, int64_t C, const T* __restrict dz, const T* __re
 }
 
 template <typename T>
-void tangent_backward(int64_t M, int64_t C, const T* __restrict dg_a, const T* __restrict a, const T* __restrict xhat, const T* __restrict d_xhat, const T* __restrict g_y,
-                      const T* __restrict unit, const T* __restrict invstd, const T* __restrict gamma, const T* __restrict d_gamma, const T* __restrict d_scale,
-                      const T* __restrict g_gamma, T* __restrict dg_z, T* __restrict dg_gamma, T* __restrict dg_beta) {
+void tangent_backward(int64_t M, int64_t C, const T* __restrict dg_a, const T* __restrict a, const T* __restrict xhat,
+                      const T* __restrict d_xhat, const T* __restrict g_y, const T* __restrict unit,
+                      const T* __restrict invstd, const T* __restrict gamma, const T* __restrict d_gamma,
+                      const T* __restrict d_scale, const T* __restrict g_gamma, T* __restrict dg_z,
+                      T* __restrict dg_gamma, T* __restrict dg_beta) {
   // dg_y = dg_a where a > 0; sums: dg_y, dg_y xhat, g_y d_xhat
   const std::vector<double> sums = channel_sums<3, T>(M, C, [&](int64_t m, T* __restrict s) {
     const T *__restrict g_m = dg_a + m * C, *__restrict a_m = a + m * C, *__restrict x_m = xhat + m * C;
@@ -164,6 +169,78 @@ void tangent_backward(int64_t M, int64_t C, const T* __restrict dg_a, const T* _
       for (int64_t c = 0; c < C; ++c) {
         const T dg_y = relu_mask(a_m[c], g_m[c]);
         out[c] = c1[c] * dg_y + c0[c] + c2[c] * x_m[c] + c3[c] * u_m[c] + c4[c] * dx_m[c];
+      }
+    }
+  });
+}
+
+template <typename T>
+void forward(int64_t M, int64_t C, const T* __restrict z, const T* __restrict gamma, const T* __restrict beta,
+             double eps, T* __restrict xhat, T* __restrict a, T* __restrict invstd) {
+  // two passes for the statistics (the mean, then the squares about it: no cancellation), one for the outputs
+  const std::vector<double> sums = channel_sums<1, T>(M, C, [&](int64_t m, T* __restrict s) {
+    const T* __restrict z_m = z + m * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) s[c] += z_m[c];
+  });
+  std::vector<T> mu(C);
+  for (int64_t c = 0; c < C; ++c) mu[c] = static_cast<T>(sums[c] / M);
+  const T* __restrict u = mu.data();
+  const std::vector<double> squares = channel_sums<1, T>(M, C, [&](int64_t m, T* __restrict s) {
+    const T* __restrict z_m = z + m * C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) s[c] += (z_m[c] - u[c]) * (z_m[c] - u[c]);
+  });
+  for (int64_t c = 0; c < C; ++c) invstd[c] = static_cast<T>(1.0 / std::sqrt(squares[c] / M + eps));
+  at::parallel_for(0, M, kRows, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      const T* __restrict z_m = z + m * C;
+      T *__restrict x_m = xhat + m * C, *__restrict a_m = a + m * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T x = (z_m[c] - u[c]) * invstd[c];
+        const T y = gamma[c] * x + beta[c];
+        x_m[c] = x;
+        a_m[c] = relu_mask(y, y);
+      }
+    }
+  });
+}
+
+template <typename T>
+void backward(int64_t M, int64_t C, const T* __restrict g_a, const T* __restrict a, const T* __restrict xhat,
+              const T* __restrict invstd, const T* __restrict gamma, T* __restrict g_y, T* __restrict unit,
+              T* __restrict g_z, T* __restrict g_gamma, T* __restrict g_beta) {
+  const std::vector<double> sums = channel_sums<2, T>(M, C, [&](int64_t m, T* __restrict s) {
+    const T *__restrict g_m = g_a + m * C, *__restrict a_m = a + m * C, *__restrict x_m = xhat + m * C;
+    T* __restrict s1 = s + C;
+#pragma omp simd
+    for (int64_t c = 0; c < C; ++c) {
+      const T gy = relu_mask(a_m[c], g_m[c]);
+      s[c] += gy;
+      s1[c] += gy * x_m[c];
+    }
+  });
+  // unit = invstd (g_y - mean(g_y) - xhat mean(g_y xhat)) = invstd g_y + k0 + k1 xhat; g_z = gamma unit
+  std::vector<T> k0(C), k1(C);
+  for (int64_t c = 0; c < C; ++c) {
+    k0[c] = static_cast<T>(-invstd[c] * (sums[c] / M));
+    k1[c] = static_cast<T>(-invstd[c] * (sums[C + c] / M));
+    g_beta[c] = static_cast<T>(sums[c]);
+    g_gamma[c] = static_cast<T>(sums[C + c]);
+  }
+  const T *__restrict c0 = k0.data(), *__restrict c1 = k1.data();
+  at::parallel_for(0, M, kRows, [&](int64_t first, int64_t last) {
+    for (int64_t m = first; m < last; ++m) {
+      const T *__restrict g_m = g_a + m * C, *__restrict a_m = a + m * C, *__restrict x_m = xhat + m * C;
+      T *__restrict gy_m = g_y + m * C, *__restrict u_m = unit + m * C, *__restrict gz_m = g_z + m * C;
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) {
+        const T gy = relu_mask(a_m[c], g_m[c]);
+        const T u = invstd[c] * gy + c0[c] + c1[c] * x_m[c];
+        gy_m[c] = gy;
+        u_m[c] = u;
+        gz_m[c] = gamma[c] * u;
       }
     }
   });
@@ -208,6 +285,35 @@ std::vector<at::Tensor> norm_relu_tangent_backward(const at::Tensor& dg_a, const
                                dg_beta.data_ptr<scalar_t>());
   });
   return {dg_z, dg_gamma, dg_beta};
+}
+
+std::vector<at::Tensor> norm_relu(const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& beta, double eps) {
+  const char* op = "norm_relu";
+  const auto t = prepared(op, {{"z", z}}, {{"gamma", gamma}, {"beta", beta}});
+  TORCH_CHECK_VALUE(eps >= 0, op, ": eps must be >= 0, got ", eps);
+  const int64_t C = z.size(1), M = z.numel() / std::max<int64_t>(C, 1);
+  at::Tensor xhat = at::empty_like(t[0]), a = at::empty_like(t[0]);
+  at::Tensor invstd = at::empty({C}, t[1].options());
+  AT_DISPATCH_FLOATING_TYPES(z.scalar_type(), "norm_relu", [&] {
+    forward<scalar_t>(M, C, data<scalar_t>(t[0]), data<scalar_t>(t[1]), data<scalar_t>(t[2]), eps,
+                      xhat.data_ptr<scalar_t>(), a.data_ptr<scalar_t>(), invstd.data_ptr<scalar_t>());
+  });
+  return {xhat, a, invstd};
+}
+
+std::vector<at::Tensor> norm_relu_backward(const at::Tensor& g_a, const at::Tensor& a, const at::Tensor& xhat,
+                                           const at::Tensor& invstd, const at::Tensor& gamma) {
+  const char* op = "norm_relu_backward";
+  const auto t = prepared(op, {{"g_a", g_a}, {"a", a}, {"xhat", xhat}}, {{"invstd", invstd}, {"gamma", gamma}});
+  const int64_t C = g_a.size(1), M = g_a.numel() / std::max<int64_t>(C, 1);
+  at::Tensor g_y = at::empty_like(t[1]), unit = at::empty_like(t[1]), g_z = at::empty_like(t[1]);
+  at::Tensor g_gamma = at::empty({C}, t[3].options()), g_beta = at::empty({C}, t[3].options());
+  AT_DISPATCH_FLOATING_TYPES(g_a.scalar_type(), "norm_relu_backward", [&] {
+    backward<scalar_t>(M, C, data<scalar_t>(t[0]), data<scalar_t>(t[1]), data<scalar_t>(t[2]), data<scalar_t>(t[3]),
+                       data<scalar_t>(t[4]), g_y.data_ptr<scalar_t>(), unit.data_ptr<scalar_t>(),
+                       g_z.data_ptr<scalar_t>(), g_gamma.data_ptr<scalar_t>(), g_beta.data_ptr<scalar_t>());
+  });
+  return {g_y, unit, g_z, g_gamma, g_beta};
 }
 
 }  // namespace metalearn_fast
