@@ -110,14 +110,18 @@ def _join(blocks: list[tuple], head: tuple) -> list[Tensor]:
 
 @dataclass
 class _Grouped:
-    """A conv weight per task: per_task [T, C, Cin, k, k] and flat, the grouped convolution's [T*C, Cin, k, k]."""
+    """A conv weight per task: per_task [T, C, Cin, k, k] and flat, the grouped convolution's [T*C, Cin, k, k] in
+    channels-last, one memory: per_task is a view of flat, so that what is computed from it (the inner step's
+    update, the meta-gradient's) comes out in flat's layout and needs no copy in the next _split."""
     per_task: Tensor
     flat: Tensor
 
     @staticmethod
     def of(t: Tensor) -> "_Grouped":
-        flat = t.reshape(t.shape[0] * t.shape[1], *t.shape[2:]).contiguous(memory_format=torch.channels_last)
-        return _Grouped(t, flat)
+        flat = t.flatten(0, 1)
+        if not flat.is_contiguous(memory_format=torch.channels_last):
+            flat = flat.contiguous(memory_format=torch.channels_last)
+        return _Grouped(flat.unflatten(0, t.shape[:2]), flat)
 
 
 def _conv(block: _Conv, a: Tensor, weight: _Grouped, bias: Optional[Tensor]) -> Tensor:
