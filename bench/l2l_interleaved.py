@@ -9,12 +9,11 @@ learn2learn's median / ours (above 1: faster). Needs learn2learn (its last relea
 without it, the hand-written plain-torch loop is the baseline.
 """
 import argparse
-import statistics
-import time
 
 import torch
 
 from metalearn_fast.benchmarks.entries import LEARN2LEARN, OURS, PLAIN_TORCH
+from metalearn_fast.benchmarks.interleaved import interleaved_medians
 from metalearn_fast.benchmarks.test_l2l import WORKLOADS, first_step
 
 
@@ -35,15 +34,8 @@ def main() -> None:
     print(f"{'workload':<24}{baseline + ' ms':>18}{'metalearn_fast ms':>20}{'speedup':>10}")
     for workload in WORKLOADS:
         steps = {entry: first_step(entry, workload, device)[2] for entry in (baseline, OURS)}
-        times = {entry: [] for entry in steps}
-        for round_ in range(args.rounds + 1):
-            order = list(steps) if round_ % 2 == 0 else list(reversed(steps))
-            for entry in order:
-                start = time.perf_counter()
-                steps[entry]()
-                if round_:  # the first round warms up
-                    times[entry].append(time.perf_counter() - start)
-        base, ours = (statistics.median(times[e]) * 1e3 for e in (baseline, OURS))
+        medians = interleaved_medians(steps, args.rounds)
+        base, ours = (medians[e] * 1e3 for e in (baseline, OURS))
         print(f"{workload.id:<24}{base:>18.2f}{ours:>20.2f}{base / ours:>9.2f}x")
 
 
