@@ -10,9 +10,9 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
-#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
@@ -42,11 +42,19 @@ std::vector<double> channel_sums(int64_t rows, int64_t channels, const Terms& ro
 // value where the ReLU's output a is positive, else 0, in integer operations (a float comparison may trap, so
 // the compiler would not vectorize a select on it): a positive float's bits are a positive integer, -0's a
 // negative one
+template <typename To, typename From>
+inline To bits_as(From value) {  // std::bit_cast, which C++17 (torch 2.10's extensions) lacks
+  static_assert(sizeof(To) == sizeof(From));
+  To out;
+  std::memcpy(&out, &value, sizeof(To));
+  return out;
+}
+
 template <typename T>
 inline T relu_mask(T a, T value) {
   using I = std::conditional_t<sizeof(T) == 4, int32_t, int64_t>;
-  const I keep = -static_cast<I>(std::bit_cast<I>(a) > 0);
-  return std::bit_cast<T>(static_cast<I>(std::bit_cast<I>(value) & keep));
+  const I keep = -static_cast<I>(bits_as<I>(a) > 0);
+  return bits_as<T>(static_cast<I>(bits_as<I>(value) & keep));
 }
 
 template <typename T>
