@@ -7,16 +7,17 @@ loop in float64); here each round times one float32 meta-step of every entry in 
 between rounds (metalearn_fast/benchmarks/interleaved.py), so that a busy machine slows all entries alike. Then
 one more call of each entry records its peak memory (benchmarks/plugin.py's measure). Prints a markdown table
 per workload: the median meta-step, torch.func's median / the entry's, and learn2learn's / the entry's where
-learn2learn is installed.
+learn2learn is installed (a peer that is not installed is left out).
 """
 import argparse
+import importlib.util
 
 import torch
 
 from metalearn_fast.benchmarks import test_any_module as any_module
-from metalearn_fast.benchmarks.entries import HIGHER, LEARN2LEARN, TORCH_FUNC
+from metalearn_fast.benchmarks.entries import LEARN2LEARN, TORCH_FUNC
 from metalearn_fast.benchmarks.interleaved import interleaved_medians
-from metalearn_fast.benchmarks.plugin import peak_memory_mib
+from metalearn_fast.benchmarks.plugin import PEERS, peak_memory_mib
 
 
 def main() -> None:
@@ -26,18 +27,11 @@ def main() -> None:
     parser.add_argument("--model", choices=["conv4", "bn-mlp"], default="conv4")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    try:
-        import learn2learn  # noqa: F401
-    except ImportError:
-        skip = {LEARN2LEARN}
-    else:
-        skip = set()
-    skip |= {HIGHER}
+    installed = [e for e in any_module.ENTRIES if e not in PEERS or importlib.util.find_spec(PEERS[e])]
     device = torch.device("cpu")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds")
     for workload in [w for w in any_module.LARGE if w.model == args.model]:
-        entries = [e for e in any_module.ENTRIES if e not in skip
-                   and (e != any_module.CHUNKED_2 or workload.tasks == 32)]
+        entries = [e for e in installed if e != any_module.CHUNKED_2 or workload.tasks == 32]
         steps = {entry: any_module.first_step(entry, workload, device)[2] for entry in entries}
         medians = interleaved_medians(steps, args.rounds)
         print(f"\n{workload.group}\n\n| entry | median | vs torch.func | vs learn2learn | peak memory |\n"

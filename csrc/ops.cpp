@@ -126,11 +126,7 @@ struct Arguments {
     PyObject* const* item = items(i, name, size);
     std::vector<double> out(size);
     for (Py_ssize_t k = 0; k < size; ++k) {
-      out[k] = PyFloat_AsDouble(item[k]);
-      if (out[k] == -1.0 && PyErr_Occurred()) {
-        PyErr_Clear();
-        wrong(i, name, "a list of numbers");
-      }
+      if (!as_double(item[k], out[k])) wrong(i, name, "a list of numbers");
     }
     return out;
   }
@@ -143,12 +139,18 @@ struct Arguments {
     return PyLong_AsLongLong(args[i]);
   }
   double real(Py_ssize_t i, const char* name) const {
-    const double value = PyFloat_AsDouble(args[i]);
+    double value = 0;
+    if (!as_double(args[i], value)) wrong(i, name, "a number");
+    return value;
+  }
+  // obj as a double (a float, an int or anything with __float__); false, the error cleared, for anything else
+  static bool as_double(PyObject* obj, double& value) {
+    value = PyFloat_AsDouble(obj);
     if (value == -1.0 && PyErr_Occurred()) {
       PyErr_Clear();
-      wrong(i, name, "a number");
+      return false;
     }
-    return value;
+    return true;
   }
   bool boolean(Py_ssize_t i, const char* name) const {
     if (!PyBool_Check(args[i])) wrong(i, name, "a bool");

@@ -53,10 +53,6 @@ class ConvNetPlan:
     (conv weight, [conv bias], norm weight, norm bias per block; head weight, head bias)."""
     blocks: tuple
 
-    def sizes(self) -> list[int]:
-        """How many parameters each block holds, then the head's 2."""
-        return [3 + block.has_bias for block in self.blocks] + [2]
-
 
 def conv_net_plan(model: nn.Module) -> Optional[ConvNetPlan]:
     """The plan of a model this module computes exactly, None for any other model: nn.Sequential of blocks
@@ -183,6 +179,11 @@ def _norm_relu_backward(g_a: Tensor, a: Tensor, xhat: Tensor, invstd: Tensor, ga
     return g_y, unit, unit * _per_channel(gamma), g_gamma, g_beta
 
 
+def _pool_backward(g_pooled: Tensor, maps: Tensor) -> Tensor:
+    """The gradient at the last maps [N, T*C, H, W] of their mean over H and W, from its gradient [N, T, C]."""
+    return (g_pooled.reshape(maps.shape[0], -1, 1, 1) / (maps.shape[2] * maps.shape[3])).expand(maps.shape)
+
+
 def _forward(plan: ConvNetPlan, blocks: list[tuple], head: tuple, x: Tensor) -> _Forward:
     """x: [N, T*Cin, H, W]."""
     f = _Forward([], [], [], None, None)
@@ -227,7 +228,6 @@ def _loss_tangent(kind: str, d_out: Tensor, p: Optional[Tensor]) -> Tensor:
 @dataclass
 class _Backward:
     """What the Hessian-vector product reads of a backward pass (per block)."""
-    plan: ConvNetPlan
     g_y: list  # the gradient at y (after the ReLU's mask)
     unit: list  # batch_norm's input gradient with gamma = 1 (gamma times it is the gradient at z)
     g_gamma: list
@@ -238,12 +238,10 @@ def _backward(plan: ConvNetPlan, blocks: list[tuple], head: tuple, f: _Forward, 
               ) -> tuple[list[Tensor], Optional[_Backward]]:
     """The per-task gradients (model.parameters() order, [T, ...]) given g_out = dloss/dout, and (keep) what
     _hessian_times reads."""
-    b = _Backward(plan, *([None] * len(blocks) for _ in range(3)), g_out) if keep else None
+    b = _Backward(*([None] * len(blocks) for _ in range(3)), g_out) if keep else None
     tasks = head[0].shape[0]
     g_head = (torch.einsum("nto,ntc->toc", g_out, f.pooled), g_out.sum(0))
-    last = f.inputs[-1]
-    g_a = (torch.einsum("nto,toc->ntc", g_out, head[0]).reshape(last.shape[0], -1, 1, 1)
-           / (last.shape[2] * last.shape[3])).expand(last.shape)
+    g_a = _pool_backward(torch.einsum("nto,toc->ntc", g_out, head[0]), f.inputs[-1])
     grads = [None] * len(blocks)
     for i in reversed(range(len(blocks))):
         block, (weight, _, gamma, _) = plan.blocks[i], blocks[i]
@@ -299,11 +297,10 @@ def _norm_relu_tangent_backward(dg_a: Tensor, a: Tensor, xhat: Tensor, d_xhat: T
     return dg_z, dg_gamma, dg_beta
 
 
-def _hessian_times(blocks: list[tuple], head: tuple, f: _Forward, b: _Backward, p: Optional[Tensor], kind: str,
-                   v: list[Tensor]) -> list[Tensor]:
+def _hessian_times(plan: ConvNetPlan, blocks: list[tuple], head: tuple, f: _Forward, b: _Backward,
+                   p: Optional[Tensor], kind: str, v: list[Tensor]) -> list[Tensor]:
     """Each task's Hessian of its loss (at the weights of f and b) times that task's v (model.parameters()
     order, [T, ...]): the derivative of _backward's gradients along v."""
-    plan = b.plan
     dblocks, dhead = _split(plan, v)
     tasks = head[0].shape[0]
     # along v through the forward pass
@@ -325,9 +322,8 @@ def _hessian_times(blocks: list[tuple], head: tuple, f: _Forward, b: _Backward, 
     g_out = b.g_head_out
     dg_head = (torch.einsum("nto,ntc->toc", dg_out, f.pooled) + torch.einsum("nto,ntc->toc", g_out, d_pooled),
                dg_out.sum(0))
-    last = f.inputs[-1]
-    dg_a = ((torch.einsum("nto,toc->ntc", dg_out, head[0]) + torch.einsum("nto,toc->ntc", g_out, dhead[0]))
-            .reshape(last.shape[0], -1, 1, 1) / (last.shape[2] * last.shape[3])).expand(last.shape)
+    dg_a = _pool_backward(torch.einsum("nto,toc->ntc", dg_out, head[0]) + torch.einsum("nto,toc->ntc", g_out, dhead[0]),
+                          f.inputs[-1])
     # back along v through the backward pass
     out = [None] * len(blocks)
     for i in reversed(range(len(blocks))):
@@ -410,7 +406,7 @@ def _chunk_meta_loss(plan: ConvNetPlan, parameters: Sequence[Tensor], x_support:
     v, _ = _backward(plan, blocks, head, f, g_out, keep=False)
     del blocks, head, f
     while steps:
-        hv = _hessian_times(*steps.pop(), loss, v)
+        hv = _hessian_times(plan, *steps.pop(), loss, v)
         v = [vi - inner_lr * h for vi, h in zip(v, hv)]
         del hv
     return losses, [vi.sum(0) for vi in v]
