@@ -31,7 +31,7 @@ def main() -> None:
     device = torch.device("cpu")
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.rounds} rounds")
     for workload in [w for w in any_module.LARGE if w.model == args.model]:
-        entries = [e for e in installed if e != any_module.CHUNKED_2 or workload.tasks == 32]
+        entries = [e for e in installed if e not in any_module.MEMORY_ONLY or workload.tasks == 32]
         steps = {entry: any_module.first_step(entry, workload, device)[2] for entry in entries}
         medians = interleaved_medians(steps, args.rounds)
         print(f"\n{workload.group}\n\n| entry | median | vs torch.func | vs learn2learn | peak memory |\n"

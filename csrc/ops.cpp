@@ -240,9 +240,12 @@ PyObject* norm_relu_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_
 
 PyObject* norm_relu_backward_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
+  const char* name = "norm_relu_backward";
+  if (nargs != 6) throw torch::TypeError(c10::str(name, ": expected 6 arguments (5 tensors, with_g_y), got ", nargs));
+  const bool with_g_y = Arguments{name, args}.boolean(5, "with_g_y");
   static const std::array<const char*, 5> names{"g_a", "a", "xhat", "invstd", "gamma"};
-  return tensors_in_tuple_out<5>("norm_relu_backward", names, args, nargs, [](const auto& t) {
-    return metalearn_fast::norm_relu_backward(t[0], t[1], t[2], t[3], t[4]);
+  return tensors_in_tuple_out<5>(name, names, args, 5, [with_g_y](const auto& t) {
+    return metalearn_fast::norm_relu_backward(t[0], t[1], t[2], t[3], t[4], with_g_y);
   });
   END_HANDLE_TH_ERRORS
 }
@@ -258,11 +261,16 @@ PyObject* norm_relu_tangent_entry(PyObject* /*module*/, PyObject* const* args, P
 
 PyObject* norm_relu_tangent_backward_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  static const std::array<const char*, 11> names{"dg_a",  "a",       "xhat",    "d_xhat",  "g_y",    "unit",
-                                                 "invstd", "gamma", "d_gamma", "d_scale", "g_gamma"};
-  return tensors_in_tuple_out<11>("norm_relu_tangent_backward", names, args, nargs, [](const auto& t) {
+  const char* name = "norm_relu_tangent_backward";
+  if (nargs != 12) {
+    throw torch::TypeError(c10::str(name, ": expected 12 arguments (11 tensors, with_g_z), got ", nargs));
+  }
+  const bool with_g_z = Arguments{name, args}.boolean(11, "with_g_z");
+  static const std::array<const char*, 11> names{"dg_a",  "a",       "xhat",    "d_xhat",  "g_y",    "invstd",
+                                                 "gamma", "d_gamma", "d_scale", "g_gamma", "g_beta"};
+  return tensors_in_tuple_out<11>(name, names, args, 11, [with_g_z](const auto& t) {
     return metalearn_fast::norm_relu_tangent_backward(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9],
-                                                      t[10]);
+                                                      t[10], with_g_z);
   });
   END_HANDLE_TH_ERRORS
 }
@@ -295,13 +303,14 @@ PyMethodDef methods[] = {
     {"norm_relu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_entry)), METH_FASTCALL,
      "norm_relu(z, gamma, beta, eps) -> (xhat, a, invstd)"},
     {"norm_relu_backward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_backward_entry)),
-     METH_FASTCALL, "norm_relu_backward(g_a, a, xhat, invstd, gamma) -> (g_y, unit, g_z, g_gamma, g_beta)"},
+     METH_FASTCALL, "norm_relu_backward(g_a, a, xhat, invstd, gamma, with_g_y) -> (g_y or None, g_z, g_gamma, g_beta); "
+     "g_z is written over g_a where g_a is channels-last"},
     {"norm_relu_tangent", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_tangent_entry)),
      METH_FASTCALL, "norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta) -> (d_xhat, d_a, d_scale)"},
     {"norm_relu_tangent_backward",
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_tangent_backward_entry)), METH_FASTCALL,
-     "norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma, d_gamma, d_scale, g_gamma) -> "
-     "(dg_z, dg_gamma, dg_beta)"},
+     "norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, invstd, gamma, d_gamma, d_scale, g_gamma, g_beta, "
+     "with_g_z) -> (dg_z, g_z or None, dg_gamma, dg_beta)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -108,9 +108,9 @@ def test_meta_gradient_equals_the_per_task_loop(device, loss, steps, variant):
 def tangent_inputs(dtype, shape=(3, 7, 5, 4), seed=0, layout=torch.channels_last):
     """Random inputs of the two kernels: maps [N, C, H, W] (a: a ReLU's output, a third of it 0) and vectors [C]."""
     g = torch.Generator().manual_seed(seed)
-    maps = [torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=layout) for _ in range(7)]
+    maps = [torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=layout) for _ in range(6)]
     maps[1] = maps[1].relu()  # a
-    vectors = [torch.rand(shape[1], generator=g, dtype=dtype) + 0.5 for _ in range(6)]
+    vectors = [torch.rand(shape[1], generator=g, dtype=dtype) + 0.5 for _ in range(7)]
     return maps, vectors
 
 
@@ -124,41 +124,50 @@ def test_the_cpu_kernels_compute_the_formulas(dtype, shape, layout):
     NCHW (made channels-last)."""
     ext = require_kernels()
     maps, vectors = tangent_inputs(dtype, shape, layout=layout)
-    dz, a, xhat, d_xhat, g_y, unit, dg_a = maps
-    invstd, gamma, d_gamma, d_beta, d_scale, g_gamma = vectors
+    dz, a, xhat, d_xhat, g_y, dg_a = maps
+    invstd, gamma, d_gamma, d_beta, d_scale, g_gamma, g_beta = vectors
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-5)
+
+    def assert_same(got, want):
+        assert [t is None for t in got] == [t is None for t in want]
+        for x, y in zip(got, want):
+            if y is not None:
+                torch.testing.assert_close(x, y, **tol)
+
     with forced_cpu_simd("none"):
-        forward = convnet._norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta)
-        backward = convnet._norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma, d_gamma,
-                                                       d_scale, g_gamma)
-    with forced_cpu_simd("none"):
-        plain = convnet._norm_relu(dz, gamma, d_beta, 1e-3)
-        plain_backward = convnet._norm_relu_backward(dg_a, a, xhat, invstd, gamma)
-    for got, want in zip(ext.norm_relu(dz, gamma, d_beta, 1e-3), plain):
-        torch.testing.assert_close(got, want, **tol)
-    for got, want in zip(ext.norm_relu_backward(dg_a, a, xhat, invstd, gamma), plain_backward):
-        torch.testing.assert_close(got, want, **tol)
-    for got, want in zip(ext.norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta), forward):
-        torch.testing.assert_close(got, want, **tol)
-    for got, want in zip(ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma, d_gamma,
-                                                        d_scale, g_gamma), backward):
-        torch.testing.assert_close(got, want, **tol)
+        assert_same(ext.norm_relu(dz, gamma, d_beta, 1e-3), convnet._norm_relu(dz, gamma, d_beta, 1e-3))
+        assert_same(ext.norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta),
+                    convnet._norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta))
+        for with_g in (True, False):
+            used_up = dg_a.clone()  # the kernel writes g_z over it where it is channels-last
+            got = ext.norm_relu_backward(used_up, a, xhat, invstd, gamma, with_g)
+            assert_same(got, convnet._norm_relu_backward(dg_a, a, xhat, invstd, gamma, with_g))
+            assert (got[1].data_ptr() == used_up.data_ptr()) == (layout == torch.channels_last)
+            assert_same(ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, invstd, gamma, d_gamma, d_scale,
+                                                       g_gamma, g_beta, with_g),
+                        convnet._norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, invstd, gamma, d_gamma,
+                                                            d_scale, g_gamma, g_beta, with_g))
+        # the tangent pass's g_z, made from the backward pass's g_y and sums, is the backward pass's own
+        g_y, g_z, g_gamma, g_beta = ext.norm_relu_backward(dg_a.clone(), a, xhat, invstd, gamma, True)
+        again = ext.norm_relu_tangent_backward(dz, a, xhat, d_xhat, g_y, invstd, gamma, d_gamma, d_scale, g_gamma,
+                                               g_beta, True)[1]
+        torch.testing.assert_close(again, g_z, **tol)
 
 
 def test_the_cpu_kernels_give_the_same_numbers_on_any_number_of_threads():
     ext = require_kernels()
     maps, vectors = tangent_inputs(torch.float32, (5, 66, 14, 14))
-    dz, a, xhat, d_xhat, g_y, unit, dg_a = maps
-    invstd, gamma, d_gamma, d_beta, d_scale, g_gamma = vectors
+    dz, a, xhat, d_xhat, g_y, dg_a = maps
+    invstd, gamma, d_gamma, d_beta, d_scale, g_gamma, g_beta = vectors
     threads, results = torch.get_num_threads(), []
     try:
         for n in (1, 2, 3):
             torch.set_num_threads(n)
             results.append([*ext.norm_relu(dz, gamma, d_beta, 1e-5),
-                            *ext.norm_relu_backward(dg_a, a, xhat, invstd, gamma),
+                            *ext.norm_relu_backward(dg_a.clone(), a, xhat, invstd, gamma, True),
                             *ext.norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta),
-                            *ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma,
-                                                            d_gamma, d_scale, g_gamma)])
+                            *ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, invstd, gamma, d_gamma,
+                                                            d_scale, g_gamma, g_beta, True)])
     finally:
         torch.set_num_threads(threads)
     for other in results[1:]:
@@ -199,8 +208,11 @@ def test_the_cpu_kernels_name_a_bad_argument():
     with pytest.raises(ValueError, match="norm_relu: eps must be >= 0, got -1"):
         ext.norm_relu(dz, gamma, d_beta, -1.0)
     with pytest.raises(ValueError, match=r"norm_relu_backward: a must have shape \[3, 7, 5, 4\]"):
-        ext.norm_relu_backward(dz, a[:2], xhat, invstd, gamma)
-    with pytest.raises(TypeError, match="norm_relu_tangent_backward: expected 11 tensors, got 7 arguments"):
+        ext.norm_relu_backward(dz, a[:2], xhat, invstd, gamma, True)
+    with pytest.raises(TypeError, match=r"norm_relu_backward: argument 5 \(with_g_y\) must be a bool, got int"):
+        ext.norm_relu_backward(dz, a, xhat, invstd, gamma, 1)
+    with pytest.raises(TypeError, match=r"norm_relu_tangent_backward: expected 12 arguments \(11 tensors, with_g_z\), "
+                                        "got 7"):
         ext.norm_relu_tangent_backward(dz, xhat, a, invstd, gamma, d_gamma, d_beta)
 
 

@@ -135,9 +135,9 @@ void tangent_forward(int64_t M, int64_t C, const T* __restrict dz, const T* __re
 
 template <typename T>
 void tangent_backward(int64_t M, int64_t C, const T* __restrict dg_a, const T* __restrict a, const T* __restrict xhat,
-                      const T* __restrict d_xhat, const T* __restrict g_y, const T* __restrict unit,
-                      const T* __restrict invstd, const T* __restrict gamma, const T* __restrict d_gamma,
-                      const T* __restrict d_scale, const T* __restrict g_gamma, T* __restrict dg_z,
+                      const T* __restrict d_xhat, const T* __restrict g_y, const T* __restrict invstd,
+                      const T* __restrict gamma, const T* __restrict d_gamma, const T* __restrict d_scale,
+                      const T* __restrict g_gamma, const T* __restrict g_beta, T* __restrict dg_z, T* __restrict g_z,
                       T* __restrict dg_gamma, T* __restrict dg_beta) {
   // dg_y = dg_a where a > 0; sums: dg_y, dg_y xhat, g_y d_xhat
   const std::vector<double> sums = channel_sums<3, T>(M, C, [&](int64_t m, T* __restrict s) {
@@ -152,31 +152,43 @@ void tangent_backward(int64_t M, int64_t C, const T* __restrict dg_a, const T* _
       s2[c] += gy_m[c] * dx_m[c];
     }
   });
+  // with unit = invstd (g_y - mean(g_y) - xhat mean(g_y xhat)) = invstd g_y + u0 + u1 xhat (g_z = gamma unit):
   // dg_z = gamma invstd (dg_y - mean(dg_y) - xhat mean(dg_y xhat)) + d_gamma unit - gamma unit d_scale
   //        - gamma invstd (d_xhat mean(g_y xhat) + xhat mean(g_y d_xhat))
-  //      = k1 dg_y + k0 + k2 xhat + k3 unit + k4 d_xhat
-  std::vector<T> k0(C), k1(C), k2(C), k3(C), k4(C);
+  //      = k1 dg_y + k0 + k2 xhat + k3 g_y + k4 d_xhat
+  std::vector<T> k0(C), k1(C), k2(C), k3(C), k4(C), z0(C), z1(C), z2(C);
   for (int64_t c = 0; c < C; ++c) {
-    const double scale = static_cast<double>(gamma[c]) * invstd[c];
+    const double scale = static_cast<double>(gamma[c]) * invstd[c], on_unit = d_gamma[c] - gamma[c] * d_scale[c];
+    const double u0 = -invstd[c] * (static_cast<double>(g_beta[c]) / M);
+    const double u1 = -invstd[c] * (static_cast<double>(g_gamma[c]) / M);
     k1[c] = static_cast<T>(scale);
-    k0[c] = static_cast<T>(-scale * (sums[c] / M));
-    k2[c] = static_cast<T>(-scale * ((sums[C + c] + sums[2 * C + c]) / M));
-    k3[c] = static_cast<T>(d_gamma[c] - static_cast<double>(gamma[c]) * d_scale[c]);
+    k0[c] = static_cast<T>(-scale * (sums[c] / M) + on_unit * u0);
+    k2[c] = static_cast<T>(-scale * ((sums[C + c] + sums[2 * C + c]) / M) + on_unit * u1);
+    k3[c] = static_cast<T>(on_unit * invstd[c]);
     k4[c] = static_cast<T>(-scale * (static_cast<double>(g_gamma[c]) / M));
+    z0[c] = static_cast<T>(gamma[c] * u0);
+    z1[c] = static_cast<T>(gamma[c] * u1);
+    z2[c] = static_cast<T>(scale);
     dg_gamma[c] = static_cast<T>(sums[C + c] + sums[2 * C + c]);
     dg_beta[c] = static_cast<T>(sums[c]);
   }
   const T *__restrict c0 = k0.data(), *__restrict c1 = k1.data(), *__restrict c2 = k2.data();
   const T *__restrict c3 = k3.data(), *__restrict c4 = k4.data();
+  const T *__restrict e0 = z0.data(), *__restrict e1 = z1.data(), *__restrict e2 = z2.data();
   at::parallel_for(0, M, kRows, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
       const T *__restrict g_m = dg_a + m * C, *__restrict a_m = a + m * C, *__restrict x_m = xhat + m * C;
-      const T *__restrict dx_m = d_xhat + m * C, *__restrict u_m = unit + m * C;
+      const T *__restrict dx_m = d_xhat + m * C, *__restrict gy_m = g_y + m * C;
       T* __restrict out = dg_z + m * C;
 #pragma omp simd
       for (int64_t c = 0; c < C; ++c) {
         const T dg_y = relu_mask(a_m[c], g_m[c]);
-        out[c] = c1[c] * dg_y + c0[c] + c2[c] * x_m[c] + c3[c] * u_m[c] + c4[c] * dx_m[c];
+        out[c] = c1[c] * dg_y + c0[c] + c2[c] * x_m[c] + c3[c] * gy_m[c] + c4[c] * dx_m[c];
+      }
+      if (g_z != nullptr) {
+        T* __restrict gz_m = g_z + m * C;
+#pragma omp simd
+        for (int64_t c = 0; c < C; ++c) gz_m[c] = e2[c] * gy_m[c] + e0[c] + e1[c] * x_m[c];
       }
     }
   });
@@ -216,9 +228,10 @@ void forward(int64_t M, int64_t C, const T* __restrict z, const T* __restrict ga
 }
 
 template <typename T>
-void backward(int64_t M, int64_t C, const T* __restrict g_a, const T* __restrict a, const T* __restrict xhat,
-              const T* __restrict invstd, const T* __restrict gamma, T* __restrict g_y, T* __restrict unit,
-              T* __restrict g_z, T* __restrict g_gamma, T* __restrict g_beta) {
+// g_z may be g_a (each element is read before it is written)
+void backward(int64_t M, int64_t C, const T* g_a, const T* __restrict a, const T* __restrict xhat,
+              const T* __restrict invstd, const T* __restrict gamma, T* __restrict g_y, T* g_z,
+              T* __restrict g_gamma, T* __restrict g_beta) {
   const std::vector<double> sums = channel_sums<2, T>(M, C, [&](int64_t m, T* __restrict s) {
     const T *__restrict g_m = g_a + m * C, *__restrict a_m = a + m * C, *__restrict x_m = xhat + m * C;
     T* __restrict s1 = s + C;
@@ -229,27 +242,27 @@ void backward(int64_t M, int64_t C, const T* __restrict g_a, const T* __restrict
       s1[c] += gy * x_m[c];
     }
   });
-  // unit = invstd (g_y - mean(g_y) - xhat mean(g_y xhat)) = invstd g_y + k0 + k1 xhat; g_z = gamma unit
-  std::vector<T> k0(C), k1(C);
+  // g_z = gamma unit, unit = invstd (g_y - mean(g_y) - xhat mean(g_y xhat)): g_z = k2 g_y + k0 + k1 xhat
+  std::vector<T> k0(C), k1(C), k2(C);
   for (int64_t c = 0; c < C; ++c) {
-    k0[c] = static_cast<T>(-invstd[c] * (sums[c] / M));
-    k1[c] = static_cast<T>(-invstd[c] * (sums[C + c] / M));
+    k0[c] = static_cast<T>(-gamma[c] * invstd[c] * (sums[c] / M));
+    k1[c] = static_cast<T>(-gamma[c] * invstd[c] * (sums[C + c] / M));
+    k2[c] = static_cast<T>(gamma[c] * invstd[c]);
     g_beta[c] = static_cast<T>(sums[c]);
     g_gamma[c] = static_cast<T>(sums[C + c]);
   }
-  const T *__restrict c0 = k0.data(), *__restrict c1 = k1.data();
+  const T *__restrict c0 = k0.data(), *__restrict c1 = k1.data(), *__restrict c2 = k2.data();
   at::parallel_for(0, M, kRows, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
-      const T *__restrict g_m = g_a + m * C, *__restrict a_m = a + m * C, *__restrict x_m = xhat + m * C;
-      T *__restrict gy_m = g_y + m * C, *__restrict u_m = unit + m * C, *__restrict gz_m = g_z + m * C;
+      const T *g_m = g_a + m * C, *__restrict a_m = a + m * C, *__restrict x_m = xhat + m * C;
+      T* gz_m = g_z + m * C;
+      if (g_y != nullptr) {  // (before g_z, which may overwrite g_a)
+        T* __restrict gy_m = g_y + m * C;
 #pragma omp simd
-      for (int64_t c = 0; c < C; ++c) {
-        const T gy = relu_mask(a_m[c], g_m[c]);
-        const T u = invstd[c] * gy + c0[c] + c1[c] * x_m[c];
-        gy_m[c] = gy;
-        u_m[c] = u;
-        gz_m[c] = gamma[c] * u;
+        for (int64_t c = 0; c < C; ++c) gy_m[c] = relu_mask(a_m[c], g_m[c]);
       }
+#pragma omp simd
+      for (int64_t c = 0; c < C; ++c) gz_m[c] = c2[c] * relu_mask(a_m[c], g_m[c]) + c0[c] + c1[c] * x_m[c];
     }
   });
 }
@@ -274,25 +287,25 @@ std::vector<at::Tensor> norm_relu_tangent(const at::Tensor& dz, const at::Tensor
 
 std::vector<at::Tensor> norm_relu_tangent_backward(const at::Tensor& dg_a, const at::Tensor& a, const at::Tensor& xhat,
                                                    const at::Tensor& d_xhat, const at::Tensor& g_y,
-                                                   const at::Tensor& unit, const at::Tensor& invstd,
-                                                   const at::Tensor& gamma, const at::Tensor& d_gamma,
-                                                   const at::Tensor& d_scale, const at::Tensor& g_gamma) {
+                                                   const at::Tensor& invstd, const at::Tensor& gamma,
+                                                   const at::Tensor& d_gamma, const at::Tensor& d_scale,
+                                                   const at::Tensor& g_gamma, const at::Tensor& g_beta, bool with_g_z) {
   const char* op = "norm_relu_tangent_backward";
-  const auto t = prepared(op, {{"dg_a", dg_a}, {"a", a}, {"xhat", xhat}, {"d_xhat", d_xhat}, {"g_y", g_y},
-                               {"unit", unit}},
+  const auto t = prepared(op, {{"dg_a", dg_a}, {"a", a}, {"xhat", xhat}, {"d_xhat", d_xhat}, {"g_y", g_y}},
                           {{"invstd", invstd}, {"gamma", gamma}, {"d_gamma", d_gamma}, {"d_scale", d_scale},
-                           {"g_gamma", g_gamma}});
+                           {"g_gamma", g_gamma}, {"g_beta", g_beta}});
   const int64_t C = dg_a.size(1), M = dg_a.numel() / std::max<int64_t>(C, 1);
-  at::Tensor dg_z = at::empty_like(t[0]), dg_gamma = at::empty({C}, t[6].options());
-  at::Tensor dg_beta = at::empty({C}, t[6].options());
+  at::Tensor dg_z = at::empty_like(t[0]), g_z = with_g_z ? at::empty_like(t[0]) : at::Tensor();
+  at::Tensor dg_gamma = at::empty({C}, t[5].options()), dg_beta = at::empty({C}, t[5].options());
   AT_DISPATCH_FLOATING_TYPES(dg_a.scalar_type(), "norm_relu_tangent_backward", [&] {
     tangent_backward<scalar_t>(M, C, data<scalar_t>(t[0]), data<scalar_t>(t[1]), data<scalar_t>(t[2]),
                                data<scalar_t>(t[3]), data<scalar_t>(t[4]), data<scalar_t>(t[5]), data<scalar_t>(t[6]),
                                data<scalar_t>(t[7]), data<scalar_t>(t[8]), data<scalar_t>(t[9]),
-                               data<scalar_t>(t[10]), dg_z.data_ptr<scalar_t>(), dg_gamma.data_ptr<scalar_t>(),
+                               data<scalar_t>(t[10]), dg_z.data_ptr<scalar_t>(),
+                               with_g_z ? g_z.data_ptr<scalar_t>() : nullptr, dg_gamma.data_ptr<scalar_t>(),
                                dg_beta.data_ptr<scalar_t>());
   });
-  return {dg_z, dg_gamma, dg_beta};
+  return {dg_z, g_z, dg_gamma, dg_beta};
 }
 
 std::vector<at::Tensor> norm_relu(const at::Tensor& z, const at::Tensor& gamma, const at::Tensor& beta, double eps) {
@@ -310,18 +323,19 @@ std::vector<at::Tensor> norm_relu(const at::Tensor& z, const at::Tensor& gamma, 
 }
 
 std::vector<at::Tensor> norm_relu_backward(const at::Tensor& g_a, const at::Tensor& a, const at::Tensor& xhat,
-                                           const at::Tensor& invstd, const at::Tensor& gamma) {
+                                           const at::Tensor& invstd, const at::Tensor& gamma, bool with_g_y) {
   const char* op = "norm_relu_backward";
   const auto t = prepared(op, {{"g_a", g_a}, {"a", a}, {"xhat", xhat}}, {{"invstd", invstd}, {"gamma", gamma}});
   const int64_t C = g_a.size(1), M = g_a.numel() / std::max<int64_t>(C, 1);
-  at::Tensor g_y = at::empty_like(t[1]), unit = at::empty_like(t[1]), g_z = at::empty_like(t[1]);
+  // g_z in g_a's memory (t[0] is g_a itself where g_a is channels-last already): the caller's g_a is used up
+  at::Tensor g_y = with_g_y ? at::empty_like(t[1]) : at::Tensor(), g_z = t[0];
   at::Tensor g_gamma = at::empty({C}, t[3].options()), g_beta = at::empty({C}, t[3].options());
   AT_DISPATCH_FLOATING_TYPES(g_a.scalar_type(), "norm_relu_backward", [&] {
     backward<scalar_t>(M, C, data<scalar_t>(t[0]), data<scalar_t>(t[1]), data<scalar_t>(t[2]), data<scalar_t>(t[3]),
-                       data<scalar_t>(t[4]), g_y.data_ptr<scalar_t>(), unit.data_ptr<scalar_t>(),
+                       data<scalar_t>(t[4]), with_g_y ? g_y.data_ptr<scalar_t>() : nullptr,
                        g_z.data_ptr<scalar_t>(), g_gamma.data_ptr<scalar_t>(), g_beta.data_ptr<scalar_t>());
   });
-  return {g_y, unit, g_z, g_gamma, g_beta};
+  return {g_y, g_z, g_gamma, g_beta};
 }
 
 }  // namespace metalearn_fast

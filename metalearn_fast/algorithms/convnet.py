@@ -18,6 +18,7 @@ statistics average (N * H * W).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence
@@ -86,16 +87,23 @@ def conv_net_plan(model: nn.Module) -> Optional[ConvNetPlan]:
 # ---- per-task weights: [T, ...] tensors in model.parameters() order, split into blocks and the head ----
 
 
+def _first(plan: ConvNetPlan) -> list[int]:
+    """Where each block's parameters start in model.parameters() order (and, last, the head's)."""
+    return list(itertools.accumulate([3 + block.has_bias for block in plan.blocks], initial=0))
+
+
+def _block(plan: ConvNetPlan, params: Sequence[Tensor], i: int) -> tuple:
+    """Block i's (weight, bias or None, gamma, beta); the conv's weight [T, C, ...] as the grouped convolution's
+    [T*C, ...] (channels-last: oneDNN's faster input gradient), made here (a copy where params[i] is not already
+    in that layout: the meta weights expanded over the tasks)."""
+    first, has_bias = _first(plan)[i], plan.blocks[i].has_bias
+    return (_Grouped.of(params[first]), params[first + 1] if has_bias else None, params[first + 1 + has_bias],
+            params[first + 2 + has_bias])
+
+
 def _split(plan: ConvNetPlan, params: Sequence[Tensor]) -> tuple[list[tuple], tuple]:
-    """(per block (weight, bias or None, gamma, beta), (head weight, head bias)); a conv's weight [T, C, ...] as
-    the grouped convolution's [T*C, ...] (channels-last: oneDNN's faster input gradient), made once here."""
-    blocks, i = [], 0
-    for block in plan.blocks:
-        weight, bias = _Grouped.of(params[i]), params[i + 1] if block.has_bias else None
-        i += 1 + block.has_bias
-        blocks.append((weight, bias, params[i], params[i + 1]))
-        i += 2
-    return blocks, (params[i], params[i + 1])
+    """(every block's _block, (head weight, head bias))."""
+    return [_block(plan, params, i) for i in range(len(plan.blocks))], (params[-2], params[-1])
 
 
 def _join(blocks: list[tuple], head: tuple) -> list[Tensor]:
@@ -114,9 +122,11 @@ class _Grouped:
 
     @staticmethod
     def of(t: Tensor) -> "_Grouped":
-        flat = t.flatten(0, 1)
-        if not flat.is_contiguous(memory_format=torch.channels_last):
-            flat = flat.contiguous(memory_format=torch.channels_last)
+        flat = t.flatten(0, 1) if t.stride(0) == t.shape[1] * t.stride(1) else None  # a view, else None
+        if flat is None or not flat.is_contiguous(memory_format=torch.channels_last):
+            flat = torch.empty((t.shape[0] * t.shape[1], *t.shape[2:]), dtype=t.dtype, device=t.device,
+                               memory_format=torch.channels_last)
+            flat.unflatten(0, t.shape[:2]).copy_(t)  # one copy (the meta weights expanded over the tasks)
         return _Grouped(flat.unflatten(0, t.shape[:2]), flat)
 
 
@@ -164,19 +174,24 @@ def _norm_relu(z: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tens
     return (z - _per_channel(mean)) * _per_channel(invstd), torch.relu(y), invstd
 
 
-def _norm_relu_backward(g_a: Tensor, a: Tensor, xhat: Tensor, invstd: Tensor, gamma: Tensor
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """_norm_relu's backward pass from g_a, the gradient at a: (g_y, the gradient at y = gamma xhat + beta;
-    unit = invstd (g_y - mean(g_y) - xhat mean(g_y xhat)), BatchNorm's input gradient with gamma = 1; the
-    gradient at z, gamma unit; the gradients of gamma and beta)."""
+def _norm_relu_backward(g_a: Tensor, a: Tensor, xhat: Tensor, invstd: Tensor, gamma: Tensor, with_g_y: bool
+                        ) -> tuple[Optional[Tensor], Tensor, Tensor, Tensor]:
+    """_norm_relu's backward pass from g_a, the gradient at a: (g_y, the gradient at y = gamma xhat + beta, if
+    with_g_y, else None; the gradient at z, gamma * _unit(...); the gradients of gamma and beta). g_a is used up
+    (the kernel writes the gradient at z over it: one map less at the peak memory)."""
     ext = _kernels(g_a)
     if ext is not None:
-        return ext.norm_relu_backward(g_a, a, xhat, invstd, gamma)
-    count = g_a.numel() // g_a.shape[1]
+        return ext.norm_relu_backward(g_a, a, xhat, invstd, gamma, with_g_y)
     g_y = aten.threshold_backward(g_a, a, 0)
     g_gamma, g_beta = _channel_sum(g_y * xhat), _channel_sum(g_y)
-    unit = (g_y - _per_channel(g_beta / count) - xhat * _per_channel(g_gamma / count)) * _per_channel(invstd)
-    return g_y, unit, unit * _per_channel(gamma), g_gamma, g_beta
+    return g_y if with_g_y else None, _unit(g_y, xhat, invstd, g_gamma, g_beta) * _per_channel(gamma), g_gamma, g_beta
+
+
+def _unit(g_y: Tensor, xhat: Tensor, invstd: Tensor, g_gamma: Tensor, g_beta: Tensor) -> Tensor:
+    """BatchNorm's input gradient with gamma = 1, from the gradient g_y at its output and g_gamma = sum(g_y xhat),
+    g_beta = sum(g_y): invstd (g_y - mean(g_y) - xhat mean(g_y xhat))."""
+    count = g_y.numel() // g_y.shape[1]
+    return (g_y - _per_channel(g_beta / count) - xhat * _per_channel(g_gamma / count)) * _per_channel(invstd)
 
 
 def _pool_backward(g_pooled: Tensor, maps: Tensor) -> Tensor:
@@ -229,15 +244,16 @@ def _loss_tangent(kind: str, d_out: Tensor, p: Optional[Tensor]) -> Tensor:
 class _Backward:
     """What the Hessian-vector product reads of a backward pass (per block)."""
     g_y: list  # the gradient at y (after the ReLU's mask)
-    unit: list  # batch_norm's input gradient with gamma = 1 (gamma times it is the gradient at z)
     g_gamma: list
+    g_beta: list
     g_head_out: Tensor
 
 
 def _backward(plan: ConvNetPlan, blocks: list[tuple], head: tuple, f: _Forward, g_out: Tensor, keep: bool
               ) -> tuple[list[Tensor], Optional[_Backward]]:
     """The per-task gradients (model.parameters() order, [T, ...]) given g_out = dloss/dout, and (keep) what
-    _hessian_times reads."""
+    _step_back reads; without keep, f and blocks are used up: each block's maps and weights are let go once read
+    (the peak memory)."""
     b = _Backward(*([None] * len(blocks) for _ in range(3)), g_out) if keep else None
     tasks = head[0].shape[0]
     g_head = (torch.einsum("nto,ntc->toc", g_out, f.pooled), g_out.sum(0))
@@ -245,11 +261,18 @@ def _backward(plan: ConvNetPlan, blocks: list[tuple], head: tuple, f: _Forward, 
     grads = [None] * len(blocks)
     for i in reversed(range(len(blocks))):
         block, (weight, _, gamma, _) = plan.blocks[i], blocks[i]
-        g_y, unit, g_z, g_gamma, g_beta = _norm_relu_backward(g_a, f.inputs[i + 1], f.xhat[i], f.invstd[i],
-                                                              gamma.reshape(-1))
-        g_a, g_w, g_b = _conv_grads(block, g_z, f.inputs[i], weight, i > 0)
+        g_y, g_z, g_gamma, g_beta = _norm_relu_backward(g_a, f.inputs[i + 1], f.xhat[i], f.invstd[i],
+                                                        gamma.reshape(-1), keep)
+        g_a = None
         if keep:
-            b.g_y[i], b.unit[i], b.g_gamma[i] = g_y, unit, g_gamma
+            # (copies: the returned sums become the next weights, in place)
+            b.g_y[i], b.g_gamma[i], b.g_beta[i] = g_y, g_gamma.clone(), g_beta.clone()
+        else:
+            f.inputs[i + 1] = f.xhat[i] = None
+        g_a, g_w, g_b = _conv_grads(block, g_z, f.inputs[i], weight, i > 0)
+        if not keep:
+            blocks[i] = weight = None
+        del g_y, g_z
         grads[i] = (g_w, g_b, g_gamma.view(tasks, -1), g_beta.view(tasks, -1))
     return _join(grads, g_head), b
 
@@ -278,70 +301,83 @@ def _norm_relu_tangent(dz: Tensor, xhat: Tensor, a: Tensor, invstd: Tensor, gamm
     return d_xhat, aten.threshold_backward(dy, a, 0), d_std * invstd
 
 
-def _norm_relu_tangent_backward(dg_a: Tensor, a: Tensor, xhat: Tensor, d_xhat: Tensor, g_y: Tensor, unit: Tensor,
-                                invstd: Tensor, gamma: Tensor, d_gamma: Tensor, d_scale: Tensor, g_gamma: Tensor
-                                ) -> tuple[Tensor, Tensor, Tensor]:
-    """The derivative of the gradient at z, g_z = gamma * unit with unit = invstd (g_y - mean(g_y) - xhat
-    mean(g_y xhat)) and g_y the gradient at y, along the direction of _norm_relu_tangent (d_xhat, d_scale), given
-    dg_a, the derivative of the gradient at a: (dg_z, dg_gamma, dg_beta)."""
+def _norm_relu_tangent_backward(dg_a: Tensor, a: Tensor, xhat: Tensor, d_xhat: Tensor, g_y: Tensor, invstd: Tensor,
+                                gamma: Tensor, d_gamma: Tensor, d_scale: Tensor, g_gamma: Tensor, g_beta: Tensor,
+                                with_g_z: bool) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """The derivative of the gradient at z, g_z = gamma * unit (unit = _unit(g_y, xhat, invstd, g_gamma, g_beta),
+    g_y the gradient at y), along the direction of _norm_relu_tangent (d_xhat, d_scale), given dg_a, the
+    derivative of the gradient at a: (dg_z, g_z if with_g_z else None, dg_gamma, dg_beta)."""
     ext = _kernels(dg_a)
     if ext is not None:
-        return ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, unit, invstd, gamma, d_gamma, d_scale,
-                                              g_gamma)
+        return ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, invstd, gamma, d_gamma, d_scale, g_gamma,
+                                              g_beta, with_g_z)
     count = dg_a.numel() // dg_a.shape[1]
+    unit = _unit(g_y, xhat, invstd, g_gamma, g_beta)
     dg_y = aten.threshold_backward(dg_a, a, 0)
     dg_beta, dg_gamma = _channel_sum(dg_y), _channel_sum(dg_y * xhat) + _channel_sum(g_y * d_xhat)
     scale = gamma * invstd
     dg_z = (_per_channel(scale) * (dg_y - _per_channel(dg_beta / count) - xhat * _per_channel(dg_gamma / count))
             + unit * _per_channel(d_gamma - gamma * d_scale) - d_xhat * _per_channel(scale * g_gamma / count))
-    return dg_z, dg_gamma, dg_beta
+    return dg_z, unit * _per_channel(gamma) if with_g_z else None, dg_gamma, dg_beta
 
 
-def _hessian_times(plan: ConvNetPlan, blocks: list[tuple], head: tuple, f: _Forward, b: _Backward,
-                   p: Optional[Tensor], kind: str, v: list[Tensor]) -> list[Tensor]:
-    """Each task's Hessian of its loss (at the weights of f and b) times that task's v (model.parameters()
-    order, [T, ...]): the derivative of _backward's gradients along v."""
-    dblocks, dhead = _split(plan, v)
-    tasks = head[0].shape[0]
+def _step_back(plan: ConvNetPlan, weights: list[Tensor], f: _Forward, b: _Backward, p: Optional[Tensor], kind: str,
+               v: list[Tensor], lr: float) -> None:
+    """v <- v - lr H v in place, H v each task's Hessian of its loss at ``weights`` (the inner step's, whose pass
+    gave f and b) times that task's v (model.parameters() order, [T, ...]): the derivative of _backward's
+    gradients along v. For the peak memory, f and b are used up (each block's maps let go once read), a block's
+    grouped weight is made when it is read (a copy for the first step), and each block's part of v is updated as
+    soon as its derivative is done."""
+    dblocks, dhead = _split(plan, v)  # read before v is updated
+    head, tasks = weights[-2:], weights[-2].shape[0]
     # along v through the forward pass
     d_xhat, d_scale, d_a = [], [], []
-    for i, (block, (weight, _, gamma, _), (d_w, d_b, d_gamma, d_beta)) in enumerate(zip(plan.blocks, blocks, dblocks)):
+    for i, (block, (d_w, d_b, d_gamma, d_beta)) in enumerate(zip(plan.blocks, dblocks)):
+        weight, _, gamma, _ = _block(plan, weights, i)
         dz = _conv(block, f.inputs[i], d_w, d_b)
         if i > 0:
-            dz = dz + _conv(block, d_a[-1], weight, None)
+            dz += _conv(block, d_a[-1], weight, None)
         dxh, da, scale = _norm_relu_tangent(dz, f.xhat[i], f.inputs[i + 1], f.invstd[i], gamma.reshape(-1),
                                             d_gamma.reshape(-1), d_beta.reshape(-1))
         d_xhat.append(dxh)
         d_scale.append(scale)
         d_a.append(da)
-    da = d_a[-1]
-    d_pooled = da.mean((2, 3)).view(da.shape[0], tasks, -1)
+    del weight, dz, dxh, da
+    d_pooled = d_a.pop().mean((2, 3)).view(f.out.shape[0], tasks, -1)
     d_out = (torch.einsum("ntc,toc->nto", d_pooled, head[0]) + torch.einsum("ntc,toc->nto", f.pooled, dhead[0])
              + dhead[1])
     dg_out = _loss_tangent(kind, d_out, p)
     g_out = b.g_head_out
-    dg_head = (torch.einsum("nto,ntc->toc", dg_out, f.pooled) + torch.einsum("nto,ntc->toc", g_out, d_pooled),
-               dg_out.sum(0))
     dg_a = _pool_backward(torch.einsum("nto,toc->ntc", dg_out, head[0]) + torch.einsum("nto,toc->ntc", g_out, dhead[0]),
                           f.inputs[-1])
-    # back along v through the backward pass
-    out = [None] * len(blocks)
-    for i in reversed(range(len(blocks))):
-        block, (weight, _, gamma, _), (d_w, _, d_gamma, _) = plan.blocks[i], blocks[i], dblocks[i]
-        gamma = gamma.reshape(-1)
-        dg_z, dg_gamma, dg_beta = _norm_relu_tangent_backward(
-            dg_a, f.inputs[i + 1], f.xhat[i], d_xhat[i], b.g_y[i], b.unit[i], f.invstd[i], gamma, d_gamma.reshape(-1),
-            d_scale[i], b.g_gamma[i])
-        # dg_w = grad_w(a_prev, dg_z) + grad_w(da_prev, g_z); dg_a_prev = grad_a(W, dg_z) + grad_a(dW, g_z)
+    v[-2].sub_(torch.einsum("nto,ntc->toc", dg_out, f.pooled) + torch.einsum("nto,ntc->toc", g_out, d_pooled),
+               alpha=lr)
+    v[-1].sub_(dg_out.sum(0), alpha=lr)
+    # back along v through the backward pass:
+    # dg_w = grad_w(a_prev, dg_z) + grad_w(da_prev, g_z); dg_a_prev = grad_a(W, dg_z) + grad_a(dW, g_z)
+    first = _first(plan)
+    for i in reversed(range(len(plan.blocks))):
+        block, (d_w, _, d_gamma, _) = plan.blocks[i], dblocks[i]
+        weight, _, gamma, _ = _block(plan, weights, i)
+        dg_z, g_z, dg_gamma, dg_beta = _norm_relu_tangent_backward(
+            dg_a, f.inputs[i + 1], f.xhat[i], d_xhat[i], b.g_y[i], f.invstd[i], gamma.reshape(-1),
+            d_gamma.reshape(-1), d_scale[i], b.g_gamma[i], b.g_beta[i], i > 0)
+        dg_a = f.inputs[i + 1] = f.xhat[i] = d_xhat[i] = b.g_y[i] = None
+        if i > 0:  # the g_z terms first, to let go of d_a[i - 1] early (d_w, v's, is read before v changes)
+            dg_a = _conv_grads(block, g_z, f.inputs[i], d_w, True)[0]
+            v[first[i]].sub_(_conv_grads(block, g_z, d_a[i - 1], weight, False)[1], alpha=lr)
+            d_a[i - 1] = g_z = None
         dg_a_prev, dg_w, dg_b = _conv_grads(block, dg_z, f.inputs[i], weight, i > 0)
+        del dg_z
         if i > 0:
-            g_z = b.unit[i] * _per_channel(gamma)
-            _, extra_w, _ = _conv_grads(block, g_z, d_a[i - 1], weight, False)
-            dg_w = dg_w + extra_w
-            extra_a, _, _ = _conv_grads(block, g_z, f.inputs[i], d_w, True)
-            dg_a = dg_a_prev + extra_a
-        out[i] = (dg_w, dg_b, dg_gamma.view(tasks, -1), dg_beta.view(tasks, -1))
-    return _join(out, dg_head)
+            dg_a += dg_a_prev
+        del dg_a_prev
+        derivatives = [dg_w, *([dg_b] if dg_b is not None else []), dg_gamma.view(tasks, -1),
+                       dg_beta.view(tasks, -1)]
+        for vi, derivative in zip(v[first[i]:first[i + 1]], derivatives):
+            vi.sub_(derivative, alpha=lr)
+        del dg_w, dg_b, derivatives
+        dblocks[i] = d_w = d_gamma = weight = None
 
 
 def _task_major(x: Tensor) -> Tensor:
@@ -378,7 +414,11 @@ def meta_loss_and_gradient(plan: ConvNetPlan, parameters: Sequence[Tensor], x_su
         losses, grads = _chunk_meta_loss(plan, parameters, x_support[part], y_support[part], x_query[part],
                                          y_query[part], inner_lr, inner_steps, first_order, loss)
         total = total + losses.sum()
-        sums = grads if sums is None else [s + g for s, g in zip(sums, grads)]
+        if sums is None:
+            sums = grads
+        else:
+            for s, g in zip(sums, grads):
+                s.add_(g)
     return total / tasks, [s / tasks for s in sums]
 
 
@@ -395,10 +435,11 @@ def _chunk_meta_loss(plan: ConvNetPlan, parameters: Sequence[Tensor], x_support:
         f = _forward(plan, blocks, head, support)
         _, g_out, p = _loss(loss, f.out, y_support)
         grads, b = _backward(plan, blocks, head, f, g_out, keep=not first_order)
+        del blocks, head  # (the first step's is a copy of the meta weights: _step_back makes it again)
         if not first_order:
-            steps.append((blocks, head, f, b, p))
-        weights = [w - inner_lr * g for w, g in zip(weights, grads)]
-        del blocks, head, f, b, p, grads  # (the peak memory: nothing of this step kept past here but steps')
+            steps.append((weights, f, b, p))
+        weights = [g.mul_(-inner_lr).add_(w) for w, g in zip(weights, grads)]  # w - lr g, in the gradient's memory
+        del f, b, p, grads  # (the peak memory: nothing of this step kept past here but steps')
     blocks, head = _split(plan, weights)
     del weights
     f = _forward(plan, blocks, head, query)
@@ -406,9 +447,7 @@ def _chunk_meta_loss(plan: ConvNetPlan, parameters: Sequence[Tensor], x_support:
     v, _ = _backward(plan, blocks, head, f, g_out, keep=False)
     del blocks, head, f
     while steps:
-        hv = _hessian_times(plan, *steps.pop(), loss, v)
-        v = [vi - inner_lr * h for vi, h in zip(v, hv)]
-        del hv
+        _step_back(plan, *steps.pop(), loss, v, inner_lr)
     return losses, [vi.sum(0) for vi in v]
 
 

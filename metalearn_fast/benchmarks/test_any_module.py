@@ -14,8 +14,8 @@ is checked on the meta-loss only, and timed.
 
 Entries:
 - metalearn_fast: ``mf.MAML(model, ...).meta_step(TaskBatch, Adam)`` (every task at once);
-- metalearn_fast, 4 (2) tasks per chunk: the same with ``max_tasks_per_chunk=4`` (2): bounded memory, 2 on the
-  32-task memory comparison only;
+- metalearn_fast, 4 (3, 2) tasks per chunk: the same with ``max_tasks_per_chunk=4`` (3, 2): bounded memory, 3 and
+  2 on the 32-task memory comparison only;
 - torch.func: ``vmap`` over tasks of an inner loop written with ``grad`` and ``functional_call``;
 - per-task loop: one task at a time with autograd.grad, its query loss backpropagated at once (as
   learn2learn does: the memory of one task);
@@ -40,6 +40,8 @@ from metalearn_fast.benchmarks.plugin import (PEERS, assert_same, meta_step_with
 
 CHUNKED = "metalearn_fast, 4 tasks per chunk"
 CHUNKED_2 = "metalearn_fast, 2 tasks per chunk"
+CHUNKED_3 = "metalearn_fast, 3 tasks per chunk"
+MEMORY_ONLY = (CHUNKED_2, CHUNKED_3)  # entries of the 32-task memory comparison only
 INNER_LR, WAYS, SHOTS = 0.4, 5, 1
 
 
@@ -134,6 +136,7 @@ ENTRIES = {
     OURS: ours,
     CHUNKED: lambda workload, model, batch: ours(workload, model, batch, chunk=4),
     CHUNKED_2: lambda workload, model, batch: ours(workload, model, batch, chunk=2),
+    CHUNKED_3: lambda workload, model, batch: ours(workload, model, batch, chunk=3),
     TORCH_FUNC: torch_func,
     PER_TASK_LOOP: per_task_loop,
     HIGHER: with_higher,
@@ -148,7 +151,7 @@ def first_step(entry, workload, device, dtype=torch.float32):
     step = ENTRIES[entry](workload, model, batch)
     # the same Adam for every entry: torch's fused kernel where the device has one
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, fused=device.type in ("cpu", "cuda"))
-    meta_step = meta_step_with(step, optimizer, entry in (OURS, CHUNKED, CHUNKED_2))
+    meta_step = meta_step_with(step, optimizer, entry in (OURS, CHUNKED, *MEMORY_ONLY))
     seconds, loss = time_once(meta_step, device)
     return seconds, [torch.as_tensor(loss), *(p.grad for p in model.parameters())], meta_step
 
@@ -157,8 +160,8 @@ def first_step(entry, workload, device, dtype=torch.float32):
 @pytest.mark.parametrize("workload", QUICK + [pytest.param(w, marks=pytest.mark.large) for w in LARGE],
                          ids=[w.id for w in QUICK + LARGE])
 def test_any_module_meta_step(measure, device, impl, workload):
-    if impl == CHUNKED_2 and workload.tasks != 32:
-        pytest.skip("chunks of 2 tasks are timed on the 32-task memory comparison only")
+    if impl in MEMORY_ONLY and workload.tasks != 32:
+        pytest.skip("chunks of 2 and 3 tasks are timed on the 32-task memory comparison only")
     if impl in PEERS:
         require_peer(impl)
     result = first_step(impl, workload, device, torch.float64)[1]
