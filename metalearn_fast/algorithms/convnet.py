@@ -427,7 +427,10 @@ def _chunk_meta_loss(plan: ConvNetPlan, parameters: Sequence[Tensor], x_support:
                      loss: str) -> tuple[Tensor, list[Tensor]]:
     """Every task's query loss [T] and the sum over tasks of its gradient w.r.t. the meta parameters."""
     tasks = x_support.shape[0]
+    # the meta weights for every task: a conv's as a view (_block copies it into a grouped weight when read), the
+    # small ones copied once (so that reading them flat copies nothing)
     weights = [p.detach().expand(tasks, *p.shape) for p in parameters]
+    weights = [w if w.dim() == 5 else w.contiguous() for w in weights]
     support, query = _task_major(x_support), _task_major(x_query)
     steps = []  # second order: what each inner step's Hessian-vector product reads (one step's activations)
     for _ in range(inner_steps):
