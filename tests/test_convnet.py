@@ -234,16 +234,25 @@ def test_the_papers_conv4_on_omniglot_sized_images():
                         "cross_entropy", lr=0.4)
 
 
-def test_chunks_give_the_batch_update():
-    """max_tasks_per_chunk splits the meta-batch: the same meta-gradient (weighted chunk by chunk)."""
+def test_chunks_give_the_batch_update(monkeypatch):
+    """max_tasks_per_chunk splits the meta-batch (inside convnet's one call, which keeps no graph): the same
+    meta-gradient, and no chunk larger than asked, in meta_step and in meta_loss alike."""
     batch = make_batch("cross_entropy", tasks=5)
+    calls, chunk_meta_loss = [], convnet._chunk_meta_loss
+    monkeypatch.setattr(convnet, "_chunk_meta_loss",
+                        lambda *args: calls.append(args[2].shape[0]) or chunk_meta_loss(*args))
     grads = []
-    for chunk in (None, 2):
+    for chunk, sizes in ((None, [5]), (2, [2, 2, 1])):
         model = randomised(conv_net())
         maml = MAML(model, inner_lr=0.3, loss="cross_entropy", max_tasks_per_chunk=chunk)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        calls.clear()
         maml.meta_step(batch, optimizer)
+        assert calls == sizes
         grads.append([p.grad.clone() for p in model.parameters()])
+        calls.clear()
+        maml.meta_loss(batch)
+        assert calls == sizes
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 

@@ -402,12 +402,14 @@ def _task_map_bytes(plan: ConvNetPlan, x_support: Tensor, x_query: Tensor) -> in
 
 def meta_loss_and_gradient(plan: ConvNetPlan, parameters: Sequence[Tensor], x_support: Tensor, y_support: Tensor,
                            x_query: Tensor, y_query: Tensor, inner_lr: float, inner_steps: int, first_order: bool,
-                           loss: str) -> tuple[Tensor, list[Tensor]]:
+                           loss: str, max_tasks_per_chunk: Optional[int] = None) -> tuple[Tensor, list[Tensor]]:
     """MAML's meta-loss (mean over tasks of the query loss after inner_steps SGD steps of rate inner_lr on each
     task's support loss) and its gradient w.r.t. the meta ``parameters`` (model.parameters() order), in chunks
-    of tasks (CHUNK_BYTES)."""
+    of tasks (CHUNK_BYTES, and at most max_tasks_per_chunk)."""
     tasks = x_support.shape[0]
     chunk = max(1, CHUNK_BYTES // _task_map_bytes(plan, x_support, x_query))
+    if max_tasks_per_chunk is not None:
+        chunk = min(chunk, max_tasks_per_chunk)
     total, sums = 0.0, None
     for start in range(0, tasks, chunk):
         part = slice(start, start + chunk)
@@ -474,12 +476,12 @@ class _MetaLoss(torch.autograd.Function):
 
 def meta_loss(plan: ConvNetPlan, parameters: Sequence[Tensor], x_support: Tensor, y_support: Tensor,
               x_query: Tensor, y_query: Tensor, inner_lr: float, inner_steps: int, first_order: bool,
-              loss: str) -> Tensor:
+              loss: str, max_tasks_per_chunk: Optional[int] = None) -> Tensor:
     """meta_loss_and_gradient's meta-loss, differentiable w.r.t. ``parameters`` (its gradient comes with it)."""
     in_channels = parameters[0].shape[1]
     for name, x in (("x_support", x_support), ("x_query", x_query)):
         if x.dim() != 5 or x.shape[2] != in_channels:
             raise ValueError(f"{name} must be [T, N, {in_channels}, H, W] images for this model, got shape "
                              f"{list(x.shape)}")
-    settings = (plan, inner_lr, inner_steps, first_order, loss)
+    settings = (plan, inner_lr, inner_steps, first_order, loss, max_tasks_per_chunk)
     return _MetaLoss.apply(settings, x_support, y_support, x_query, y_query, *parameters)

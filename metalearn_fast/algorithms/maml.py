@@ -122,7 +122,7 @@ class MAML(_TaskBatchedLearner):
             self._check_targets(batch, self._meta_parameters()[-2].shape[0])
             return convnet.meta_loss(self._conv_net, self._meta_parameters(), batch.x_support, batch.y_support,
                                      batch.x_query, batch.y_query, self.inner_lr, self.inner_steps, self._first_order(),
-                                     self.loss)
+                                     self.loss, self.max_tasks_per_chunk)
         weights = self.plus.loss_weights() if self.plus is not None and self.plus.multi_step else None
         if self.plan.uses_func_grad and not self._first_order() and self.plus is None:
             return _func_grad_meta_loss(self, batch)
@@ -166,9 +166,11 @@ class MAML(_TaskBatchedLearner):
 
     def _backward(self, batch: TaskBatch) -> Tensor:
         """meta_loss(batch).backward() in chunks of at most max_tasks_per_chunk tasks, each weighted by its share
-        of the tasks (the batch's gradient, one chunk's peak memory). Returns the meta-loss, detached."""
+        of the tasks (the batch's gradient, one chunk's peak memory). Returns the meta-loss, detached. (A conv
+        net's meta_loss keeps no graph and runs its own chunks of at most max_tasks_per_chunk tasks: one call,
+        without the autograd pass per chunk.)"""
         total = None
-        for chunk in batch.chunks(self.max_tasks_per_chunk):
+        for chunk in [batch] if self._conv_net is not None else batch.chunks(self.max_tasks_per_chunk):
             loss = self.meta_loss(chunk)
             if chunk is not batch:
                 loss = loss * (chunk.num_tasks / batch.num_tasks)
