@@ -52,7 +52,8 @@ class MAML(_TaskBatchedLearner):
         the parameters of the model's last submodule that owns any).
     loss: "mse", "cross_entropy" or a callable ``loss(pred [T, K, out], target [T, K, ...])`` -> [T].
     max_tasks_per_chunk: None runs every task at once; N makes ``meta_step`` run chunks of at most N tasks,
-        accumulating the meta-gradient (the same update, one chunk's peak memory).
+        accumulating the meta-gradient (the same update, one chunk's peak memory); on a conv/BatchNorm/ReLU
+        network (the hand-derived path, no graph) ``meta_loss`` runs in such chunks too.
     per_step_inner_lr: LSLR, a learned rate per adapted parameter tensor and inner step (``plus.step_inner_lrs``).
     multi_step_loss: None; N, the paper's weights annealed over N meta-steps; or one weight per inner step.
     per_step_bn: BatchNorm weights and biases per inner step (``plus.step_norms``), not adapted by the inner loop.
