@@ -234,25 +234,31 @@ def test_the_papers_conv4_on_omniglot_sized_images():
                         "cross_entropy", lr=0.4)
 
 
-def test_chunks_give_the_batch_update(monkeypatch):
+@pytest.fixture
+def chunk_sizes(monkeypatch):
+    """The number of tasks of each chunk convnet computes, in order (a list the test may clear)."""
+    sizes, chunk_meta_loss = [], convnet._chunk_meta_loss
+    monkeypatch.setattr(convnet, "_chunk_meta_loss",
+                        lambda *args: sizes.append(args[2].shape[0]) or chunk_meta_loss(*args))
+    return sizes
+
+
+def test_chunks_give_the_batch_update(chunk_sizes):
     """max_tasks_per_chunk splits the meta-batch (inside convnet's one call, which keeps no graph): the same
     meta-gradient, and no chunk larger than asked, in meta_step and in meta_loss alike."""
     batch = make_batch("cross_entropy", tasks=5)
-    calls, chunk_meta_loss = [], convnet._chunk_meta_loss
-    monkeypatch.setattr(convnet, "_chunk_meta_loss",
-                        lambda *args: calls.append(args[2].shape[0]) or chunk_meta_loss(*args))
     grads = []
     for chunk, sizes in ((None, [5]), (2, [2, 2, 1])):
         model = randomised(conv_net())
         maml = MAML(model, inner_lr=0.3, loss="cross_entropy", max_tasks_per_chunk=chunk)
         optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-        calls.clear()
+        chunk_sizes.clear()
         maml.meta_step(batch, optimizer)
-        assert calls == sizes
+        assert chunk_sizes == sizes
         grads.append([p.grad.clone() for p in model.parameters()])
-        calls.clear()
+        chunk_sizes.clear()
         maml.meta_loss(batch)
-        assert calls == sizes
+        assert chunk_sizes == sizes
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
 
@@ -337,15 +343,12 @@ def test_nothing_passed_in_is_modified():
 
 
 @pytest.mark.parametrize("tasks_per_chunk", [1, 2])
-def test_cache_sized_chunks_give_the_batch_numbers(monkeypatch, tasks_per_chunk):
+def test_cache_sized_chunks_give_the_batch_numbers(monkeypatch, chunk_sizes, tasks_per_chunk):
     """The meta-gradient runs in chunks of tasks whose feature maps fit convnet.CHUNK_BYTES: chunks of 1 task,
     and of 2 tasks out of 3 (2 + 1), give the per-task loop's numbers."""
     model = randomised(conv_net())
     batch = make_batch("cross_entropy")
     one_task = convnet._task_map_bytes(convnet.conv_net_plan(model), batch.x_support, batch.x_query)
     monkeypatch.setattr(convnet, "CHUNK_BYTES", one_task * tasks_per_chunk)
-    calls = []
-    chunk = convnet._chunk_meta_loss
-    monkeypatch.setattr(convnet, "_chunk_meta_loss", lambda *args: calls.append(args[2].shape[0]) or chunk(*args))
     assert_matches_loop(model, batch, 2, False, "cross_entropy")
-    assert calls == ([1, 1, 1] if tasks_per_chunk == 1 else [2, 1])
+    assert chunk_sizes == ([1, 1, 1] if tasks_per_chunk == 1 else [2, 1])

@@ -156,7 +156,8 @@ void tangent_backward(int64_t M, int64_t C, const T* __restrict dg_a, const T* _
   // dg_z = gamma invstd (dg_y - mean(dg_y) - xhat mean(dg_y xhat)) + d_gamma unit - gamma unit d_scale
   //        - gamma invstd (d_xhat mean(g_y xhat) + xhat mean(g_y d_xhat))
   //      = k1 dg_y + k0 + k2 xhat + k3 g_y + k4 d_xhat
-  std::vector<T> k0(C), k1(C), k2(C), k3(C), k4(C), z0(C), z1(C), z2(C);
+  // and g_z = gamma unit = k1 g_y + z0 + k4 xhat
+  std::vector<T> k0(C), k1(C), k2(C), k3(C), k4(C), z0(C);
   for (int64_t c = 0; c < C; ++c) {
     const double scale = static_cast<double>(gamma[c]) * invstd[c], on_unit = d_gamma[c] - gamma[c] * d_scale[c];
     const double u0 = -invstd[c] * (static_cast<double>(g_beta[c]) / M);
@@ -167,14 +168,12 @@ void tangent_backward(int64_t M, int64_t C, const T* __restrict dg_a, const T* _
     k3[c] = static_cast<T>(on_unit * invstd[c]);
     k4[c] = static_cast<T>(-scale * (static_cast<double>(g_gamma[c]) / M));
     z0[c] = static_cast<T>(gamma[c] * u0);
-    z1[c] = static_cast<T>(gamma[c] * u1);
-    z2[c] = static_cast<T>(scale);
     dg_gamma[c] = static_cast<T>(sums[C + c] + sums[2 * C + c]);
     dg_beta[c] = static_cast<T>(sums[c]);
   }
   const T *__restrict c0 = k0.data(), *__restrict c1 = k1.data(), *__restrict c2 = k2.data();
   const T *__restrict c3 = k3.data(), *__restrict c4 = k4.data();
-  const T *__restrict e0 = z0.data(), *__restrict e1 = z1.data(), *__restrict e2 = z2.data();
+  const T* __restrict e0 = z0.data();
   at::parallel_for(0, M, kRows, [&](int64_t first, int64_t last) {
     for (int64_t m = first; m < last; ++m) {
       const T *__restrict g_m = dg_a + m * C, *__restrict a_m = a + m * C, *__restrict x_m = xhat + m * C;
@@ -188,7 +187,7 @@ void tangent_backward(int64_t M, int64_t C, const T* __restrict dg_a, const T* _
       if (g_z != nullptr) {
         T* __restrict gz_m = g_z + m * C;
 #pragma omp simd
-        for (int64_t c = 0; c < C; ++c) gz_m[c] = e2[c] * gy_m[c] + e0[c] + e1[c] * x_m[c];
+        for (int64_t c = 0; c < C; ++c) gz_m[c] = c1[c] * gy_m[c] + e0[c] + c4[c] * x_m[c];
       }
     }
   });

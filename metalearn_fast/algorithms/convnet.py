@@ -18,6 +18,7 @@ statistics average (N * H * W).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from dataclasses import dataclass
@@ -54,6 +55,11 @@ class ConvNetPlan:
     (conv weight, [conv bias], norm weight, norm bias per block; head weight, head bias)."""
     blocks: tuple
 
+    @functools.cached_property
+    def first(self) -> tuple[int, ...]:
+        """Where each block's parameters start in model.parameters() order (and, last, the head's)."""
+        return tuple(itertools.accumulate([3 + block.has_bias for block in self.blocks], initial=0))
+
 
 def conv_net_plan(model: nn.Module) -> Optional[ConvNetPlan]:
     """The plan of a model this module computes exactly, None for any other model: nn.Sequential of blocks
@@ -87,16 +93,11 @@ def conv_net_plan(model: nn.Module) -> Optional[ConvNetPlan]:
 # ---- per-task weights: [T, ...] tensors in model.parameters() order, split into blocks and the head ----
 
 
-def _first(plan: ConvNetPlan) -> list[int]:
-    """Where each block's parameters start in model.parameters() order (and, last, the head's)."""
-    return list(itertools.accumulate([3 + block.has_bias for block in plan.blocks], initial=0))
-
-
 def _block(plan: ConvNetPlan, params: Sequence[Tensor], i: int) -> tuple:
     """Block i's (weight, bias or None, gamma, beta); the conv's weight [T, C, ...] as the grouped convolution's
     [T*C, ...] (channels-last: oneDNN's faster input gradient), made here (a copy where params[i] is not already
     in that layout: the meta weights expanded over the tasks)."""
-    first, has_bias = _first(plan)[i], plan.blocks[i].has_bias
+    first, has_bias = plan.first[i], plan.blocks[i].has_bias
     return (_Grouped.of(params[first]), params[first + 1] if has_bias else None, params[first + 1 + has_bias],
             params[first + 2 + has_bias])
 
@@ -355,7 +356,7 @@ def _step_back(plan: ConvNetPlan, weights: list[Tensor], f: _Forward, b: _Backwa
     v[-1].sub_(dg_out.sum(0), alpha=lr)
     # back along v through the backward pass:
     # dg_w = grad_w(a_prev, dg_z) + grad_w(da_prev, g_z); dg_a_prev = grad_a(W, dg_z) + grad_a(dW, g_z)
-    first = _first(plan)
+    first = plan.first
     for i in reversed(range(len(plan.blocks))):
         block, (d_w, _, d_gamma, _) = plan.blocks[i], dblocks[i]
         weight, _, gamma, _ = _block(plan, weights, i)
