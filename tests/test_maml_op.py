@@ -144,15 +144,16 @@ def loop_meta_grad(params, lr, xs, ys, xq, yq, steps, first_order, loss, first_a
     return value.detach(), grads[: len(params)], grads[len(params):]
 
 
-@pytest.mark.parametrize("sizes", [[3, 4], [3, 9, 17, 6, 4], [1, 40, 40, 1], [5, 100, 70, 3]],
-                         ids=["one-layer", "four-layer", "sinusoid", "wide"])
+@pytest.mark.parametrize("sizes", [[3, 4], [3, 9, 17, 6, 4], [1, 40, 40, 1], [5, 100, 70, 3], [605, 22, 5]],
+                         ids=["one-layer", "four-layer", "sinusoid", "wide", "long-rows"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("impl, kernel", [("op", "per-task"), ("op", "per-task-avx512"), ("reference", None)])
 def test_the_op_equals_the_loop_across_depths_dtypes_and_requests(impl, kernel, sizes, dtype, device):
     """One and four layers and the sinusoid's, widths on and off the vector widths (whole and half registers,
-    8x8 transpose tiles and their edges), both dtypes, every variant and every combination of requested
-    gradients: the op (its per-task kernel in AVX2 and in AVX-512 on the CPU; and reference.maml_mlp_meta_grad,
-    its fallback) against the loop."""
+    8x8 transpose tiles and their edges), a layer whose long rows the kernel reads as they are (605 inputs: dot
+    products along W's rows, with blocks and lanes left over), both dtypes, every variant and every combination
+    of requested gradients: the op (its per-task kernel in AVX2 and in AVX-512 on the CPU; and
+    reference.maml_mlp_meta_grad, its fallback) against the loop."""
     fn = mf.ops._maml_mlp_meta_grad if impl == "op" else reference.maml_mlp_meta_grad
     g = torch.Generator().manual_seed(3)
     params = []

@@ -126,11 +126,14 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
   p.reptile = reptile;
   p.rate_step_stride = schedule.per_step_lr ? 1 : 0;
   p.weights = schedule.weights;
-  std::vector<std::vector<T>> weight_t(layers);  // W^T, transposed here (an ATen transpose costs more)
+  // W^T, transposed here (an ATen transpose costs more); none for a layer whose rows the kernel reads as they are
+  std::vector<std::vector<T>> weight_t(layers);
   for (int64_t l = 0; l < layers; ++l) {
     const Tensor& w = params[2 * l];
-    weight_t[l].resize(w.numel());
-    small::transpose(weight_t[l].data(), w.const_data_ptr<T>(), w.size(0), w.size(1));
+    if (!reads_weight_rows(w.size(1))) {
+      weight_t[l].resize(w.numel());
+      small::transpose(weight_t[l].data(), w.const_data_ptr<T>(), w.size(0), w.size(1));
+    }
     p.in.push_back(w.size(1));
     p.out.push_back(w.size(0));
     p.weight.push_back(w.const_data_ptr<T>());

@@ -9,10 +9,9 @@ class TaskKernel {
  public:
   explicit TaskKernel(const Problem<T>& p) : p_(p) {
     const int64_t L = p.layers, S = p.steps, K = p.support, Q = p.query, fa = p.first_adapted;
-    int64_t widest = 0, largest = 0;
+    int64_t widest = 0;
     for (int64_t l = 0; l < L; ++l) {
       widest = std::max({widest, p.in[l], p.out[l]});
-      largest = std::max(largest, p.in[l] * p.out[l]);
     }
     // sizes first, then one buffer carved into pieces
     std::vector<std::pair<T**, int64_t>> pieces;
@@ -39,21 +38,20 @@ class TaskKernel {
         pieces.push_back({&g_[s * L + l], p.out[l] * p.in[l]});
         pieces.push_back({&gb_[s * L + l], p.out[l]});
         pieces.push_back({&w_[(s + 1) * L + l], p.out[l] * p.in[l]});
-        pieces.push_back({&wt_[(s + 1) * L + l], p.out[l] * p.in[l]});
+        pieces.push_back({&wt_[(s + 1) * L + l], reads_weight_rows(p.in[l]) ? 0 : p.out[l] * p.in[l]});
         pieces.push_back({&b_[(s + 1) * L + l], p.out[l]});
       }
       pieces.push_back({&probs_[s], K * p.out[L - 1]});
     }
     for (int64_t l = fa; l < L; ++l) {
-      for (T** piece : {&v_[l], &u_[l], &ut_[l]}) pieces.push_back({piece, p.out[l] * p.in[l]});
+      for (T** piece : {&v_[l], &u_[l]}) pieces.push_back({piece, p.out[l] * p.in[l]});
+      pieces.push_back({&ut_[l], reads_weight_rows(p.in[l]) ? 0 : p.out[l] * p.in[l]});
       for (T** piece : {&vb_[l], &ub_[l]}) pieces.push_back({piece, p.out[l]});
       if (l > fa) pieces.push_back({&ra_[l], K * p.in[l]});
     }
     for (int64_t l = 1; l < L; ++l) pieces.push_back({&qact_[l], Q * p.in[l]});
     const int64_t rows = std::max(K, Q);
     for (T** piece : {&logits_, &query_probs_, &rz_, &rd_, &re_, &qd_, &qe_}) pieces.push_back({piece, rows * widest});
-    pieces.push_back({&hw_, largest});
-    pieces.push_back({&hb_, widest});
     int64_t total = 0;
     for (const auto& piece : pieces) total += piece.second;
     buffer_.assign(total, T(0));
@@ -115,7 +113,7 @@ class TaskKernel {
     for (int64_t s = 0; s < p.steps; ++s) {
       for (int64_t l = s == 0 ? 0 : fa; l < L; ++l) {
         T* z = l + 1 < L ? act_[s * L + l + 1] : logits_;
-        mm(z, input(t, s, l), weight_t(s, l), K, p.in[l], p.out[l], Start::kRow, bias(s, l));
+        times_weight_t(z, input(t, s, l), weight(s, l), weight_t(s, l), l, K, Start::kRow, bias(s, l));
         if (l + 1 < L) relu(z, K * p.out[l]);
       }
       const double loss = loss_and_grad(p.kind, logits_, t.ys, t.ls, K, C, 1.0, delta_[s * L + L - 1], probs_[s]);
@@ -132,7 +130,7 @@ class TaskKernel {
       for (int64_t l = fa; l < L; ++l) {
         times_rate(w_[(s + 1) * L + l], weight(s, l), g_[s * L + l], s, 2 * l, p.out[l] * p.in[l]);
         times_rate(b_[(s + 1) * L + l], bias(s, l), gb_[s * L + l], s, 2 * l + 1, p.out[l]);
-        transpose(wt_[(s + 1) * L + l], w_[(s + 1) * L + l], p.out[l], p.in[l]);
+        if (!reads_weight_rows(p.in[l])) transpose(wt_[(s + 1) * L + l], w_[(s + 1) * L + l], p.out[l], p.in[l]);
       }
     }
   }
@@ -145,7 +143,7 @@ class TaskKernel {
     const int64_t L = p.layers, S = step, Q = p.query, fa = p.first_adapted, C = p.out[L - 1];
     for (int64_t l = 0; l < L; ++l) {
       T* z = l + 1 < L ? qact_[l + 1] : logits_;
-      mm(z, l == 0 ? t.xq : qact_[l], weight_t(S, l), Q, p.in[l], p.out[l], Start::kRow, bias(S, l));
+      times_weight_t(z, l == 0 ? t.xq : qact_[l], weight(S, l), weight_t(S, l), l, Q, Start::kRow, bias(S, l));
       if (l + 1 < L) relu(z, Q * p.out[l]);
     }
     T* qd = qd_;
@@ -189,35 +187,35 @@ class TaskKernel {
     }
   }
 
-  // v_s = v_{s+1} - H_s (lr * v_{s+1}), the body's share of H u into the share's gradients.
+  // v_s = v_{s+1} - H_s (lr * v_{s+1}), the body's share of -H (lr * v) into the share's gradients: the product
+  // runs along the direction u = -lr * v, so that its passes add their terms straight into v and the share.
   void hessian_step(const Task& t, int64_t s, Share<T>& share) {
     const Problem<T>& p = p_;
     const int64_t L = p.layers, K = p.support, fa = p.first_adapted, C = p.out[L - 1];
     const int64_t hessian_stop = p.compute_grad ? 0 : fa;
-    // direction u = lr * v on the adapted layers
+    // direction u = -lr * v on the adapted layers
     for (int64_t l = fa; l < L; ++l) {
       times_rate(u_[l], v_[l], nullptr, s, 2 * l, p.out[l] * p.in[l]);
       times_rate(ub_[l], vb_[l], nullptr, s, 2 * l + 1, p.out[l]);
-      transpose(ut_[l], u_[l], p.out[l], p.in[l]);
+      if (!reads_weight_rows(p.in[l])) transpose(ut_[l], u_[l], p.out[l], p.in[l]);
     }
     // tangent forward: r z_l = a_l U_l^T + ub_l + r a_l W_l^T, r a_{l+1} = r z_l masked
     for (int64_t l = fa; l < L; ++l) {
       T* rz = l + 1 < L ? ra_[l + 1] : rz_;
-      mm(rz, input(t, s, l), ut_[l], K, p.in[l], p.out[l], Start::kRow, ub_[l]);
-      if (l > fa) mm(rz, ra_[l], weight_t(s, l), K, p.in[l], p.out[l], Start::kKeep);
+      times_weight_t(rz, input(t, s, l), u_[l], ut_[l], l, K, Start::kRow, ub_[l]);
+      if (l > fa) times_weight_t(rz, ra_[l], weight(s, l), weight_t(s, l), l, K, Start::kKeep);
       if (l + 1 < L) mask(rz, act_[s * L + l + 1], K * p.out[l]);
     }
     T* rd = rd_;
     T* re = re_;
     loss_hessian_times(p.kind, rz_, probs_[s], K, C, rd);
-    // tangent backward: H u = (rd_l^T a_l + d_l^T r a_l, sum rd_l) per layer
+    // tangent backward: H u = (rd_l^T a_l + d_l^T r a_l, sum rd_l) per layer, added to v (the body's: to the share)
     for (int64_t l = L - 1; l >= hessian_stop; --l) {
-      mm_tn(hw_, rd, input(t, s, l), K, p.out[l], p.in[l], Start::kZero);
-      if (l > fa) mm_tn(hw_, delta_[s * L + l], ra_[l], K, p.out[l], p.in[l], Start::kKeep);
-      column_sums(hb_, rd, K, p.out[l], Start::kZero);
       const bool adapted = l >= fa;
-      subtract(adapted ? v_[l] : share.grads[2 * l].data(), hw_, p.out[l] * p.in[l]);
-      subtract(adapted ? vb_[l] : share.grads[2 * l + 1].data(), hb_, p.out[l]);
+      T* weight_sum = adapted ? v_[l] : share.grads[2 * l].data();
+      mm_tn(weight_sum, rd, input(t, s, l), K, p.out[l], p.in[l], Start::kKeep);
+      if (l > fa) mm_tn(weight_sum, delta_[s * L + l], ra_[l], K, p.out[l], p.in[l], Start::kKeep);
+      column_sums(adapted ? vb_[l] : share.grads[2 * l + 1].data(), rd, K, p.out[l], Start::kKeep);
       if (l > hessian_stop) {
         mm(re, rd, weight(s, l), K, p.out[l], p.in[l], Start::kZero);
         if (adapted) mm(re, delta_[s * L + l], u_[l], K, p.out[l], p.in[l], Start::kKeep);
@@ -227,20 +225,28 @@ class TaskKernel {
     }
   }
 
+  // z [rows, out] = start + x [rows, in] W^T for layer l's weight W [out, in], given as it is and as W^T (w_t:
+  // unread, and not made, where the layer reads W's rows, reads_weight_rows).
+  void times_weight_t(T* z, const T* x, const T* w, const T* w_t, int64_t l, int64_t rows, Start start,
+                      const T* row = nullptr) const {
+    if (reads_weight_rows(p_.in[l])) return mm_nt(z, x, w, rows, p_.in[l], p_.out[l], start, row);
+    mm(z, x, w_t, rows, p_.in[l], p_.out[l], start, row);
+  }
+
   // The layer's parameters at inner step s (step 0 and the body: the meta-parameters).
   bool own(int64_t s, int64_t l) const { return s > 0 && l >= p_.first_adapted; }
   const T* weight(int64_t s, int64_t l) const { return own(s, l) ? w_[s * p_.layers + l] : p_.weight[l]; }
   const T* weight_t(int64_t s, int64_t l) const { return own(s, l) ? wt_[s * p_.layers + l] : p_.weight_t[l]; }
   const T* bias(int64_t s, int64_t l) const { return own(s, l) ? b_[s * p_.layers + l] : p_.bias[l]; }
 
-  // out = x - rate * g (the SGD step at inner step s), or out = rate * x (the direction of a Hessian product, g
+  // out = x - rate * g (the SGD step at inner step s), or out = -rate * x (the direction of a Hessian product, g
   // null)
   void times_rate(T* __restrict out, const T* __restrict x, const T* __restrict g, int64_t s, int64_t param,
                   int64_t n) const {
     const T* rate = p_.rate[param] + s * p_.rate_step_stride;
     if (p_.rate_per_element[param]) {
       if (g == nullptr) {
-        for (int64_t i = 0; i < n; ++i) out[i] = rate[i] * x[i];
+        for (int64_t i = 0; i < n; ++i) out[i] = -rate[i] * x[i];
       } else {
         for (int64_t i = 0; i < n; ++i) out[i] = x[i] - rate[i] * g[i];
       }
@@ -248,7 +254,7 @@ class TaskKernel {
     }
     const T r = rate[0];  // one number: a loop that vectorizes (a stride of 0 made it gather)
     if (g == nullptr) {
-      for (int64_t i = 0; i < n; ++i) out[i] = r * x[i];
+      for (int64_t i = 0; i < n; ++i) out[i] = -r * x[i];
     } else {
       for (int64_t i = 0; i < n; ++i) out[i] = x[i] - r * g[i];
     }
@@ -267,9 +273,6 @@ class TaskKernel {
   static void add_scaled(T* __restrict out, const T* __restrict x, T scale, int64_t n) {
     for (int64_t i = 0; i < n; ++i) out[i] += scale * x[i];
   }
-  static void subtract(T* __restrict out, const T* __restrict x, int64_t n) {
-    for (int64_t i = 0; i < n; ++i) out[i] -= x[i];
-  }
 
   const Problem<T>& p_;
   std::vector<T> buffer_;
@@ -278,7 +281,7 @@ class TaskKernel {
   std::vector<T*> probs_;                       // per step
   std::vector<T*> v_, vb_, u_, ut_, ub_, ra_, qact_;  // per layer
   T *logits_ = nullptr, *query_probs_ = nullptr, *rz_ = nullptr, *rd_ = nullptr, *re_ = nullptr, *qd_ = nullptr,
-    *qe_ = nullptr, *hw_ = nullptr, *hb_ = nullptr;
+    *qe_ = nullptr;
 };
 
 // Runs the tasks in contiguous ranges, one per thread, and adds up their shares.

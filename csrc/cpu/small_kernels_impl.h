@@ -113,9 +113,16 @@ void gemm_columns_of(int r, T* c, const T* a, int64_t am, int64_t ak, const T* b
   gemm_columns<T, R>(c, a, am, ak, b, M, K, N, n0, start, row);
 }
 
+// The low half (a 256-bit register) of a 512-bit register's lanes.
+template <typename T>
+typename Lanes<T, 32>::type low_half(typename Lanes<T, 64>::type v) {
+  if constexpr (sizeof(T) == 4) return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  else return __builtin_shufflevector(v, v, 0, 1, 2, 3);
+}
+
 // AVX-512: Rows rows of columns [n0, n0 + R * lanes + Half * half a register) of c = start + A B in one pass,
-// R 512-bit registers and (Half) one 256-bit register per row (40 floats: 32 + 8), so that each element of A
-// broadcast serves the whole width. c, a: the block's first row.
+// R 512-bit registers and (Half) one 256-bit register per row (40 floats: 32 + 8), so that each element of A,
+// broadcast once (its low half serves the 256-bit register), serves the whole width. c, a: the block's first row.
 template <typename T, int R, bool Half, int Rows>
 void gemm_wide_rows(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t K,
                     int64_t N, int64_t n0, Start start, const T* __restrict row) {
@@ -138,19 +145,17 @@ void gemm_wide_rows(T* __restrict c, const T* __restrict a, int64_t am, int64_t 
   }
   for (int64_t k = 0; k < K; ++k) {
     const T* bk = b + k * N;
-    T x[Rows];
-#pragma GCC unroll 4
-    for (int j = 0; j < Rows; ++j) x[j] = a[j * am + k * ak];
+    V y[kFull];
 #pragma GCC unroll 8
-    for (int i = 0; i < R; ++i) {
-      const V y = L::load(bk + n0 + i * kLanes);
-#pragma GCC unroll 4
-      for (int j = 0; j < Rows; ++j) acc[j][i] += x[j] * y;
-    }
-    if constexpr (Half) {
-      const W y = H::load(bk + tail);
-#pragma GCC unroll 4
-      for (int j = 0; j < Rows; ++j) half[j] += x[j] * y;
+    for (int i = 0; i < R; ++i) y[i] = L::load(bk + n0 + i * kLanes);
+    W y_half{};
+    if constexpr (Half) y_half = H::load(bk + tail);
+#pragma GCC unroll 8
+    for (int j = 0; j < Rows; ++j) {
+      const V x = V{} + a[j * am + k * ak];
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) acc[j][i] += x * y[i];
+      if constexpr (Half) half[j] += low_half<T>(x) * y_half;
     }
   }
   for (int j = 0; j < Rows; ++j) {
@@ -159,15 +164,33 @@ void gemm_wide_rows(T* __restrict c, const T* __restrict a, int64_t am, int64_t 
   }
 }
 
-// gemm_wide_rows over all M rows: four at a time (their sums fit AVX-512's 32 registers for R + Half <= 5),
-// then two, then one.
+// The most rows of one gemm_wide_rows block: their sums in at most 24 of AVX-512's 32 registers (the rest hold
+// B's row and the broadcast), at most 8.
+template <int R, bool Half>
+constexpr int kMostRows = std::min(8, 24 / std::max(1, R + (Half ? 1 : 0)));
+
+// gemm_wide_rows with `rows` rows (1..kMostRows) picked at run time.
+template <typename T, int R, bool Half, int Rows = kMostRows<R, Half>>
+void gemm_wide_block(int rows, T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t K, int64_t N, int64_t n0,
+                     Start start, const T* row) {
+  if constexpr (Rows > 1) {
+    if (rows < Rows) return gemm_wide_block<T, R, Half, Rows - 1>(rows, c, a, am, ak, b, K, N, n0, start, row);
+  }
+  gemm_wide_rows<T, R, Half, Rows>(c, a, am, ak, b, K, N, n0, start, row);
+}
+
+// gemm_wide_rows over all M rows, in as few blocks as the registers allow, of sizes differing by at most one (10
+// rows: 5 + 5, not 4 + 4 + 2).
 template <typename T, int R, bool Half>
 void gemm_wide(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N, int64_t n0,
                Start start, const T* row) {
-  int64_t m = 0;
-  for (; m + 4 <= M; m += 4) gemm_wide_rows<T, R, Half, 4>(c + m * N, a + m * am, am, ak, b, K, N, n0, start, row);
-  for (; m + 2 <= M; m += 2) gemm_wide_rows<T, R, Half, 2>(c + m * N, a + m * am, am, ak, b, K, N, n0, start, row);
-  for (; m < M; ++m) gemm_wide_rows<T, R, Half, 1>(c + m * N, a + m * am, am, ak, b, K, N, n0, start, row);
+  constexpr int64_t kMost = kMostRows<R, Half>;
+  const int64_t blocks = (M + kMost - 1) / kMost;
+  for (int64_t i = 0, m = 0; i < blocks; ++i) {
+    const int rows = static_cast<int>(M / blocks + (i < M % blocks ? 1 : 0));
+    gemm_wide_block<T, R, Half>(rows, c + m * N, a + m * am, am, ak, b, K, N, n0, start, row);
+    m += rows;
+  }
 }
 
 // gemm_wide with r = 0..R full registers picked at run time.
@@ -194,7 +217,7 @@ void gemm(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64
   const int64_t registers = N / kLanes;
   int64_t n0 = 0;
   if constexpr (kVectorBytes == 64) {
-    // tiles four 512-bit registers wide, four rows a block; then the rest of the width (up to five registers
+    // tiles four 512-bit registers wide (gemm_wide's row blocks); then the rest of the width (up to five registers
     // and a 256-bit one) in one pass; then the last columns one by one
     constexpr int kHalf = 32 / sizeof(T);
     if (registers > 5) {
@@ -230,6 +253,68 @@ void mm(T* c, const T* a, const T* b, int64_t M, int64_t K, int64_t N, Start sta
 template <typename T>
 void mm_tn(T* c, const T* a, const T* b, int64_t R, int64_t M, int64_t N, Start start) {
   gemm(c, a, 1, M, b, M, R, N, start);
+}
+
+// Rows [0, MB) of c [M,N] by its columns [0, NB) = start + A B^T for A [., K] and B [., K] row-major (c, a, b,
+// row: the block's first row and column): MB x NB dot products along K in register lanes, each piece of a row of
+// A loaded serving NB rows of B and the other way round; then each sum across its lanes, and the last K % lanes
+// terms in scalars.
+template <typename T, int MB, int NB>
+void dot_block(T* __restrict c, const T* __restrict a, const T* __restrict b, int64_t K, int64_t N, Start start,
+               const T* __restrict row) {
+  using L = Lanes<T>;
+  using V = typename L::type;
+  constexpr int kLanes = L::kCount;
+  V acc[MB][NB] = {};
+  int64_t k = 0;
+  for (; k + kLanes <= K; k += kLanes) {
+    V y[NB];
+#pragma GCC unroll 4
+    for (int j = 0; j < NB; ++j) y[j] = L::load(b + j * K + k);
+#pragma GCC unroll 4
+    for (int i = 0; i < MB; ++i) {
+      const V x = L::load(a + i * K + k);
+#pragma GCC unroll 4
+      for (int j = 0; j < NB; ++j) acc[i][j] += x * y[j];
+    }
+  }
+  for (int i = 0; i < MB; ++i) {
+    for (int j = 0; j < NB; ++j) {
+      T sum = 0;
+      for (int e = 0; e < kLanes; ++e) sum += acc[i][j][e];
+      for (int64_t r = k; r < K; ++r) sum += a[i * K + r] * b[j * K + r];
+      T& out = c[i * N + j];
+      out = (start == Start::kZero ? T(0) : start == Start::kRow ? row[j] : out) + sum;
+    }
+  }
+}
+
+// dot_block with mb <= MB rows and nb <= NB columns picked at run time.
+template <typename T, int MB, int NB>
+void dot_block_of(int mb, int nb, T* c, const T* a, const T* b, int64_t K, int64_t N, Start start, const T* row) {
+  if constexpr (MB > 1) {
+    if (mb < MB) return dot_block_of<T, MB - 1, NB>(mb, nb, c, a, b, K, N, start, row);
+  }
+  if constexpr (NB > 1) {
+    if (nb < NB) return dot_block_of<T, MB, NB - 1>(mb, nb, c, a, b, K, N, start, row);
+  }
+  dot_block<T, MB, NB>(c, a, b, K, N, start, row);
+}
+
+// c [M,N] = start + A B^T for A [M,K] and B [N,K] row-major: a layer's z = x W^T read from W as it is, in dot
+// products along K (for long rows, where transposing W would cost more than the sums across lanes). Blocks of B's
+// rows outside, of A's inside: each piece of B (the weight, the larger) comes from memory once.
+template <typename T>
+void mm_nt(T* c, const T* a, const T* b, int64_t M, int64_t K, int64_t N, Start start, const T* row = nullptr) {
+  constexpr int64_t kBlock = kVectorBytes == 64 ? 4 : 3;  // 16 or 9 sums in registers, with B's and A's pieces
+  for (int64_t n = 0; n < N; n += kBlock) {
+    const int nb = static_cast<int>(std::min(kBlock, N - n));
+    for (int64_t m = 0; m < M; m += kBlock) {
+      const int mb = static_cast<int>(std::min(kBlock, M - m));
+      dot_block_of<T, kBlock, kBlock>(mb, nb, c + m * N + n, a + m * K, b + n * K, K, N, start,
+                                      row == nullptr ? nullptr : row + n);
+    }
+  }
 }
 
 // One 8x8 float tile (4x4 double) of transpose: rows of `in` (stride in_stride) into columns of `out`, in
