@@ -35,7 +35,7 @@ class TaskKernel {
       for (int64_t l = s == 0 ? 1 : fa + 1; l < L; ++l) pieces.push_back({&act_[s * L + l], K * p.in[l]});
       for (int64_t l = fa; l < L; ++l) {
         pieces.push_back({&delta_[s * L + l], K * p.out[l]});
-        pieces.push_back({&g_[s * L + l], p.out[l] * p.in[l]});
+        pieces.push_back({&g_[s * L + l], steps_in_one_pass(l) ? 0 : p.out[l] * p.in[l]});
         pieces.push_back({&gb_[s * L + l], p.out[l]});
         pieces.push_back({&w_[(s + 1) * L + l], p.out[l] * p.in[l]});
         pieces.push_back({&wt_[(s + 1) * L + l], reads_weight_rows(p.in[l]) ? 0 : p.out[l] * p.in[l]});
@@ -120,7 +120,13 @@ class TaskKernel {
       if (p.reptile && s == 0) share.loss += loss / static_cast<double>(p.total_tasks);
       for (int64_t l = L - 1; l >= fa; --l) {
         const T* d = delta_[s * L + l];
-        mm_tn(g_[s * L + l], d, input(t, s, l), K, p.out[l], p.in[l], Start::kZero);
+        if (steps_in_one_pass(l)) {  // W - rate d^T a as W + (-rate d)^T a (rd_: scratch until the Hessian product)
+          const T minus_rate = -p.rate[2 * l][s * p.rate_step_stride];
+          for (int64_t i = 0; i < K * p.out[l]; ++i) rd_[i] = minus_rate * d[i];
+          mm_tn(w_[(s + 1) * L + l], rd_, input(t, s, l), K, p.out[l], p.in[l], Start::kFrom, weight(s, l));
+        } else {
+          mm_tn(g_[s * L + l], d, input(t, s, l), K, p.out[l], p.in[l], Start::kZero);
+        }
         column_sums(gb_[s * L + l], d, K, p.out[l], Start::kZero);
         if (l > fa) {
           mm(delta_[s * L + l - 1], d, weight(s, l), K, p.out[l], p.in[l], Start::kZero);
@@ -128,7 +134,9 @@ class TaskKernel {
         }
       }
       for (int64_t l = fa; l < L; ++l) {
-        times_rate(w_[(s + 1) * L + l], weight(s, l), g_[s * L + l], s, 2 * l, p.out[l] * p.in[l]);
+        if (!steps_in_one_pass(l)) {
+          times_rate(w_[(s + 1) * L + l], weight(s, l), g_[s * L + l], s, 2 * l, p.out[l] * p.in[l]);
+        }
         times_rate(b_[(s + 1) * L + l], bias(s, l), gb_[s * L + l], s, 2 * l + 1, p.out[l]);
         if (!reads_weight_rows(p.in[l])) transpose(wt_[(s + 1) * L + l], w_[(s + 1) * L + l], p.out[l], p.in[l]);
       }
@@ -232,6 +240,10 @@ class TaskKernel {
     if (reads_weight_rows(p_.in[l])) return mm_nt(z, x, w, rows, p_.in[l], p_.out[l], start, row);
     mm(z, x, w_t, rows, p_.in[l], p_.out[l], start, row);
   }
+
+  // Whether the inner step makes layer l's new weight in the pass of its gradient (one rate for all its elements,
+  // and no rate gradient to read the gradient later): the gradient, as large as the weight, is never stored.
+  bool steps_in_one_pass(int64_t l) const { return !p_.compute_lr_grad && !p_.rate_per_element[2 * l]; }
 
   // The layer's parameters at inner step s (step 0 and the body: the meta-parameters).
   bool own(int64_t s, int64_t l) const { return s > 0 && l >= p_.first_adapted; }

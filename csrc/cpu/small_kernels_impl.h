@@ -2,8 +2,21 @@
 // and a target region that define kVectorBytes, the width of one SIMD register (32: AVX2; 64: AVX-512).
 // No include guard: each inclusion is a separate copy.
 
-// How a GEMM's output starts: zero, a row vector repeated on every row (a bias), or as it is.
-enum class Start { kZero, kRow, kKeep };
+// How a GEMM's output starts: zero, a row vector repeated on every row (a bias), a matrix laid out as the output,
+// or as it is. The GEMMs' argument `from` is that row (kRow) or that matrix (kFrom).
+enum class Start { kZero, kRow, kFrom, kKeep };
+
+// `from` for the output's rows from row m on: the bias row (kRow), the matrix's row m on (kFrom).
+template <typename T>
+const T* from_row(Start start, const T* from, int64_t m, int64_t N) {
+  return start == Start::kFrom ? from + m * N : from;
+}
+
+// Where row m of an output c [., N] starts from (but for kZero): from_row, or row m of c (kKeep).
+template <typename T>
+const T* start_row(Start start, const T* c, const T* from, int64_t m, int64_t N) {
+  return start == Start::kKeep ? c + m * N : from_row(start, from, m, N);
+}
 
 // One SIMD register of T, Bytes wide (GCC/Clang vector extension), loaded and stored unaligned.
 template <typename T, int Bytes = kVectorBytes>
@@ -24,24 +37,21 @@ struct Lanes {
 // the loop: one template over the row count measured 10% slower, its sums not all kept in registers.)
 template <typename T, int R>
 void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
-                  int64_t K, int64_t N, int64_t n0, Start start, const T* __restrict row) {
+                  int64_t K, int64_t N, int64_t n0, Start start, const T* __restrict from) {
   using L = Lanes<T>;
   using V = typename L::type;
   constexpr int kLanes = L::kCount;
-  auto begin = [&](V* acc, const T* cm) {
-    for (int i = 0; i < R; ++i) {
-      acc[i] = start == Start::kZero ? V{}
-               : start == Start::kRow ? L::load(row + n0 + i * kLanes)
-                                      : L::load(cm + i * kLanes);
-    }
+  auto begin = [&](V* acc, int64_t m) {
+    const T* s = start == Start::kZero ? nullptr : start_row(start, c, from, m, N) + n0;
+    for (int i = 0; i < R; ++i) acc[i] = start == Start::kZero ? V{} : L::load(s + i * kLanes);
   };
   int64_t m = 0;
   for (; m + 2 <= M; m += 2) {
     T* c0 = c + m * N + n0;
     T* c1 = c0 + N;
     V acc0[R], acc1[R];
-    begin(acc0, c0);
-    begin(acc1, c1);
+    begin(acc0, m);
+    begin(acc1, m + 1);
     const T* a0 = a + m * am;
     const T* a1 = a0 + am;
     for (int64_t k = 0; k < K; ++k) {
@@ -62,7 +72,7 @@ void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak
   for (; m < M; ++m) {
     T* c0 = c + m * N + n0;
     V acc0[R];
-    begin(acc0, c0);
+    begin(acc0, m);
     const T* a0 = a + m * am;
     for (int64_t k = 0; k < K; ++k) {
       const V x0 = V{} + a0[k * ak];
@@ -77,9 +87,9 @@ void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak
 // Column n of c [M,N] = start + A B, in scalars (the last N % lanes columns).
 template <typename T>
 void gemm_column(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t M,
-                 int64_t K, int64_t N, int64_t n, Start start, const T* __restrict row) {
+                 int64_t K, int64_t N, int64_t n, Start start, const T* __restrict from) {
   for (int64_t m = 0; m < M; ++m) {
-    T sum = start == Start::kZero ? T(0) : start == Start::kRow ? row[n] : c[m * N + n];
+    T sum = start == Start::kZero ? T(0) : start_row(start, c, from, m, N)[n];
     for (int64_t k = 0; k < K; ++k) sum += a[m * am + k * ak] * b[k * N + n];
     c[m * N + n] = sum;
   }
@@ -88,7 +98,7 @@ void gemm_column(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak,
 // c [M] = start + A b for A [M,K] row-major: one dot product per row, in register lanes along K.
 template <typename T>
 void gemv_rows(T* __restrict c, const T* __restrict a, const T* __restrict b, int64_t M, int64_t K, Start start,
-               const T* __restrict row) {
+               const T* __restrict from) {
   using V = typename Lanes<T>::type;
   constexpr int kLanes = Lanes<T>::kCount;
   for (int64_t m = 0; m < M; ++m) {
@@ -96,7 +106,7 @@ void gemv_rows(T* __restrict c, const T* __restrict a, const T* __restrict b, in
     V acc{};
     int64_t k = 0;
     for (; k + kLanes <= K; k += kLanes) acc += Lanes<T>::load(am_ + k) * Lanes<T>::load(b + k);
-    T sum = start == Start::kZero ? T(0) : start == Start::kRow ? row[0] : c[m];
+    T sum = start == Start::kZero ? T(0) : start_row(start, c, from, m, 1)[0];
     for (int i = 0; i < kLanes; ++i) sum += acc[i];
     for (; k < K; ++k) sum += am_[k] * b[k];
     c[m] = sum;
@@ -106,11 +116,11 @@ void gemv_rows(T* __restrict c, const T* __restrict a, const T* __restrict b, in
 // gemm_columns with R registers per row, R = 1..8 picked at run time (R <= the template argument).
 template <typename T, int R>
 void gemm_columns_of(int r, T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N,
-                     int64_t n0, Start start, const T* row) {
+                     int64_t n0, Start start, const T* from) {
   if constexpr (R > 1) {
-    if (r < R) return gemm_columns_of<T, R - 1>(r, c, a, am, ak, b, M, K, N, n0, start, row);
+    if (r < R) return gemm_columns_of<T, R - 1>(r, c, a, am, ak, b, M, K, N, n0, start, from);
   }
-  gemm_columns<T, R>(c, a, am, ak, b, M, K, N, n0, start, row);
+  gemm_columns<T, R>(c, a, am, ak, b, M, K, N, n0, start, from);
 }
 
 // The low half (a 256-bit register) of a 512-bit register's lanes.
@@ -125,7 +135,7 @@ typename Lanes<T, 32>::type low_half(typename Lanes<T, 64>::type v) {
 // broadcast once (its low half serves the 256-bit register), serves the whole width. c, a: the block's first row.
 template <typename T, int R, bool Half, int Rows>
 void gemm_wide_rows(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak, const T* __restrict b, int64_t K,
-                    int64_t N, int64_t n0, Start start, const T* __restrict row) {
+                    int64_t N, int64_t n0, Start start, const T* __restrict from) {
   using L = Lanes<T>;
   using H = Lanes<T, 32>;
   using V = typename L::type;
@@ -136,12 +146,9 @@ void gemm_wide_rows(T* __restrict c, const T* __restrict a, int64_t am, int64_t 
   V acc[Rows][kFull];
   W half[Rows];
   for (int j = 0; j < Rows; ++j) {
-    const T* cj = c + j * N;
-    for (int i = 0; i < R; ++i) {
-      const int64_t n = n0 + i * kLanes;
-      acc[j][i] = start == Start::kZero ? V{} : L::load(start == Start::kRow ? row + n : cj + n);
-    }
-    if constexpr (Half) half[j] = start == Start::kZero ? W{} : H::load(start == Start::kRow ? row + tail : cj + tail);
+    const T* s = start == Start::kZero ? nullptr : start_row(start, c, from, j, N);
+    for (int i = 0; i < R; ++i) acc[j][i] = start == Start::kZero ? V{} : L::load(s + n0 + i * kLanes);
+    if constexpr (Half) half[j] = start == Start::kZero ? W{} : H::load(s + tail);
   }
   for (int64_t k = 0; k < K; ++k) {
     const T* bk = b + k * N;
@@ -172,23 +179,23 @@ constexpr int kMostRows = std::min(8, 24 / std::max(1, R + (Half ? 1 : 0)));
 // gemm_wide_rows with `rows` rows (1..kMostRows) picked at run time.
 template <typename T, int R, bool Half, int Rows = kMostRows<R, Half>>
 void gemm_wide_block(int rows, T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t K, int64_t N, int64_t n0,
-                     Start start, const T* row) {
+                     Start start, const T* from) {
   if constexpr (Rows > 1) {
-    if (rows < Rows) return gemm_wide_block<T, R, Half, Rows - 1>(rows, c, a, am, ak, b, K, N, n0, start, row);
+    if (rows < Rows) return gemm_wide_block<T, R, Half, Rows - 1>(rows, c, a, am, ak, b, K, N, n0, start, from);
   }
-  gemm_wide_rows<T, R, Half, Rows>(c, a, am, ak, b, K, N, n0, start, row);
+  gemm_wide_rows<T, R, Half, Rows>(c, a, am, ak, b, K, N, n0, start, from);
 }
 
 // gemm_wide_rows over all M rows, in as few blocks as the registers allow, of sizes differing by at most one (10
 // rows: 5 + 5, not 4 + 4 + 2).
 template <typename T, int R, bool Half>
 void gemm_wide(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N, int64_t n0,
-               Start start, const T* row) {
+               Start start, const T* from) {
   constexpr int64_t kMost = kMostRows<R, Half>;
   const int64_t blocks = (M + kMost - 1) / kMost;
   for (int64_t i = 0, m = 0; i < blocks; ++i) {
     const int rows = static_cast<int>(M / blocks + (i < M % blocks ? 1 : 0));
-    gemm_wide_block<T, R, Half>(rows, c + m * N, a + m * am, am, ak, b, K, N, n0, start, row);
+    gemm_wide_block<T, R, Half>(rows, c + m * N, a + m * am, am, ak, b, K, N, n0, start, from_row(start, from, m, N));
     m += rows;
   }
 }
@@ -196,12 +203,12 @@ void gemm_wide(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, 
 // gemm_wide with r = 0..R full registers picked at run time.
 template <typename T, int R>
 void gemm_wide_of(int r, bool half, T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K,
-                  int64_t N, int64_t n0, Start start, const T* row) {
+                  int64_t N, int64_t n0, Start start, const T* from) {
   if constexpr (R > 0) {
-    if (r < R) return gemm_wide_of<T, R - 1>(r, half, c, a, am, ak, b, M, K, N, n0, start, row);
+    if (r < R) return gemm_wide_of<T, R - 1>(r, half, c, a, am, ak, b, M, K, N, n0, start, from);
   }
-  if (half) return gemm_wide<T, R, true>(c, a, am, ak, b, M, K, N, n0, start, row);
-  gemm_wide<T, R, false>(c, a, am, ak, b, M, K, N, n0, start, row);
+  if (half) return gemm_wide<T, R, true>(c, a, am, ak, b, M, K, N, n0, start, from);
+  gemm_wide<T, R, false>(c, a, am, ak, b, M, K, N, n0, start, from);
 }
 
 // c [M,N] = start + A B (A as in gemm_columns). Up to 8 registers wide, the whole width is one
@@ -210,9 +217,9 @@ void gemm_wide_of(int r, bool half, T* c, const T* a, int64_t am, int64_t ak, co
 // contiguous.
 template <typename T>
 void gemm(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64_t K, int64_t N, Start start,
-          const T* row = nullptr) {
-  if (N == 1 && ak == 1) return gemv_rows(c, a, b, M, K, start, row);
-  if (N == 1 && am == 1 && start != Start::kRow) return gemm(c, b, 0, 1, a, 1, K, M, start);  // c^T = b^T A^T
+          const T* from = nullptr) {
+  if (N == 1 && ak == 1) return gemv_rows(c, a, b, M, K, start, from);
+  if (N == 1 && am == 1 && start != Start::kRow) return gemm(c, b, 0, 1, a, 1, K, M, start, from);  // c^T = b^T A^T
   constexpr int kLanes = Lanes<T>::kCount;
   const int64_t registers = N / kLanes;
   int64_t n0 = 0;
@@ -221,47 +228,47 @@ void gemm(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, int64
     // and a 256-bit one) in one pass; then the last columns one by one
     constexpr int kHalf = 32 / sizeof(T);
     if (registers > 5) {
-      for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_wide<T, 4, false>(c, a, am, ak, b, M, K, N, n0, start, row);
+      for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_wide<T, 4, false>(c, a, am, ak, b, M, K, N, n0, start, from);
     }
     const int64_t rest = (N - n0) / kLanes;
     const bool half = N - n0 - rest * kLanes >= kHalf;
     if (rest + half > 0) {
-      gemm_wide_of<T, 5>(static_cast<int>(rest), half, c, a, am, ak, b, M, K, N, n0, start, row);
+      gemm_wide_of<T, 5>(static_cast<int>(rest), half, c, a, am, ak, b, M, K, N, n0, start, from);
       n0 += rest * kLanes + half * kHalf;
     }
-    for (; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, row);
+    for (; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, from);
     return;
   }
   if (registers > 8) {
-    for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_columns<T, 4>(c, a, am, ak, b, M, K, N, n0, start, row);
+    for (; n0 + 4 * kLanes <= N; n0 += 4 * kLanes) gemm_columns<T, 4>(c, a, am, ak, b, M, K, N, n0, start, from);
   }
   if (n0 + kLanes <= N) {
     const int r = static_cast<int>((N - n0) / kLanes);
-    gemm_columns_of<T, 8>(r, c, a, am, ak, b, M, K, N, n0, start, row);
+    gemm_columns_of<T, 8>(r, c, a, am, ak, b, M, K, N, n0, start, from);
     n0 += r * kLanes;
   }
-  for (; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, row);
+  for (; n0 < N; ++n0) gemm_column(c, a, am, ak, b, M, K, N, n0, start, from);
 }
 
 // c [M,N] = start + A B for A [M,K] row-major.
 template <typename T>
-void mm(T* c, const T* a, const T* b, int64_t M, int64_t K, int64_t N, Start start, const T* row = nullptr) {
-  gemm(c, a, K, 1, b, M, K, N, start, row);
+void mm(T* c, const T* a, const T* b, int64_t M, int64_t K, int64_t N, Start start, const T* from = nullptr) {
+  gemm(c, a, K, 1, b, M, K, N, start, from);
 }
 
 // c [M,N] = start + A^T B for A [R,M] and B [R,N] row-major (a weight's gradient d^T a).
 template <typename T>
-void mm_tn(T* c, const T* a, const T* b, int64_t R, int64_t M, int64_t N, Start start) {
-  gemm(c, a, 1, M, b, M, R, N, start);
+void mm_tn(T* c, const T* a, const T* b, int64_t R, int64_t M, int64_t N, Start start, const T* from = nullptr) {
+  gemm(c, a, 1, M, b, M, R, N, start, from);
 }
 
 // Rows [0, MB) of c [M,N] by its columns [0, NB) = start + A B^T for A [., K] and B [., K] row-major (c, a, b,
-// row: the block's first row and column): MB x NB dot products along K in register lanes, each piece of a row of
+// from: the block's first row and column): MB x NB dot products along K in register lanes, each piece of a row of
 // A loaded serving NB rows of B and the other way round; then each sum across its lanes, and the last K % lanes
 // terms in scalars.
 template <typename T, int MB, int NB>
 void dot_block(T* __restrict c, const T* __restrict a, const T* __restrict b, int64_t K, int64_t N, Start start,
-               const T* __restrict row) {
+               const T* __restrict from) {
   using L = Lanes<T>;
   using V = typename L::type;
   constexpr int kLanes = L::kCount;
@@ -284,35 +291,35 @@ void dot_block(T* __restrict c, const T* __restrict a, const T* __restrict b, in
       for (int e = 0; e < kLanes; ++e) sum += acc[i][j][e];
       for (int64_t r = k; r < K; ++r) sum += a[i * K + r] * b[j * K + r];
       T& out = c[i * N + j];
-      out = (start == Start::kZero ? T(0) : start == Start::kRow ? row[j] : out) + sum;
+      out = (start == Start::kZero ? T(0) : start_row(start, c, from, i, N)[j]) + sum;
     }
   }
 }
 
 // dot_block with mb <= MB rows and nb <= NB columns picked at run time.
 template <typename T, int MB, int NB>
-void dot_block_of(int mb, int nb, T* c, const T* a, const T* b, int64_t K, int64_t N, Start start, const T* row) {
+void dot_block_of(int mb, int nb, T* c, const T* a, const T* b, int64_t K, int64_t N, Start start, const T* from) {
   if constexpr (MB > 1) {
-    if (mb < MB) return dot_block_of<T, MB - 1, NB>(mb, nb, c, a, b, K, N, start, row);
+    if (mb < MB) return dot_block_of<T, MB - 1, NB>(mb, nb, c, a, b, K, N, start, from);
   }
   if constexpr (NB > 1) {
-    if (nb < NB) return dot_block_of<T, MB, NB - 1>(mb, nb, c, a, b, K, N, start, row);
+    if (nb < NB) return dot_block_of<T, MB, NB - 1>(mb, nb, c, a, b, K, N, start, from);
   }
-  dot_block<T, MB, NB>(c, a, b, K, N, start, row);
+  dot_block<T, MB, NB>(c, a, b, K, N, start, from);
 }
 
 // c [M,N] = start + A B^T for A [M,K] and B [N,K] row-major: a layer's z = x W^T read from W as it is, in dot
 // products along K (for long rows, where transposing W would cost more than the sums across lanes). Blocks of B's
 // rows outside, of A's inside: each piece of B (the weight, the larger) comes from memory once.
 template <typename T>
-void mm_nt(T* c, const T* a, const T* b, int64_t M, int64_t K, int64_t N, Start start, const T* row = nullptr) {
+void mm_nt(T* c, const T* a, const T* b, int64_t M, int64_t K, int64_t N, Start start, const T* from = nullptr) {
   constexpr int64_t kBlock = kVectorBytes == 64 ? 4 : 3;  // 16 or 9 sums in registers, with B's and A's pieces
   for (int64_t n = 0; n < N; n += kBlock) {
     const int nb = static_cast<int>(std::min(kBlock, N - n));
     for (int64_t m = 0; m < M; m += kBlock) {
       const int mb = static_cast<int>(std::min(kBlock, M - m));
       dot_block_of<T, kBlock, kBlock>(mb, nb, c + m * N + n, a + m * K, b + n * K, K, N, start,
-                                      row == nullptr ? nullptr : row + n);
+                                      from == nullptr ? nullptr : from_row(start, from, m, N) + n);
     }
   }
 }
