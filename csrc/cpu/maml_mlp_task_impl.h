@@ -121,8 +121,7 @@ class TaskKernel {
       for (int64_t l = L - 1; l >= fa; --l) {
         const T* d = delta_[s * L + l];
         if (steps_in_one_pass(l)) {  // W - rate d^T a as W + (-rate d)^T a (rd_: scratch until the Hessian product)
-          const T minus_rate = -p.rate[2 * l][s * p.rate_step_stride];
-          for (int64_t i = 0; i < K * p.out[l]; ++i) rd_[i] = minus_rate * d[i];
+          times_rate(rd_, d, nullptr, s, 2 * l, K * p.out[l]);
           mm_tn(w_[(s + 1) * L + l], rd_, input(t, s, l), K, p.out[l], p.in[l], Start::kFrom, weight(s, l));
         } else {
           mm_tn(g_[s * L + l], d, input(t, s, l), K, p.out[l], p.in[l], Start::kZero);
