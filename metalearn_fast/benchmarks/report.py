@@ -129,7 +129,8 @@ def _peak_text(data: dict) -> str:
         return "not recorded"
     if _on_gpu(ours):
         return f"{peak:.1f} GFLOP/s, the device's (float32 matrix product)"
-    return (f"{peak:.1f} GFLOP/s = {ours['peak_gflops']} per core (float32 matrix product on one thread) x "
+    return (f"{peak:.1f} GFLOP/s = {ours['peak_gflops']} per core (the faster of a float32 matrix product and a 3x3 "
+            "convolution on one thread) x "
             f"{_peak_cores(ours)} core(s) for the run's torch threads")
 
 
