@@ -1,6 +1,7 @@
 """`metalearn-fast sine`: MAML beats both baselines, both backends trace the same curve, and bad
 arguments get a one-line error with exit status 2."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -186,3 +187,25 @@ def test_threads_are_restored_after_a_run(tmp_path, capsys):
     finally:
         torch.set_num_threads(before)
     capsys.readouterr()
+
+
+def test_the_table_counts_the_test_tasks_whose_sgd_diverged():
+    """An inner rate far above what the network's curvature allows makes every task's SGD overflow within 10
+    steps: the table says so instead of printing nan ± nan; before any step every MSE is finite."""
+    import torch
+
+    from metalearn_fast import MAML
+    from metalearn_fast.experiments import sine
+    from metalearn_fast.nn import MLP
+    from metalearn_fast.tasks import SinusoidTasks
+
+    torch.manual_seed(0)
+    config = sine.Config(eval_k=(5,), test_tasks=7)
+    test = SinusoidTasks(k_support=5, k_query=20, seed=1).sample(7)
+    rows = sine.evaluate({"maml": MAML(MLP(sine.SIZES), inner_lr=1e6)}, test, config)
+    by_steps = {r["inner_steps"]: r for r in rows}
+    assert by_steps[0]["diverged"] == 0 and math.isfinite(by_steps[0]["mean"])
+    assert by_steps[10]["diverged"] == 7 and not math.isfinite(by_steps[10]["mean"])
+    table = sine.format_table(rows, config.eval_k)
+    assert "7 of 7 diverged" in table and "nan" not in table
+    assert f"{by_steps[0]['mean']:.3f} ± {by_steps[0]['ci95']:.3f}" in table

@@ -334,8 +334,9 @@ def _synchronize(device: torch.device) -> None:
 
 
 def evaluate(learners: dict, test, config: Config) -> list[dict]:
-    """Rows {method, k, inner_steps, mean, ci95, tasks} of query MSE on the test tasks. ``test`` holds max K
-    support points per task, of which K are used, and the query points, the same for every K."""
+    """Rows {method, k, inner_steps, mean, ci95, tasks, diverged} of query MSE on the test tasks (diverged: how
+    many tasks' MSE is not finite). ``test`` holds max K support points per task, of which K are used, and the
+    query points, the same for every K."""
     rows = []
     for method, learner in learners.items():
         for k in config.eval_k:
@@ -343,8 +344,10 @@ def evaluate(learners: dict, test, config: Config) -> list[dict]:
                 mse = query_mse(learner, test.x_support[:, :k], test.y_support[:, :k], test.x_query, test.y_query,
                                 steps).double().cpu()
                 ci95 = 1.96 * float(mse.std()) / math.sqrt(mse.numel())  # normal approximation over test tasks
+                # SGD that overflows (a too large inner rate for the network's curvature) makes a task's MSE inf
+                # or nan, and so the mean: the table says how many tasks did
                 rows.append({"method": method, "k": k, "inner_steps": steps, "mean": float(mse.mean()),
-                             "ci95": ci95, "tasks": mse.numel()})
+                             "ci95": ci95, "tasks": mse.numel(), "diverged": int((~mse.isfinite()).sum())})
     return rows
 
 
@@ -393,7 +396,7 @@ def format_table(rows: list[dict], eval_k) -> str:
     lines = []
     for k in eval_k:
         for method in methods:
-            values = [f"{cell[method, k, n]['mean']:.3f} ± {cell[method, k, n]['ci95']:.3f}" for n in EVAL_INNER_STEPS]
+            values = [_cell_text(cell[method, k, n]) for n in EVAL_INNER_STEPS]
             lines.append([str(k) if method == methods[0] else "", METHOD_NAMES[method]] + values)
     widths = [max(len(h), *(len(line[i]) for line in lines)) for i, h in enumerate(headers)]
 
@@ -402,6 +405,13 @@ def format_table(rows: list[dict], eval_k) -> str:
 
     rule = "-" * len(render(headers))
     return "\n".join([render(headers), rule] + [render(line) for line in lines])
+
+
+def _cell_text(row: dict) -> str:
+    """A table cell: mean ± 95% interval, or how many test tasks diverged (their MSE overflowed) where any did."""
+    if row.get("diverged"):
+        return f"{row['diverged']} of {row['tasks']} diverged"
+    return f"{row['mean']:.3f} ± {row['ci95']:.3f}"
 
 
 def interval_means(losses, every: int) -> tuple[list[int], list[float]]:
