@@ -9,6 +9,7 @@
 #include <utility>
 #include <vector>
 
+#include "cpu/block_cache.h"
 #include "cpu/norm_relu_cpu.h"
 #include "cpu/small_kernels.h"
 #include "metalearn_fast_build_info.h"
@@ -291,6 +292,26 @@ PyObject* cpu_simd_set(PyObject* /*module*/, PyObject* level) {
   END_HANDLE_TH_ERRORS
 }
 
+PyObject* block_cache_enter_entry(PyObject* /*module*/, PyObject* /*unused*/) {
+  metalearn_fast::block_cache_enter();
+  Py_RETURN_NONE;
+}
+
+PyObject* block_cache_exit_entry(PyObject* /*module*/, PyObject* /*unused*/) {
+  metalearn_fast::block_cache_exit();
+  Py_RETURN_NONE;
+}
+
+PyObject* block_cache_release_entry(PyObject* /*module*/, PyObject* /*unused*/) {
+  return PyLong_FromLongLong(metalearn_fast::block_cache_release());
+}
+
+PyObject* block_cache_stats_entry(PyObject* /*module*/, PyObject* /*unused*/) {
+  const metalearn_fast::BlockCacheStats stats = metalearn_fast::block_cache_stats();
+  return Py_BuildValue("(LLO)", static_cast<long long>(stats.cached_bytes),
+                       static_cast<long long>(stats.system_blocks), stats.active ? Py_True : Py_False);
+}
+
 PyMethodDef methods[] = {
     {"cpu_simd", cpu_simd_get, METH_NOARGS, "cpu_simd() -> str: which hand-written CPU kernels run"},
     {"set_cpu_simd", cpu_simd_set, METH_O,
@@ -311,6 +332,14 @@ PyMethodDef methods[] = {
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_tangent_backward_entry)), METH_FASTCALL,
      "norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, invstd, gamma, d_gamma, d_scale, g_gamma, g_beta, "
      "with_g_z) -> (dg_z, g_z or None, dg_gamma, dg_beta)"},
+    {"block_cache_enter", block_cache_enter_entry, METH_NOARGS,
+     "block_cache_enter(): large CPU blocks from the block cache until the matching block_cache_exit (nests)"},
+    {"block_cache_exit", block_cache_exit_entry, METH_NOARGS, "block_cache_exit(): see block_cache_enter"},
+    {"block_cache_release", block_cache_release_entry, METH_NOARGS,
+     "block_cache_release() -> int: frees the cached blocks no tensor holds; the bytes freed"},
+    {"block_cache_stats", block_cache_stats_entry, METH_NOARGS,
+     "block_cache_stats() -> (cached bytes, blocks ever taken from the system, whether the cache is torch's CPU "
+     "allocator now)"},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace

@@ -6,7 +6,7 @@ with a pure-torch fallback that gives the same numbers (see ``backend_info()``).
 from . import nn, ops, reference, tasks
 from .algorithms import MAML, Reptile
 from .nn import MLP, FusedLinearReLU, SimpleNet, fuse
-from .ops import backend_info, linear_relu, linear_relu_backward, sgd_step, sgd_step_
+from .ops import backend_info, empty_cpu_cache, linear_relu, linear_relu_backward, sgd_step, sgd_step_
 from .tasks import FewShotTasks, SinusoidTasks, TaskBatch
 from .train import adapt, pretrain
 
@@ -32,6 +32,7 @@ __all__ = [
     "TaskBatch",
     "adapt",
     "backend_info",
+    "empty_cpu_cache",
     "fuse",
     "linear_relu",
     "linear_relu_backward",

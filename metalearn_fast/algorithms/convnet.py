@@ -18,6 +18,7 @@ statistics average (N * H * W).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import math
@@ -28,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import _extension
+from ..ops import _extension, reused_cpu_blocks
 
 __all__ = ["ConvNetPlan", "conv_net_plan"]
 
@@ -412,17 +413,19 @@ def meta_loss_and_gradient(plan: ConvNetPlan, parameters: Sequence[Tensor], x_su
     if max_tasks_per_chunk is not None:
         chunk = min(chunk, max_tasks_per_chunk)
     total, sums = 0.0, None
-    for start in range(0, tasks, chunk):
-        part = slice(start, start + chunk)
-        losses, grads = _chunk_meta_loss(plan, parameters, x_support[part], y_support[part], x_query[part],
-                                         y_query[part], inner_lr, inner_steps, first_order, loss)
-        total = total + losses.sum()
-        if sums is None:
-            sums = grads
-        else:
-            for s, g in zip(sums, grads):
-                s.add_(g)
-    return total / tasks, [s.div_(tasks).contiguous() for s in sums]  # (sums: tensors of _task_sum's making)
+    # the feature maps, the same sizes at every meta-step, from blocks kept for reuse (no fresh pages faulted in)
+    with reused_cpu_blocks() if x_support.device.type == "cpu" else contextlib.nullcontext():
+        for start in range(0, tasks, chunk):
+            part = slice(start, start + chunk)
+            losses, grads = _chunk_meta_loss(plan, parameters, x_support[part], y_support[part], x_query[part],
+                                             y_query[part], inner_lr, inner_steps, first_order, loss)
+            total = total + losses.sum()
+            if sums is None:
+                sums = grads
+            else:
+                for s, g in zip(sums, grads):
+                    s.add_(g)
+        return total / tasks, [s.div_(tasks).contiguous() for s in sums]  # (sums: tensors of _task_sum's making)
 
 
 def _chunk_meta_loss(plan: ConvNetPlan, parameters: Sequence[Tensor], x_support: Tensor, y_support: Tensor,
