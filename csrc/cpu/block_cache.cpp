@@ -64,7 +64,10 @@ class BlockCache final : public c10::Allocator {
   void enter() {
     std::lock_guard<std::mutex> lock(swap_mutex_);
     if (depth_++ > 0) return;
-    previous_ = c10::GetCPUAllocator();  // (set first: a small request may come as soon as the swap is done)
+    // (set first: a small request may come as soon as the swap is done; never this cache, which hands small
+    // requests to previous_)
+    c10::Allocator* current = c10::GetCPUAllocator();
+    if (current != this) previous_ = current;
     ++window_;
     // priority 0, torch's default allocator's: an allocator someone installed with a priority stays
     c10::SetCPUAllocator(this, 0);
