@@ -79,7 +79,7 @@ _extension = _ext.load()
 @contextlib.contextmanager
 def reused_cpu_blocks():
     """Within it, torch's CPU allocator takes large blocks (64 KiB or more) from the extension's block cache, which
-    keeps each freed block at its exact size for the next request of that size: a hot path that makes the same
+    keeps each freed block for the next request of its size or of at least half of it: a hot path that makes the same
     large tensors at every call then faults in no fresh pages (glibc hands freed large blocks back to the system;
     conv4's meta-step: 7 600-10 400 page faults and 15-20% of its time). A no-op without the extension, and where
     another allocator than torch's default was installed with a priority. empty_cpu_cache() frees the blocks."""

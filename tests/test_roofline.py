@@ -1,7 +1,6 @@
 """The benchmarks' roofline: work counted on a call (FLOPs of its matrix products, bytes of its working set),
 checked against counts by hand; and the report's GFLOP/s and fraction of the peak from a pytest-benchmark JSON."""
 import math
-import time
 
 import torch
 import torch.nn.functional as F
@@ -53,20 +52,14 @@ def _one_core_gflops(kernel, flops: int) -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        kernel()
-        best = float("inf")
-        for _ in range(3):
-            start = time.perf_counter()
-            kernel()
-            best = min(best, time.perf_counter() - start)
+        return flops / roofline._best_seconds(kernel, torch.device("cpu"), repeats=3) / 1e9
     finally:
         torch.set_num_threads(threads)
-    return flops / best / 1e9
 
 
 def test_the_peak_is_not_below_what_other_kernels_reach_on_one_core():
     # a peak from the BLAS's product alone is half the core's on AMD CPUs (MKL there: 107 GFLOP/s where oneDNN's
-    # convolutions reach 216-242), and put kernels at twice their true share of the peak: shapes other than the
+    # convolutions reach 216-273), and put kernels at twice their true share of the peak: shapes other than the
     # peak's own, so that this measures the machine, not peak_gflops again
     threads = torch.get_num_threads()
     peak = roofline.peak_gflops(torch.device("cpu"), repeats=3)

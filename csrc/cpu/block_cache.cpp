@@ -1,8 +1,8 @@
 // BlockCache (block_cache.h): torch's CPU allocator for the length of a hot call, keeping large freed blocks by
-// their size for the next request of that size. Measured on convnet.py's conv4 meta-step (16 tasks, 2 threads,
-// this project's 2-core AMD EPYC): through glibc, 7 600-10 400 fresh pages faulted in a step (its trimming and
-// mmap threshold hand freed feature maps back to the system) and 52.7-57.5 ms a step; from the cache, no page
-// fault and 43.5-45.1 ms.
+// their size for the next request of that size or of at least half of it. Measured on convnet.py's conv4
+// meta-step (16 tasks, 2 threads, this project's 2-core AMD EPYC): through glibc, 7 600-10 400 fresh pages faulted
+// in a step (its trimming and mmap threshold hand freed feature maps back to the system) and 52.7-57.5 ms a step;
+// from the cache, no page fault and 43.5-45.1 ms.
 #include "block_cache.h"
 
 #include <c10/core/CPUAllocator.h>

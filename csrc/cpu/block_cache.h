@@ -13,8 +13,8 @@ namespace metalearn_fast {
 void block_cache_enter();
 void block_cache_exit();
 
-// Frees every cached block that no tensor holds (blocks in use return to the system when freed, until the next
-// block_cache_enter); returns the bytes freed.
+// Frees every kept block that no tensor holds (a block in use is kept when it is freed, as before); returns the
+// bytes freed.
 int64_t block_cache_release();
 
 struct BlockCacheStats {

@@ -11,7 +11,7 @@
 - Peak: ``peak_gflops(device)`` times the fastest float32 kernels torch has: on a GPU a matrix product (the whole
   device); on a CPU, with one torch thread (one core's reachable peak), the faster of a matrix product and a 3x3
   convolution. The convolution is oneDNN's, which uses the core's widest vectors where the BLAS may not: on this
-  project's AMD machines MKL's product reaches 107 GFLOP/s on one core, oneDNN's convolution 216-242.
+  project's AMD machines MKL's product reaches 107 GFLOP/s on one core, oneDNN's convolution 216-273.
 
 Achieved GFLOP/s = work / an entry's median time; its fraction of the peak says how much of the machine the
 entry uses; FLOPs per working-set byte against the machine's FLOP/byte ratio says which bound applies. The report
