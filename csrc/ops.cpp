@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "cpu/block_cache.h"
+#include "cpu/grouped_conv_cpu.h"
 #include "cpu/norm_relu_cpu.h"
 #include "cpu/small_kernels.h"
 #include "metalearn_fast_build_info.h"
@@ -131,6 +132,16 @@ struct Arguments {
     }
     return out;
   }
+  std::vector<int64_t> integers(Py_ssize_t i, const char* name) const {
+    Py_ssize_t size = 0;
+    PyObject* const* item = items(i, name, size);
+    std::vector<int64_t> out(size);
+    for (Py_ssize_t k = 0; k < size; ++k) {
+      if (!PyLong_Check(item[k]) || PyBool_Check(item[k])) wrong(i, name, "a list of ints");
+      out[k] = PyLong_AsLongLong(item[k]);
+    }
+    return out;
+  }
   const at::Tensor& tensor(Py_ssize_t i, const char* name) const {
     if (!THPVariable_Check(args[i])) wrong(i, name, "a tensor");
     return THPVariable_Unpack(args[i]);
@@ -205,6 +216,13 @@ PyObject* maml_mlp_meta_step_unboxed(PyObject* /*module*/, PyObject* const* args
   END_HANDLE_TH_ERRORS
 }
 
+// A tuple of the tensors (None for an undefined one).
+PyObject* tuple_of(std::vector<at::Tensor>&& out) {
+  PyObject* tuple = PyTuple_New(out.size());
+  for (size_t i = 0; i < out.size(); ++i) PyTuple_SET_ITEM(tuple, i, THPVariable_Wrap(std::move(out[i])));
+  return tuple;
+}
+
 // norm_relu, norm_relu_backward, norm_relu_tangent and norm_relu_tangent_backward -> tuple of tensors: the CPU
 // kernels of convnet.py's BatchNorm + ReLU (cpu/norm_relu_cpu.h), called with the GIL released.
 template <size_t N, typename Kernel>
@@ -221,9 +239,7 @@ PyObject* tensors_in_tuple_out(const char* name, const std::array<const char*, N
     WithoutGil released;
     out = kernel(in);
   }
-  PyObject* tuple = PyTuple_New(out.size());
-  for (size_t i = 0; i < out.size(); ++i) PyTuple_SET_ITEM(tuple, i, THPVariable_Wrap(std::move(out[i])));
-  return tuple;
+  return tuple_of(std::move(out));
 }
 
 PyObject* norm_relu_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
@@ -273,6 +289,53 @@ PyObject* norm_relu_tangent_backward_entry(PyObject* /*module*/, PyObject* const
     return metalearn_fast::norm_relu_tangent_backward(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9],
                                                       t[10], with_g_z);
   });
+  END_HANDLE_TH_ERRORS
+}
+
+// grouped_conv(x, weight, bias or None, stride, padding, groups) -> out and grouped_conv_backward(g, x, weight,
+// stride, padding, groups, need_input, need_weight, need_bias) -> (g_x, g_w, g_b, each None unless asked for):
+// convnet.py's direct convolutions of small maps (cpu/grouped_conv_cpu.h), called with the GIL released.
+PyObject* grouped_conv_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* name = "grouped_conv";
+  if (nargs != 6) {
+    throw torch::TypeError(c10::str(name, ": expected 6 arguments (x, weight, bias, stride, padding, groups), got ",
+                                    nargs));
+  }
+  const Arguments a{name, args};
+  const at::Tensor &x = a.tensor(0, "x"), &weight = a.tensor(1, "weight");
+  const at::Tensor bias = args[2] == Py_None ? at::Tensor() : a.tensor(2, "bias");
+  const std::vector<int64_t> stride = a.integers(3, "stride"), padding = a.integers(4, "padding");
+  const int64_t groups = a.integer(5, "groups");
+  at::Tensor out;
+  {
+    WithoutGil released;
+    out = metalearn_fast::grouped_conv(x, weight, bias, stride, padding, groups);
+  }
+  return THPVariable_Wrap(std::move(out));
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* grouped_conv_backward_entry(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  const char* name = "grouped_conv_backward";
+  if (nargs != 9) {
+    throw torch::TypeError(c10::str(name, ": expected 9 arguments (g, x, weight, stride, padding, groups, need_input, "
+                                    "need_weight, need_bias), got ", nargs));
+  }
+  const Arguments a{name, args};
+  const at::Tensor &g = a.tensor(0, "g"), &x = a.tensor(1, "x"), &weight = a.tensor(2, "weight");
+  const std::vector<int64_t> stride = a.integers(3, "stride"), padding = a.integers(4, "padding");
+  const int64_t groups = a.integer(5, "groups");
+  const bool need_input = a.boolean(6, "need_input"), need_weight = a.boolean(7, "need_weight");
+  const bool need_bias = a.boolean(8, "need_bias");
+  std::vector<at::Tensor> out;
+  {
+    WithoutGil released;
+    out = metalearn_fast::grouped_conv_backward(g, x, weight, stride, padding, groups, need_input, need_weight,
+                                                need_bias);
+  }
+  return tuple_of(std::move(out));
   END_HANDLE_TH_ERRORS
 }
 
@@ -332,6 +395,13 @@ PyMethodDef methods[] = {
      reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_tangent_backward_entry)), METH_FASTCALL,
      "norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, invstd, gamma, d_gamma, d_scale, g_gamma, g_beta, "
      "with_g_z) -> (dg_z, g_z or None, dg_gamma, dg_beta)"},
+    {"grouped_conv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(grouped_conv_entry)), METH_FASTCALL,
+     "grouped_conv(x, weight, bias or None, stride, padding, groups) -> out: F.conv2d's grouped convolution, direct, "
+     "channels-last (channels per group multiples of the register's lanes)"},
+    {"grouped_conv_backward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(grouped_conv_backward_entry)),
+     METH_FASTCALL,
+     "grouped_conv_backward(g, x, weight, stride, padding, groups, need_input, need_weight, need_bias) -> (g_x, g_w, "
+     "g_b), each None unless asked for"},
     {"block_cache_enter", block_cache_enter_entry, METH_NOARGS,
      "block_cache_enter(): large CPU blocks from the block cache until the matching block_cache_exit (nests)"},
     {"block_cache_exit", block_cache_exit_entry, METH_NOARGS, "block_cache_exit(): see block_cache_enter"},

@@ -228,6 +228,29 @@ def test_meta_gradient_across_layer_shapes(variant):
     assert_matches_loop(model, batch, 2, False, "cross_entropy")
 
 
+@pytest.mark.parametrize("first_order", [False, True], ids=["second-order", "first-order"])
+@pytest.mark.parametrize("model, shape", [
+    (lambda: conv_net(channels=(1, 16, 32)), (1, 9, 7)),
+    (lambda: conv_net(channels=(16, 16, 16), stride=1, bias=False), (16, 4, 3)),
+    (lambda: mf.nn.conv4(1, 5, hidden=16), (1, 28, 28))], ids=["16-32", "16-16-16-stride-1", "conv4-16"])
+def test_meta_gradient_with_the_direct_convolutions(monkeypatch, model, shape, first_order):
+    """Channels per task a multiple of 16: the extension's direct convolutions take the backward passes and the
+    forward passes of few pixels (counted here: they must run), the others go to ATen's."""
+    require_kernels()
+    taken = {True: 0, False: 0}
+
+    def direct(block, a, weight, forward):
+        ext = direct_or_none(block, a, weight, forward)
+        taken[forward] += ext is not None
+        return ext
+    direct_or_none = convnet._direct
+    monkeypatch.setattr(convnet, "_direct", direct)
+    net = randomised(model())
+    assert_matches_loop(net, make_batch("cross_entropy", tasks=3, shape=shape, ways=4 if shape[1] < 28 else 5),
+                        2, first_order, "cross_entropy")
+    assert taken[True] > 0 and taken[False] > 0
+
+
 def test_the_papers_conv4_on_omniglot_sized_images():
     model = randomised(mf.nn.conv4(1, 5, hidden=8))
     assert_matches_loop(model, make_batch("cross_entropy", tasks=2, shape=(1, 28, 28), ways=5), 1, False,

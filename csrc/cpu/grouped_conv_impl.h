@@ -1,0 +1,182 @@
+// The direct kernels of grouped_conv_cpu.cpp, compiled once per instruction set: included inside a namespace
+// and a target region that define kVectorBytes and Lanes (small_kernels_impl.h). No include guard: each
+// inclusion is a separate copy.
+//
+// One task (group) t of a grouped convolution at a time, on channels-last memory:
+//   x [N, H, W, G*Cin] (pixel stride xs), out and its gradient g [N, OH, OW, G*C] (pixel stride os),
+//   weight [G*C, KH, KW, Cin]: task t's output channel co is the row of KK*Cin numbers at (t*C + co)*KK*Cin.
+// An output pixel r (n, oh, ow) reads, for its tap q (kh, kw), the input pixel Geometry::source(r, q), or
+// nothing where that tap falls in the zero padding. Every inner loop runs along channels (Cin a multiple of
+// the lanes): a convolution of a few pixels a task is KK*Cin-long dot products, held in registers.
+
+// Sum of a register's lanes, by halves (a chain of 16 scalar additions costs as much as the products of a tile).
+template <typename T, int Bytes>
+inline T lane_sum(typename Lanes<T, Bytes>::type v) {
+  if constexpr (Bytes > 16) {
+    typename Lanes<T, Bytes / 2>::type low, high;
+    std::memcpy(&low, &v, Bytes / 2);
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return lane_sum<T, Bytes / 2>(low + high);
+  } else {
+    T s = v[0];
+    for (int i = 1; i < Lanes<T, Bytes>::kCount; ++i) s += v[i];
+    return s;
+  }
+}
+
+// out[r0 + i, co0 + j] = bias + sum over taps and input channels, for a tile of R pixels by J output channels:
+// R*J accumulators along the input channels, summed across their lanes at the end.
+template <typename T, int R, int J>
+void forward_tile(const Geometry& geo, const T* __restrict x, const T* __restrict w, const T* bias, const T* zeros,
+                  T* __restrict out, int64_t r0, int64_t co0) {
+  using L = Lanes<T>;
+  using V = typename L::type;
+  constexpr int kL = L::kCount;
+  V acc[R][J];
+  for (int i = 0; i < R; ++i)
+    for (int j = 0; j < J; ++j) acc[i][j] = V{};
+  const int64_t row = geo.taps * geo.cin;  // one output channel's weights
+  for (int64_t q = 0; q < geo.taps; ++q) {
+    const T* src[R];
+    for (int i = 0; i < R; ++i) {
+      const int32_t p = geo.source(r0 + i, q);
+      src[i] = p < 0 ? zeros : x + p * geo.xs;
+    }
+    const T* wq = w + co0 * row + q * geo.cin;
+    for (int64_t c = 0; c < geo.cin; c += kL) {
+      V xv[R];
+      for (int i = 0; i < R; ++i) xv[i] = L::load(src[i] + c);
+#pragma GCC unroll 8
+      for (int j = 0; j < J; ++j) {
+        const V wv = L::load(wq + j * row + c);
+        for (int i = 0; i < R; ++i) acc[i][j] += xv[i] * wv;
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    T* o = out + (r0 + i) * geo.os + co0;
+    for (int j = 0; j < J; ++j) o[j] = lane_sum<T, kVectorBytes>(acc[i][j]) + (bias ? bias[co0 + j] : T(0));
+  }
+}
+
+// Task t's output channels from x (offset to its first input channel), w (to its first row) and bias (to its
+// first channel, or null); out offset to its first channel.
+template <typename T>
+void forward_task(const Geometry& geo, const T* x, const T* w, const T* bias, const T* zeros, T* out) {
+  constexpr int R = kVectorBytes == 64 ? 6 : 3, J = 4;
+  // output channels outer: a tile's J weight rows stay in L1 over all pixels (a task's maps stay in L2)
+  int64_t co = 0;
+  for (; co + J <= geo.cout; co += J) {
+    int64_t r = 0;
+    for (; r + R <= geo.rows; r += R) forward_tile<T, R, J>(geo, x, w, bias, zeros, out, r, co);
+    for (; r < geo.rows; ++r) forward_tile<T, 1, J>(geo, x, w, bias, zeros, out, r, co);
+  }
+  for (; co < geo.cout; ++co) {
+    int64_t r = 0;
+    for (; r + R <= geo.rows; r += R) forward_tile<T, R, 1>(geo, x, w, bias, zeros, out, r, co);
+    for (; r < geo.rows; ++r) forward_tile<T, 1, 1>(geo, x, w, bias, zeros, out, r, co);
+  }
+}
+
+// g_x[source(r0 + i, q), c0 ...] += sum over output channels co of g[r0 + i, co] w[co, q, c0 ...], for a tile of
+// R pixels by NV registers of input channels at one tap (g_x zeroed before the first tap).
+template <typename T, int R, int NV>
+void input_grad_tile(const Geometry& geo, const T* __restrict g, const T* __restrict w, T* __restrict g_x,
+                     int64_t r0, int64_t q, int64_t c0) {
+  using L = Lanes<T>;
+  using V = typename L::type;
+  constexpr int kL = L::kCount;
+  V acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = V{};
+  const int64_t row = geo.taps * geo.cin;
+  const T* wq = w + q * geo.cin + c0;
+  for (int64_t co = 0; co < geo.cout; ++co) {
+    V wv[NV];
+    for (int v = 0; v < NV; ++v) wv[v] = L::load(wq + co * row + v * kL);
+#pragma GCC unroll 8
+    for (int i = 0; i < R; ++i) {
+      const V b = V{} + g[(r0 + i) * geo.os + co];
+      for (int v = 0; v < NV; ++v) acc[i][v] += b * wv[v];
+    }
+  }
+  for (int i = 0; i < R; ++i) {
+    const int32_t p = geo.source(r0 + i, q);
+    if (p < 0) continue;
+    T* dst = g_x + p * geo.xs + c0;
+    for (int v = 0; v < NV; ++v) L::store(dst + v * kL, L::load(dst + v * kL) + acc[i][v]);
+  }
+}
+
+template <typename T>
+void input_grad_task(const Geometry& geo, const T* g, const T* w, T* g_x) {
+  constexpr int R = 6, NV = kVectorBytes == 64 ? 4 : 2;
+  constexpr int kL = Lanes<T>::kCount;
+  for (int64_t q = 0; q < geo.taps; ++q) {
+    int64_t c = 0;
+    for (; c + NV * kL <= geo.cin; c += NV * kL) {
+      int64_t r = 0;
+      for (; r + R <= geo.rows; r += R) input_grad_tile<T, R, NV>(geo, g, w, g_x, r, q, c);
+      for (; r < geo.rows; ++r) input_grad_tile<T, 1, NV>(geo, g, w, g_x, r, q, c);
+    }
+    for (; c < geo.cin; c += kL) {
+      int64_t r = 0;
+      for (; r + R <= geo.rows; r += R) input_grad_tile<T, R, 1>(geo, g, w, g_x, r, q, c);
+      for (; r < geo.rows; ++r) input_grad_tile<T, 1, 1>(geo, g, w, g_x, r, q, c);
+    }
+  }
+}
+
+// g_w[co0 + j, q, c0 ...] = sum over output pixels r of g[r, co0 + j] x[source(r, q), c0 ...], for a tile of J
+// output channels by NV registers of input channels at one tap.
+template <typename T, int J, int NV>
+void weight_grad_tile(const Geometry& geo, const T* __restrict x, const T* __restrict g, T* __restrict g_w,
+                      int64_t co0, int64_t q, int64_t c0) {
+  using L = Lanes<T>;
+  using V = typename L::type;
+  constexpr int kL = L::kCount;
+  V acc[J][NV];
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < NV; ++v) acc[j][v] = V{};
+  for (int64_t r = 0; r < geo.rows; ++r) {
+    const int32_t p = geo.source(r, q);
+    if (p < 0) continue;
+    const T* src = x + p * geo.xs + c0;
+    V xv[NV];
+    for (int v = 0; v < NV; ++v) xv[v] = L::load(src + v * kL);
+    const T* gr = g + r * geo.os + co0;
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) {
+      const V b = V{} + gr[j];
+      for (int v = 0; v < NV; ++v) acc[j][v] += b * xv[v];
+    }
+  }
+  const int64_t row = geo.taps * geo.cin;
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < NV; ++v) L::store(g_w + (co0 + j) * row + q * geo.cin + c0 + v * kL, acc[j][v]);
+}
+
+template <typename T>
+void weight_grad_task(const Geometry& geo, const T* x, const T* g, T* g_w) {
+  constexpr int J = 6, NV = kVectorBytes == 64 ? 4 : 2;
+  constexpr int kL = Lanes<T>::kCount;
+  for (int64_t q = 0; q < geo.taps; ++q) {
+    int64_t c = 0;
+    for (; c + NV * kL <= geo.cin; c += NV * kL) {
+      int64_t co = 0;
+      for (; co + J <= geo.cout; co += J) weight_grad_tile<T, J, NV>(geo, x, g, g_w, co, q, c);
+      for (; co < geo.cout; ++co) weight_grad_tile<T, 1, NV>(geo, x, g, g_w, co, q, c);
+    }
+    for (; c < geo.cin; c += kL) {
+      int64_t co = 0;
+      for (; co + J <= geo.cout; co += J) weight_grad_tile<T, J, 1>(geo, x, g, g_w, co, q, c);
+      for (; co < geo.cout; ++co) weight_grad_tile<T, 1, 1>(geo, x, g, g_w, co, q, c);
+    }
+  }
+}
+
+// The lanes of one register of T: the channel counts these kernels take are multiples of it.
+template <typename T>
+constexpr int64_t lanes() {
+  return Lanes<T>::kCount;
+}
