@@ -239,8 +239,8 @@ def test_meta_gradient_with_the_direct_convolutions(monkeypatch, model, shape, f
     require_kernels()
     taken = {True: 0, False: 0}
 
-    def direct(block, a, weight, forward):
-        ext = direct_or_none(block, a, weight, forward)
+    def direct(block, a, weight, forward, need_input=False):
+        ext = direct_or_none(block, a, weight, forward, need_input)
         taken[forward] += ext is not None
         return ext
     direct_or_none = convnet._direct

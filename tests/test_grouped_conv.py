@@ -21,6 +21,10 @@ aten = torch.ops.aten
 SHAPES = [(5, 8, 64, 64, 4, 4, 3, 2, 1), (5, 8, 64, 64, 7, 7, 3, 2, 1), (5, 3, 16, 24, 9, 7, 3, 1, 1),
           (2, 2, 32, 5, 6, 6, 1, 1, 0), (3, 4, 16, 16, 5, 6, 3, (2, 1), (0, 1)), (1, 1, 64, 64, 14, 14, 3, 2, 1),
           (5, 2, 16, 17, 8, 9, 5, 3, 2), (4, 3, 32, 7, 2, 2, 3, 2, 1)]
+# few input channels (conv4's first block, RGB images), the output channels a multiple of 16: the forward pass and
+# the weight gradient along the output channels
+NARROW = [(5, 8, 1, 64, 28, 28, 3, 2, 1), (3, 4, 3, 32, 11, 9, 3, 1, 1), (2, 3, 5, 16, 9, 8, 5, 2, 2),
+          (2, 2, 1, 48, 6, 6, 1, 1, 0), (4, 2, 3, 16, 3, 4, 3, (2, 1), (1, 0))]
 
 
 def kernels():
@@ -46,9 +50,12 @@ def inputs(shape, dtype, bias, seed=0):
 
 @pytest.mark.parametrize("level", ["avx2", "avx512"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, itertools.chain(*map(pair, s)))))
+@pytest.mark.parametrize("shape", SHAPES + NARROW, ids=lambda s: "x".join(map(str, itertools.chain(*map(pair, s)))))
 def test_the_direct_kernels_equal_atens_convolution(level, dtype, shape):
     ext = kernels()
+    masks = [(True, True, True), (True, False, False), (False, True, True)]
+    if shape in NARROW:  # (no input gradient: the first block's input is the data)
+        masks = [(False, True, True), (False, True, False)]
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
     with forced_cpu_simd(level):
         for bias in (False, True):
@@ -61,7 +68,8 @@ def test_the_direct_kernels_equal_atens_convolution(level, dtype, shape):
             g = torch.randn(want.shape, dtype=dtype).contiguous(memory_format=torch.channels_last)
             want = aten.convolution_backward(g, x, weight, [weight.shape[0]] if bias else None, stride, padding,
                                              [1, 1], False, [0, 0], groups, [True, True, bias])
-            for mask in ((True, True, bias), (True, False, False), (False, True, bias)):
+            for mask in masks:
+                mask = (mask[0], mask[1], mask[2] and bias)
                 got = ext.grouped_conv_backward(g, x, weight, stride, padding, groups, *mask)
                 for name, asked, ours, theirs in zip(("input", "weight", "bias"), mask, got, want):
                     if not asked:
@@ -88,12 +96,13 @@ class _DirectConv(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[6]], ids=["conv4-last", "uneven", "5x5-stride-3"])
+@pytest.mark.parametrize("shape", [SHAPES[0], SHAPES[4], SHAPES[6], NARROW[2]],
+                         ids=["conv4-last", "uneven", "5x5-stride-3", "5-input-channels"])
 def test_the_direct_kernels_pass_gradcheck(shape):
     kernels()
     x, weight, b, stride, padding, groups = inputs(shape, torch.float64, True)
-    n, groups_, c_in, c_out = shape[:4]
-    x, weight = x[:2].detach().requires_grad_(), weight.detach().requires_grad_()  # (two examples: fewer evaluations)
+    x = x[:2].detach().requires_grad_(shape not in NARROW)  # (two examples: fewer evaluations)
+    weight = weight.detach().requires_grad_()
     b = b.detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda *t: _DirectConv.apply(*t, stride, padding, groups), (x, weight, b),
                                     eps=1e-6, atol=1e-7, rtol=1e-6, fast_mode=True)
@@ -138,9 +147,12 @@ def test_the_direct_kernels_name_a_bad_argument():
     x, weight, b, stride, padding, groups = inputs(SHAPES[0], torch.float32, True)
     g = torch.randn(5, 8 * 64, 2, 2)
     lanes = 16 if ext.cpu_simd() == "avx512" else 8
-    with pytest.raises(ValueError, match=rf"grouped_conv: takes channel counts per group that are multiples of {lanes}"
-                                         r".*got 12 in and 64 out"):
-        ext.grouped_conv(x[:, :8 * 12], weight[:, :12], b, stride, padding, groups)
+    with pytest.raises(ValueError, match=rf"grouped_conv: takes input channels per group that are a multiple of {lanes}"
+                                         r" \(or output channels that are\) with the AVX2 or AVX-512 kernels on, got 12 in and 20 out"):
+        ext.grouped_conv(x[:, :8 * 12], weight[:8 * 20, :12], None, stride, padding, groups)
+    with pytest.raises(ValueError, match=rf"grouped_conv_backward: takes input channels per group that are a multiple "
+                                         rf"of {lanes} with the AVX2 or AVX-512 kernels on, got 12 in and 64 out"):
+        ext.grouped_conv_backward(g, x[:, :8 * 12], weight[:, :12], stride, padding, groups, True, True, False)
     with pytest.raises(TypeError, match="x and weight must both be float32 or both float64, got Float and Double"):
         ext.grouped_conv(x, weight.double(), b, stride, padding, groups)
     with pytest.raises(ValueError, match=r"weight \[G\*C, Cin, KH, KW\] must have a multiple of groups = 3 rows"):

@@ -54,17 +54,18 @@ int64_t lanes_of(at::ScalarType dtype) {
   return 0;
 }
 
-// Checks the arguments and returns the geometry (without its table) of x, weight and the output size.
+// Checks the arguments and returns the geometry of x and weight, and the output's size.
 Geometry geometry(const char* op, const Tensor& x, const Tensor& weight, at::IntArrayRef stride,
-                  at::IntArrayRef padding, int64_t groups, int64_t* out_h, int64_t* out_w) {
+                  at::IntArrayRef padding, int64_t groups, bool need_input, int64_t* out_h, int64_t* out_w) {
   TORCH_CHECK_VALUE(x.device().is_cpu() && weight.device().is_cpu(), op, ": x and weight must be on the CPU, got ",
                     x.device(), " and ", weight.device());
   TORCH_CHECK_TYPE(x.scalar_type() == weight.scalar_type() && (x.scalar_type() == at::kFloat ||
                                                                  x.scalar_type() == at::kDouble),
                    op, ": x and weight must both be float32 or both float64, got ", x.scalar_type(), " and ",
                    weight.scalar_type());
-  TORCH_CHECK_VALUE(x.dim() == 4 && weight.dim() == 4, op, ": x must be [N, G*Cin, H, W] and weight [G*C, Cin, KH, KW], "
-                    "got shapes ", x.sizes(), " and ", weight.sizes());
+  TORCH_CHECK_VALUE(x.dim() == 4 && weight.dim() == 4, op,
+                    ": x must be [N, G*Cin, H, W] and weight [G*C, Cin, KH, KW], got shapes ", x.sizes(), " and ",
+                    weight.sizes());
   TORCH_CHECK_VALUE(stride.size() == 2 && padding.size() == 2 && stride[0] > 0 && stride[1] > 0 && padding[0] >= 0 &&
                         padding[1] >= 0,
                     op, ": stride must be two positive numbers and padding two non-negative ones, got ", stride,
@@ -75,8 +76,9 @@ Geometry geometry(const char* op, const Tensor& x, const Tensor& weight, at::Int
   Geometry geo;
   geo.cin = weight.size(1);
   geo.cout = weight.size(0) / groups;
-  TORCH_CHECK_VALUE(grouped_conv_takes(x.scalar_type(), geo.cin, geo.cout), op, ": takes channel counts per group "
-                    "that are multiples of ", lanes_of(x.scalar_type()), " with the AVX2 or AVX-512 kernels on, got ",
+  TORCH_CHECK_VALUE(grouped_conv_takes(x.scalar_type(), geo.cin, geo.cout, need_input), op,
+                    ": takes input channels per group that are a multiple of ", lanes_of(x.scalar_type()),
+                    need_input ? "" : " (or output channels that are)", " with the AVX2 or AVX-512 kernels on, got ",
                     geo.cin, " in and ", geo.cout, " out (cpu_simd ", cpu_simd_name(cpu_simd()), ")");
   const int64_t kh = weight.size(2), kw = weight.size(3);
   *out_h = (x.size(2) + 2 * padding[0] - kh) / stride[0] + 1;
@@ -114,15 +116,16 @@ void per_task(int64_t groups, const Kernel& kernel) {
 
 }  // namespace
 
-bool grouped_conv_takes(at::ScalarType dtype, int64_t in_channels, int64_t out_channels) {
+bool grouped_conv_takes(at::ScalarType dtype, int64_t in_channels, int64_t out_channels, bool need_input) {
   const int64_t lanes = lanes_of(dtype);
-  return lanes > 0 && in_channels > 0 && in_channels % lanes == 0 && out_channels > 0;
+  if (lanes == 0 || in_channels <= 0 || out_channels <= 0) return false;
+  return in_channels % lanes == 0 || (!need_input && out_channels % lanes == 0);
 }
 
 Tensor grouped_conv(const Tensor& x_in, const Tensor& weight_in, const Tensor& bias_in, at::IntArrayRef stride,
                     at::IntArrayRef padding, int64_t groups) {
   int64_t out_h = 0, out_w = 0;
-  const Geometry geo = geometry("grouped_conv", x_in, weight_in, stride, padding, groups, &out_h, &out_w);
+  const Geometry geo = geometry("grouped_conv", x_in, weight_in, stride, padding, groups, false, &out_h, &out_w);
   if (bias_in.defined()) {
     TORCH_CHECK_VALUE(bias_in.dim() == 1 && bias_in.size(0) == weight_in.size(0) &&
                           bias_in.scalar_type() == x_in.scalar_type() && bias_in.device().is_cpu(),
@@ -139,14 +142,13 @@ Tensor grouped_conv(const Tensor& x_in, const Tensor& weight_in, const Tensor& b
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     const bool wide = cpu_simd() == CpuSimd::kAvx512;
+    const bool narrow = geo.cin % lanes_of(x.scalar_type()) != 0;  // (the transposed weights in scratch)
     per_task(groups, [&](int64_t t) {
+      std::vector<scalar_t> scratch(narrow ? geo.taps * geo.cin * geo.cout : 0);
       const scalar_t* b = bp ? bp + t * geo.cout : nullptr;
       const scalar_t* w = wp + t * geo.cout * geo.taps * geo.cin;
-      if (wide) {
-        avx512::forward_task(geo, xp + t * geo.cin, w, b, zeros.data(), op + t * geo.cout);
-      } else {
-        avx2::forward_task(geo, xp + t * geo.cin, w, b, zeros.data(), op + t * geo.cout);
-      }
+      (wide ? avx512::forward_one<scalar_t> : avx2::forward_one<scalar_t>)(geo, xp + t * geo.cin, w, b, zeros.data(),
+                                                                          op + t * geo.cout, scratch.data());
     });
   });
 #endif
@@ -157,7 +159,8 @@ std::vector<Tensor> grouped_conv_backward(const Tensor& g_in, const Tensor& x_in
                                           at::IntArrayRef stride, at::IntArrayRef padding, int64_t groups,
                                           bool need_input, bool need_weight, bool need_bias) {
   int64_t out_h = 0, out_w = 0;
-  const Geometry geo = geometry("grouped_conv_backward", x_in, weight_in, stride, padding, groups, &out_h, &out_w);
+  const Geometry geo = geometry("grouped_conv_backward", x_in, weight_in, stride, padding, groups, need_input, &out_h,
+                                 &out_w);
   TORCH_CHECK_VALUE(g_in.dim() == 4 && g_in.size(0) == x_in.size(0) && g_in.size(1) == weight_in.size(0) &&
                         g_in.size(2) == out_h && g_in.size(3) == out_w,
                     "grouped_conv_backward: g must have the output's shape [", x_in.size(0), ", ", weight_in.size(0),
@@ -174,25 +177,15 @@ std::vector<Tensor> grouped_conv_backward(const Tensor& g_in, const Tensor& x_in
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_conv_backward", [&] {
     const scalar_t *gp = g.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
     const bool wide = cpu_simd() == CpuSimd::kAvx512;
+    const bool narrow = need_weight && geo.cin % lanes_of(x.scalar_type()) != 0;  // (the transposed gradient)
     const int64_t weights = geo.cout * geo.taps * geo.cin;  // a task's
     per_task(groups, [&](int64_t t) {
+      std::vector<scalar_t> scratch(narrow ? geo.taps * geo.cin * geo.cout : 0);
       const scalar_t* gt = gp + t * geo.cout;
-      if (need_input) {
-        scalar_t* dst = g_x.data_ptr<scalar_t>() + t * geo.cin;
-        if (wide) {
-          avx512::input_grad_task(geo, gt, wp + t * weights, dst);
-        } else {
-          avx2::input_grad_task(geo, gt, wp + t * weights, dst);
-        }
-      }
-      if (need_weight) {
-        scalar_t* dst = g_w.data_ptr<scalar_t>() + t * weights;
-        if (wide) {
-          avx512::weight_grad_task(geo, xp + t * geo.cin, gt, dst);
-        } else {
-          avx2::weight_grad_task(geo, xp + t * geo.cin, gt, dst);
-        }
-      }
+      scalar_t* g_xt = need_input ? g_x.data_ptr<scalar_t>() + t * geo.cin : nullptr;
+      scalar_t* g_wt = need_weight ? g_w.data_ptr<scalar_t>() + t * weights : nullptr;
+      (wide ? avx512::backward_one<scalar_t> : avx2::backward_one<scalar_t>)(geo, gt, xp + t * geo.cin, wp + t * weights,
+                                                                            g_xt, g_wt, scratch.data());
       if (need_bias) {
         scalar_t* dst = g_b.data_ptr<scalar_t>() + t * geo.cout;
         for (int64_t co = 0; co < geo.cout; ++co) dst[co] = 0;

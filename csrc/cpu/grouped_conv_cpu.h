@@ -9,8 +9,9 @@
 namespace metalearn_fast {
 
 // Whether the direct kernels take these channel counts per group on this CPU: cpu_simd() is AVX2 or better and
-// both are multiples of one register's lanes of dtype.
-bool grouped_conv_takes(at::ScalarType dtype, int64_t in_channels, int64_t out_channels);
+// the input channels are a multiple of one register's lanes of dtype, or (without the input's gradient) the
+// output channels are (the first block's few input channels).
+bool grouped_conv_takes(at::ScalarType dtype, int64_t in_channels, int64_t out_channels, bool need_input);
 
 // x [N, G*Cin, H, W], weight [G*C, Cin, KH, KW], bias [G*C] or undefined -> [N, G*C, OH, OW], channels-last:
 // torch.nn.functional.conv2d(x, weight, bias, stride, padding, groups=G) (no dilation).

@@ -180,3 +180,133 @@ template <typename T>
 constexpr int64_t lanes() {
   return Lanes<T>::kCount;
 }
+
+// ---- few input channels (conv4's first block: 1 or 3), the output channels a multiple of the lanes: the same
+// convolution along the output channels, over the KK*Cin numbers a pixel reads ----
+
+// out[r0 + i, co0 ...] = bias + sum over k of x's k-th number of pixel r0 + i times wt[k, co0 ...], for a tile of R
+// pixels by NV registers of output channels; wt [KK*Cin, C] is the task's weights transposed.
+template <typename T, int R, int NV>
+void forward_narrow_tile(const Geometry& geo, const T* __restrict x, const T* __restrict wt, const T* bias,
+                         const T* zeros, T* __restrict out, int64_t r0, int64_t co0) {
+  using L = Lanes<T>;
+  using V = typename L::type;
+  constexpr int kL = L::kCount;
+  V acc[R][NV];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) acc[i][v] = bias ? L::load(bias + co0 + v * kL) : V{};
+  for (int64_t q = 0; q < geo.taps; ++q) {
+    const T* src[R];
+    for (int i = 0; i < R; ++i) {
+      const int32_t p = geo.source(r0 + i, q);
+      src[i] = p < 0 ? zeros : x + p * geo.xs;
+    }
+    for (int64_t c = 0; c < geo.cin; ++c) {
+      V wv[NV];
+      for (int v = 0; v < NV; ++v) wv[v] = L::load(wt + (q * geo.cin + c) * geo.cout + co0 + v * kL);
+#pragma GCC unroll 8
+      for (int i = 0; i < R; ++i) {
+        const V b = V{} + src[i][c];
+        for (int v = 0; v < NV; ++v) acc[i][v] += b * wv[v];
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < NV; ++v) L::store(out + (r0 + i) * geo.os + co0 + v * kL, acc[i][v]);
+}
+
+template <typename T>
+void forward_narrow_task(const Geometry& geo, const T* x, const T* wt, const T* bias, const T* zeros, T* out) {
+  constexpr int R = 6, NV = kVectorBytes == 64 ? 4 : 2;
+  constexpr int kL = Lanes<T>::kCount;
+  int64_t co = 0;
+  for (; co + NV * kL <= geo.cout; co += NV * kL) {
+    int64_t r = 0;
+    for (; r + R <= geo.rows; r += R) forward_narrow_tile<T, R, NV>(geo, x, wt, bias, zeros, out, r, co);
+    for (; r < geo.rows; ++r) forward_narrow_tile<T, 1, NV>(geo, x, wt, bias, zeros, out, r, co);
+  }
+  for (; co < geo.cout; co += kL) {
+    int64_t r = 0;
+    for (; r + R <= geo.rows; r += R) forward_narrow_tile<T, R, 1>(geo, x, wt, bias, zeros, out, r, co);
+    for (; r < geo.rows; ++r) forward_narrow_tile<T, 1, 1>(geo, x, wt, bias, zeros, out, r, co);
+  }
+}
+
+// g_wt[k0 + j, co0 ...] = sum over output pixels r of x's (k0 + j)-th number of pixel r times g[r, co0 ...], for
+// a tile of J of a pixel's KK*Cin numbers by NV registers of output channels (g_wt [KK*Cin, C]: the weight
+// gradient transposed).
+template <typename T, int J, int NV>
+void weight_grad_narrow_tile(const Geometry& geo, const T* __restrict x, const T* __restrict g, T* __restrict g_wt,
+                             int64_t k0, int64_t co0) {
+  using L = Lanes<T>;
+  using V = typename L::type;
+  constexpr int kL = L::kCount;
+  V acc[J][NV];
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < NV; ++v) acc[j][v] = V{};
+  int64_t tap[J], channel[J];  // of each of the tile's numbers
+  for (int j = 0; j < J; ++j) {
+    tap[j] = (k0 + j) / geo.cin;
+    channel[j] = k0 + j - tap[j] * geo.cin;
+  }
+  for (int64_t r = 0; r < geo.rows; ++r) {
+    V gv[NV];
+    for (int v = 0; v < NV; ++v) gv[v] = L::load(g + r * geo.os + co0 + v * kL);
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) {
+      const int32_t p = geo.source(r, tap[j]);
+      if (p < 0) continue;
+      const V b = V{} + x[p * geo.xs + channel[j]];
+      for (int v = 0; v < NV; ++v) acc[j][v] += b * gv[v];
+    }
+  }
+  for (int j = 0; j < J; ++j)
+    for (int v = 0; v < NV; ++v) L::store(g_wt + (k0 + j) * geo.cout + co0 + v * kL, acc[j][v]);
+}
+
+template <typename T>
+void weight_grad_narrow_task(const Geometry& geo, const T* x, const T* g, T* g_wt) {
+  constexpr int J = kVectorBytes == 64 ? 6 : 2, NV = 4;
+  constexpr int kL = Lanes<T>::kCount;
+  const int64_t ks = geo.taps * geo.cin;
+  int64_t co = 0;
+  for (; co + NV * kL <= geo.cout; co += NV * kL) {
+    int64_t k = 0;
+    for (; k + J <= ks; k += J) weight_grad_narrow_tile<T, J, NV>(geo, x, g, g_wt, k, co);
+    for (; k < ks; ++k) weight_grad_narrow_tile<T, 1, NV>(geo, x, g, g_wt, k, co);
+  }
+  for (; co < geo.cout; co += kL) {
+    int64_t k = 0;
+    for (; k + J <= ks; k += J) weight_grad_narrow_tile<T, J, 1>(geo, x, g, g_wt, k, co);
+    for (; k < ks; ++k) weight_grad_narrow_tile<T, 1, 1>(geo, x, g, g_wt, k, co);
+  }
+}
+
+// ---- one task (group) of a call: x, g, out and g_x offset to the task's first channel, w and g_w to its first
+// row; scratch holds KK*Cin*C numbers ----
+
+// Whether the input channels take the kernels along them (else the narrow ones, along the output channels).
+template <typename T>
+bool along_inputs(const Geometry& geo) {
+  return geo.cin % Lanes<T>::kCount == 0;
+}
+
+template <typename T>
+void forward_one(const Geometry& geo, const T* x, const T* w, const T* bias, const T* zeros, T* out, T* scratch) {
+  if (along_inputs<T>(geo)) return forward_task(geo, x, w, bias, zeros, out);
+  const int64_t ks = geo.taps * geo.cin;
+  for (int64_t co = 0; co < geo.cout; ++co)
+    for (int64_t k = 0; k < ks; ++k) scratch[k * geo.cout + co] = w[co * ks + k];
+  forward_narrow_task(geo, x, scratch, bias, zeros, out);
+}
+
+template <typename T>
+void backward_one(const Geometry& geo, const T* g, const T* x, const T* w, T* g_x, T* g_w, T* scratch) {
+  if (g_x) input_grad_task(geo, g, w, g_x);
+  if (!g_w) return;
+  if (along_inputs<T>(geo)) return weight_grad_task(geo, x, g, g_w);
+  weight_grad_narrow_task(geo, x, g, scratch);
+  const int64_t ks = geo.taps * geo.cin;
+  for (int64_t co = 0; co < geo.cout; ++co)
+    for (int64_t k = 0; k < ks; ++k) g_w[co * ks + k] = scratch[k * geo.cout + co];
+}

@@ -4,7 +4,9 @@ The model: blocks of [Conv2d, BatchNorm2d with batch statistics, ReLU], then Ada
 a Linear head (the MAML paper's conv4 and its relatives, ``nn.conv4``). Every task of a meta-batch runs at once:
 the T tasks' feature maps sit side by side in the channels of one tensor [N, T*C, H, W], so that each conv is
 one grouped convolution (groups=T, task t's weights on task t's channels) and each task's BatchNorm statistics
-are the per-channel statistics of that tensor (torch's own batch_norm kernels).
+are the per-channel statistics of that tensor. On the CPU the extension's kernels run them where they pay (the
+BatchNorm/ReLU passes; the convolutions of small maps and of a first block's few input channels: see _direct),
+oneDNN's grouped convolution the rest; elsewhere torch's ops.
 
 The meta-gradient of K inner SGD steps, second order, is the query gradient v carried back through every step:
 v <- v - lr * H_k v, with H_k the Hessian of the support loss at the step's weights. H_k v is the directional
@@ -133,20 +135,23 @@ class _Grouped:
 
 
 # The extension's direct convolution (cpu/grouped_conv_cpu.cpp) runs a block's backward pass where a task's
-# channels are a multiple of 16 (any register's lanes), and its forward pass where the output also has at most
-# this many pixels an example: measured on conv4's blocks (8 tasks of 5 examples, 64 channels, 2 threads), the
-# forward 81 against oneDNN's 156 us at 2x2 outputs, 270 against 253 at 4x4, 832 against 683 at 7x7; the input
-# and weight gradients together 126 against 446, 423 against 712, 1460 against 3172.
+# input channels are a multiple of 16 (any register's lanes), and its forward pass where the output also has at
+# most this many pixels an example: measured on conv4's blocks (8 tasks of 5 examples, 64 channels, 2 threads,
+# Zen 4), the forward 81 against oneDNN's 156 us at 2x2 outputs, 270 against 253 at 4x4, 832 against 683 at 7x7;
+# the input and weight gradients together 126 against 446, 423 against 712, 1460 against 3172. A first block's
+# few input channels (the output's a multiple of 16) take its forward pass and weight gradient at any size: in a
+# conv4 meta-step 148 and 145 us a call against oneDNN's 203 and 375 (the whole step 6% faster).
 DIRECT_FORWARD_PIXELS = 16
 
 
-def _direct(block: _Conv, a: Tensor, weight: _Grouped, forward: bool):
-    """The extension where its direct kernels take this convolution of a (forward, or its backward pass), else
-    None (then ATen's, oneDNN's on the CPU)."""
+def _direct(block: _Conv, a: Tensor, weight: _Grouped, forward: bool, need_input: bool = False):
+    """The extension where its direct kernels take this convolution of a (forward, or its backward pass, with the
+    gradient at a if need_input), else None (then ATen's, oneDNN's on the CPU)."""
     ext = _kernels(a)
-    if ext is None or weight.per_task.shape[2] % 16:
+    c_out, c_in = weight.per_task.shape[1:3]
+    if ext is None or not (c_in % 16 == 0 or (c_out % 16 == 0 and not need_input)):
         return None
-    if forward and math.prod(block.out_size(a.shape[2:])) > DIRECT_FORWARD_PIXELS:
+    if forward and math.prod(block.out_size(a.shape[2:])) > DIRECT_FORWARD_PIXELS and c_in % 16 == 0:
         return None
     return ext
 
@@ -165,7 +170,7 @@ def _conv_grads(block: _Conv, g: Tensor, a: Tensor, weight: _Grouped, need_input
     the conv has none)."""
     shape = weight.per_task.shape
     need_bias = need_params and block.has_bias
-    ext = _direct(block, a, weight, forward=False)
+    ext = _direct(block, a, weight, forward=False, need_input=need_input)
     if ext is not None:
         g_a, g_w, g_b = ext.grouped_conv_backward(g, a, weight.flat, list(block.stride), list(block.padding), shape[0],
                                                   need_input, need_params, need_bias)
