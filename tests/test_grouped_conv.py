@@ -147,8 +147,9 @@ def test_the_direct_kernels_name_a_bad_argument():
     x, weight, b, stride, padding, groups = inputs(SHAPES[0], torch.float32, True)
     g = torch.randn(5, 8 * 64, 2, 2)
     lanes = 16 if ext.cpu_simd() == "avx512" else 8
-    with pytest.raises(ValueError, match=rf"grouped_conv: takes input channels per group that are a multiple of {lanes}"
-                                         r" \(or output channels that are\) with the AVX2 or AVX-512 kernels on, got 12 in and 20 out"):
+    with pytest.raises(ValueError, match=rf"grouped_conv: takes input channels per group that are a multiple of "
+                                         rf"{lanes} \(or output channels that are\) with the AVX2 or AVX-512 kernels "
+                                         r"on, got 12 in and 20 out"):
         ext.grouped_conv(x[:, :8 * 12], weight[:8 * 20, :12], None, stride, padding, groups)
     with pytest.raises(ValueError, match=rf"grouped_conv_backward: takes input channels per group that are a multiple "
                                          rf"of {lanes} with the AVX2 or AVX-512 kernels on, got 12 in and 64 out"):

@@ -147,8 +147,8 @@ Tensor grouped_conv(const Tensor& x_in, const Tensor& weight_in, const Tensor& b
       std::vector<scalar_t> scratch(narrow ? geo.taps * geo.cin * geo.cout : 0);
       const scalar_t* b = bp ? bp + t * geo.cout : nullptr;
       const scalar_t* w = wp + t * geo.cout * geo.taps * geo.cin;
-      (wide ? avx512::forward_one<scalar_t> : avx2::forward_one<scalar_t>)(geo, xp + t * geo.cin, w, b, zeros.data(),
-                                                                          op + t * geo.cout, scratch.data());
+      const auto forward = wide ? avx512::forward_one<scalar_t> : avx2::forward_one<scalar_t>;
+      forward(geo, xp + t * geo.cin, w, b, zeros.data(), op + t * geo.cout, scratch.data());
     });
   });
 #endif
@@ -184,8 +184,8 @@ std::vector<Tensor> grouped_conv_backward(const Tensor& g_in, const Tensor& x_in
       const scalar_t* gt = gp + t * geo.cout;
       scalar_t* g_xt = need_input ? g_x.data_ptr<scalar_t>() + t * geo.cin : nullptr;
       scalar_t* g_wt = need_weight ? g_w.data_ptr<scalar_t>() + t * weights : nullptr;
-      (wide ? avx512::backward_one<scalar_t> : avx2::backward_one<scalar_t>)(geo, gt, xp + t * geo.cin, wp + t * weights,
-                                                                            g_xt, g_wt, scratch.data());
+      const auto backward = wide ? avx512::backward_one<scalar_t> : avx2::backward_one<scalar_t>;
+      backward(geo, gt, xp + t * geo.cin, wp + t * weights, g_xt, g_wt, scratch.data());
       if (need_bias) {
         scalar_t* dst = g_b.data_ptr<scalar_t>() + t * geo.cout;
         for (int64_t co = 0; co < geo.cout; ++co) dst[co] = 0;
