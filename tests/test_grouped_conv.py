@@ -17,10 +17,11 @@ aten = torch.ops.aten
 
 # (examples, groups, in channels, out channels per group, height, width, kernel, stride, padding): conv4's late
 # blocks; a stride of 1, 3 and unequal ones; no padding; a 1x1 and a 5x5 kernel; odd output channel counts (tails
-# of the register tiles); one task; an image smaller than the kernel's reach where padding fills it
+# of the register tiles); one task; an image smaller than the kernel's reach where padding fills it; more output
+# pixels a task than a block of them (128)
 SHAPES = [(5, 8, 64, 64, 4, 4, 3, 2, 1), (5, 8, 64, 64, 7, 7, 3, 2, 1), (5, 3, 16, 24, 9, 7, 3, 1, 1),
           (2, 2, 32, 5, 6, 6, 1, 1, 0), (3, 4, 16, 16, 5, 6, 3, (2, 1), (0, 1)), (1, 1, 64, 64, 14, 14, 3, 2, 1),
-          (5, 2, 16, 17, 8, 9, 5, 3, 2), (4, 3, 32, 7, 2, 2, 3, 2, 1)]
+          (5, 2, 16, 17, 8, 9, 5, 3, 2), (4, 3, 32, 7, 2, 2, 3, 2, 1), (6, 2, 16, 16, 12, 11, 3, 1, 1)]
 # few input channels (conv4's first block, RGB images), the output channels a multiple of 16: the forward pass and
 # the weight gradient along the output channels
 NARROW = [(5, 8, 1, 64, 28, 28, 3, 2, 1), (3, 4, 3, 32, 11, 9, 3, 1, 1), (2, 3, 5, 16, 9, 8, 5, 2, 2),

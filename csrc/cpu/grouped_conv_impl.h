@@ -24,6 +24,11 @@ inline T lane_sum(typename Lanes<T, Bytes>::type v) {
   }
 }
 
+// Every loop over a task's output pixels runs block by block of this many (their maps and gradients stay in the
+// core's caches while a block's taps and channels go by: many examples or large maps would stream them from
+// memory once per tap and channel tile).
+constexpr int64_t kRowBlock = 128;
+
 // out[r0 + i, co0 + j] = bias + sum over taps and input channels, for a tile of R pixels by J output channels:
 // R*J accumulators along the input channels, summed across their lanes at the end.
 template <typename T, int R, int J>
@@ -64,17 +69,20 @@ void forward_tile(const Geometry& geo, const T* __restrict x, const T* __restric
 template <typename T>
 void forward_task(const Geometry& geo, const T* x, const T* w, const T* bias, const T* zeros, T* out) {
   constexpr int R = kVectorBytes == 64 ? 6 : 3, J = 4;
-  // output channels outer: a tile's J weight rows stay in L1 over all pixels (a task's maps stay in L2)
-  int64_t co = 0;
-  for (; co + J <= geo.cout; co += J) {
-    int64_t r = 0;
-    for (; r + R <= geo.rows; r += R) forward_tile<T, R, J>(geo, x, w, bias, zeros, out, r, co);
-    for (; r < geo.rows; ++r) forward_tile<T, 1, J>(geo, x, w, bias, zeros, out, r, co);
-  }
-  for (; co < geo.cout; ++co) {
-    int64_t r = 0;
-    for (; r + R <= geo.rows; r += R) forward_tile<T, R, 1>(geo, x, w, bias, zeros, out, r, co);
-    for (; r < geo.rows; ++r) forward_tile<T, 1, 1>(geo, x, w, bias, zeros, out, r, co);
+  // within a block of pixels, output channels outer: a tile's J weight rows stay in L1 over the block's pixels
+  for (int64_t first = 0; first < geo.rows; first += kRowBlock) {
+    const int64_t last = std::min(geo.rows, first + kRowBlock);
+    int64_t co = 0;
+    for (; co + J <= geo.cout; co += J) {
+      int64_t r = first;
+      for (; r + R <= last; r += R) forward_tile<T, R, J>(geo, x, w, bias, zeros, out, r, co);
+      for (; r < last; ++r) forward_tile<T, 1, J>(geo, x, w, bias, zeros, out, r, co);
+    }
+    for (; co < geo.cout; ++co) {
+      int64_t r = first;
+      for (; r + R <= last; r += R) forward_tile<T, R, 1>(geo, x, w, bias, zeros, out, r, co);
+      for (; r < last; ++r) forward_tile<T, 1, 1>(geo, x, w, bias, zeros, out, r, co);
+    }
   }
 }
 
@@ -112,33 +120,37 @@ template <typename T>
 void input_grad_task(const Geometry& geo, const T* g, const T* w, T* g_x) {
   constexpr int R = 6, NV = kVectorBytes == 64 ? 4 : 2;
   constexpr int kL = Lanes<T>::kCount;
-  for (int64_t q = 0; q < geo.taps; ++q) {
-    int64_t c = 0;
-    for (; c + NV * kL <= geo.cin; c += NV * kL) {
-      int64_t r = 0;
-      for (; r + R <= geo.rows; r += R) input_grad_tile<T, R, NV>(geo, g, w, g_x, r, q, c);
-      for (; r < geo.rows; ++r) input_grad_tile<T, 1, NV>(geo, g, w, g_x, r, q, c);
-    }
-    for (; c < geo.cin; c += kL) {
-      int64_t r = 0;
-      for (; r + R <= geo.rows; r += R) input_grad_tile<T, R, 1>(geo, g, w, g_x, r, q, c);
-      for (; r < geo.rows; ++r) input_grad_tile<T, 1, 1>(geo, g, w, g_x, r, q, c);
+  for (int64_t first = 0; first < geo.rows; first += kRowBlock) {
+    const int64_t last = std::min(geo.rows, first + kRowBlock);
+    for (int64_t q = 0; q < geo.taps; ++q) {
+      int64_t c = 0;
+      for (; c + NV * kL <= geo.cin; c += NV * kL) {
+        int64_t r = first;
+        for (; r + R <= last; r += R) input_grad_tile<T, R, NV>(geo, g, w, g_x, r, q, c);
+        for (; r < last; ++r) input_grad_tile<T, 1, NV>(geo, g, w, g_x, r, q, c);
+      }
+      for (; c < geo.cin; c += kL) {
+        int64_t r = first;
+        for (; r + R <= last; r += R) input_grad_tile<T, R, 1>(geo, g, w, g_x, r, q, c);
+        for (; r < last; ++r) input_grad_tile<T, 1, 1>(geo, g, w, g_x, r, q, c);
+      }
     }
   }
 }
 
-// g_w[co0 + j, q, c0 ...] = sum over output pixels r of g[r, co0 + j] x[source(r, q), c0 ...], for a tile of J
-// output channels by NV registers of input channels at one tap.
+// g_w[co0 + j, q, c0 ...] (+)= sum over output pixels r in [first, last) of g[r, co0 + j] x[source(r, q), c0 ...],
+// for a tile of J output channels by NV registers of input channels at one tap (+= after the first block).
 template <typename T, int J, int NV>
 void weight_grad_tile(const Geometry& geo, const T* __restrict x, const T* __restrict g, T* __restrict g_w,
-                      int64_t co0, int64_t q, int64_t c0) {
+                      int64_t co0, int64_t q, int64_t c0, int64_t first, int64_t last) {
   using L = Lanes<T>;
   using V = typename L::type;
   constexpr int kL = L::kCount;
+  const int64_t row = geo.taps * geo.cin;
   V acc[J][NV];
   for (int j = 0; j < J; ++j)
-    for (int v = 0; v < NV; ++v) acc[j][v] = V{};
-  for (int64_t r = 0; r < geo.rows; ++r) {
+    for (int v = 0; v < NV; ++v) acc[j][v] = first ? L::load(g_w + (co0 + j) * row + q * geo.cin + c0 + v * kL) : V{};
+  for (int64_t r = first; r < last; ++r) {
     const int32_t p = geo.source(r, q);
     if (p < 0) continue;
     const T* src = x + p * geo.xs + c0;
@@ -151,7 +163,6 @@ void weight_grad_tile(const Geometry& geo, const T* __restrict x, const T* __res
       for (int v = 0; v < NV; ++v) acc[j][v] += b * xv[v];
     }
   }
-  const int64_t row = geo.taps * geo.cin;
   for (int j = 0; j < J; ++j)
     for (int v = 0; v < NV; ++v) L::store(g_w + (co0 + j) * row + q * geo.cin + c0 + v * kL, acc[j][v]);
 }
@@ -160,17 +171,20 @@ template <typename T>
 void weight_grad_task(const Geometry& geo, const T* x, const T* g, T* g_w) {
   constexpr int J = 6, NV = kVectorBytes == 64 ? 4 : 2;
   constexpr int kL = Lanes<T>::kCount;
-  for (int64_t q = 0; q < geo.taps; ++q) {
-    int64_t c = 0;
-    for (; c + NV * kL <= geo.cin; c += NV * kL) {
-      int64_t co = 0;
-      for (; co + J <= geo.cout; co += J) weight_grad_tile<T, J, NV>(geo, x, g, g_w, co, q, c);
-      for (; co < geo.cout; ++co) weight_grad_tile<T, 1, NV>(geo, x, g, g_w, co, q, c);
-    }
-    for (; c < geo.cin; c += kL) {
-      int64_t co = 0;
-      for (; co + J <= geo.cout; co += J) weight_grad_tile<T, J, 1>(geo, x, g, g_w, co, q, c);
-      for (; co < geo.cout; ++co) weight_grad_tile<T, 1, 1>(geo, x, g, g_w, co, q, c);
+  for (int64_t first = 0; first < geo.rows; first += kRowBlock) {
+    const int64_t last = std::min(geo.rows, first + kRowBlock);
+    for (int64_t q = 0; q < geo.taps; ++q) {
+      int64_t c = 0;
+      for (; c + NV * kL <= geo.cin; c += NV * kL) {
+        int64_t co = 0;
+        for (; co + J <= geo.cout; co += J) weight_grad_tile<T, J, NV>(geo, x, g, g_w, co, q, c, first, last);
+        for (; co < geo.cout; ++co) weight_grad_tile<T, 1, NV>(geo, x, g, g_w, co, q, c, first, last);
+      }
+      for (; c < geo.cin; c += kL) {
+        int64_t co = 0;
+        for (; co + J <= geo.cout; co += J) weight_grad_tile<T, J, 1>(geo, x, g, g_w, co, q, c, first, last);
+        for (; co < geo.cout; ++co) weight_grad_tile<T, 1, 1>(geo, x, g, g_w, co, q, c, first, last);
+      }
     }
   }
 }
@@ -219,37 +233,40 @@ template <typename T>
 void forward_narrow_task(const Geometry& geo, const T* x, const T* wt, const T* bias, const T* zeros, T* out) {
   constexpr int R = 6, NV = kVectorBytes == 64 ? 4 : 2;
   constexpr int kL = Lanes<T>::kCount;
-  int64_t co = 0;
-  for (; co + NV * kL <= geo.cout; co += NV * kL) {
-    int64_t r = 0;
-    for (; r + R <= geo.rows; r += R) forward_narrow_tile<T, R, NV>(geo, x, wt, bias, zeros, out, r, co);
-    for (; r < geo.rows; ++r) forward_narrow_tile<T, 1, NV>(geo, x, wt, bias, zeros, out, r, co);
-  }
-  for (; co < geo.cout; co += kL) {
-    int64_t r = 0;
-    for (; r + R <= geo.rows; r += R) forward_narrow_tile<T, R, 1>(geo, x, wt, bias, zeros, out, r, co);
-    for (; r < geo.rows; ++r) forward_narrow_tile<T, 1, 1>(geo, x, wt, bias, zeros, out, r, co);
+  for (int64_t first = 0; first < geo.rows; first += kRowBlock) {
+    const int64_t last = std::min(geo.rows, first + kRowBlock);
+    int64_t co = 0;
+    for (; co + NV * kL <= geo.cout; co += NV * kL) {
+      int64_t r = first;
+      for (; r + R <= last; r += R) forward_narrow_tile<T, R, NV>(geo, x, wt, bias, zeros, out, r, co);
+      for (; r < last; ++r) forward_narrow_tile<T, 1, NV>(geo, x, wt, bias, zeros, out, r, co);
+    }
+    for (; co < geo.cout; co += kL) {
+      int64_t r = first;
+      for (; r + R <= last; r += R) forward_narrow_tile<T, R, 1>(geo, x, wt, bias, zeros, out, r, co);
+      for (; r < last; ++r) forward_narrow_tile<T, 1, 1>(geo, x, wt, bias, zeros, out, r, co);
+    }
   }
 }
 
-// g_wt[k0 + j, co0 ...] = sum over output pixels r of x's (k0 + j)-th number of pixel r times g[r, co0 ...], for
-// a tile of J of a pixel's KK*Cin numbers by NV registers of output channels (g_wt [KK*Cin, C]: the weight
-// gradient transposed).
+// g_wt[k0 + j, co0 ...] (+)= sum over output pixels r in [first, last) of x's (k0 + j)-th number of pixel r times
+// g[r, co0 ...], for a tile of J of a pixel's KK*Cin numbers by NV registers of output channels (g_wt [KK*Cin,
+// C]: the weight gradient transposed; += after the first block).
 template <typename T, int J, int NV>
 void weight_grad_narrow_tile(const Geometry& geo, const T* __restrict x, const T* __restrict g, T* __restrict g_wt,
-                             int64_t k0, int64_t co0) {
+                             int64_t k0, int64_t co0, int64_t first, int64_t last) {
   using L = Lanes<T>;
   using V = typename L::type;
   constexpr int kL = L::kCount;
   V acc[J][NV];
   for (int j = 0; j < J; ++j)
-    for (int v = 0; v < NV; ++v) acc[j][v] = V{};
+    for (int v = 0; v < NV; ++v) acc[j][v] = first ? L::load(g_wt + (k0 + j) * geo.cout + co0 + v * kL) : V{};
   int64_t tap[J], channel[J];  // of each of the tile's numbers
   for (int j = 0; j < J; ++j) {
     tap[j] = (k0 + j) / geo.cin;
     channel[j] = k0 + j - tap[j] * geo.cin;
   }
-  for (int64_t r = 0; r < geo.rows; ++r) {
+  for (int64_t r = first; r < last; ++r) {
     V gv[NV];
     for (int v = 0; v < NV; ++v) gv[v] = L::load(g + r * geo.os + co0 + v * kL);
 #pragma GCC unroll 8
@@ -269,16 +286,19 @@ void weight_grad_narrow_task(const Geometry& geo, const T* x, const T* g, T* g_w
   constexpr int J = kVectorBytes == 64 ? 6 : 2, NV = 4;
   constexpr int kL = Lanes<T>::kCount;
   const int64_t ks = geo.taps * geo.cin;
-  int64_t co = 0;
-  for (; co + NV * kL <= geo.cout; co += NV * kL) {
-    int64_t k = 0;
-    for (; k + J <= ks; k += J) weight_grad_narrow_tile<T, J, NV>(geo, x, g, g_wt, k, co);
-    for (; k < ks; ++k) weight_grad_narrow_tile<T, 1, NV>(geo, x, g, g_wt, k, co);
-  }
-  for (; co < geo.cout; co += kL) {
-    int64_t k = 0;
-    for (; k + J <= ks; k += J) weight_grad_narrow_tile<T, J, 1>(geo, x, g, g_wt, k, co);
-    for (; k < ks; ++k) weight_grad_narrow_tile<T, 1, 1>(geo, x, g, g_wt, k, co);
+  for (int64_t first = 0; first < geo.rows; first += kRowBlock) {
+    const int64_t last = std::min(geo.rows, first + kRowBlock);
+    int64_t co = 0;
+    for (; co + NV * kL <= geo.cout; co += NV * kL) {
+      int64_t k = 0;
+      for (; k + J <= ks; k += J) weight_grad_narrow_tile<T, J, NV>(geo, x, g, g_wt, k, co, first, last);
+      for (; k < ks; ++k) weight_grad_narrow_tile<T, 1, NV>(geo, x, g, g_wt, k, co, first, last);
+    }
+    for (; co < geo.cout; co += kL) {
+      int64_t k = 0;
+      for (; k + J <= ks; k += J) weight_grad_narrow_tile<T, J, 1>(geo, x, g, g_wt, k, co, first, last);
+      for (; k < ks; ++k) weight_grad_narrow_tile<T, 1, 1>(geo, x, g, g_wt, k, co, first, last);
+    }
   }
 }
 

@@ -140,7 +140,9 @@ class _Grouped:
 # Zen 4), the forward 81 against oneDNN's 156 us at 2x2 outputs, 270 against 253 at 4x4, 832 against 683 at 7x7;
 # the input and weight gradients together 126 against 446, 423 against 712, 1460 against 3172. A first block's
 # few input channels (the output's a multiple of 16) take its forward pass and weight gradient at any size: in a
-# conv4 meta-step 148 and 145 us a call against oneDNN's 203 and 375 (the whole step 6% faster).
+# conv4 meta-step 148 and 145 us a call against oneDNN's 203 and 375 (the whole step 6% faster). Its threads
+# take a task each: with fewer tasks than threads (a chunk of one task, as large maps make) oneDNN's run instead
+# (mini-ImageNet's conv4, 84x84, chunks of one task: 0.6x oneDNN's step on 2 threads).
 DIRECT_FORWARD_PIXELS = 16
 
 
@@ -148,8 +150,10 @@ def _direct(block: _Conv, a: Tensor, weight: _Grouped, forward: bool, need_input
     """The extension where its direct kernels take this convolution of a (forward, or its backward pass, with the
     gradient at a if need_input), else None (then ATen's, oneDNN's on the CPU)."""
     ext = _kernels(a)
-    c_out, c_in = weight.per_task.shape[1:3]
+    tasks, c_out, c_in = weight.per_task.shape[:3]
     if ext is None or not (c_in % 16 == 0 or (c_out % 16 == 0 and not need_input)):
+        return None
+    if tasks < torch.get_num_threads():  # (its threads take a task each: oneDNN's split one task's pixels)
         return None
     if forward and math.prod(block.out_size(a.shape[2:])) > DIRECT_FORWARD_PIXELS and c_in % 16 == 0:
         return None
@@ -423,10 +427,12 @@ def _task_major(x: Tensor) -> Tensor:
         memory_format=torch.channels_last)
 
 
-# a chunk's largest feature map (every task's first-block output, float32) at most this many bytes: measured on
-# conv4 (28x28, 5-way 1-shot, 2 threads), chunks of 8 tasks (2 MiB) take 79.5 ms for 16 tasks where all 16 at
-# once take 91.4 ms and chunks of 4 94.4 ms (and memory halves): the maps stay in cache, the allocator reuses them
-CHUNK_BYTES = 2 << 20
+# a chunk's largest feature map (every task's first-block output, float32) at most this many bytes. Measured with
+# the direct convolutions (conv4, 28x28, 16 tasks, second order, 2 threads, Zen 4), 2 / 4 / 8 MiB: 5-way 5-shot
+# 283 / 251 / 211 ms, 20-way 1-shot 247 / 195 / 180 ms (a chunk of one or two tasks leaves a thread idle or
+# oneDNN's kernels to run), 5-way 1-shot within 2% at 16 and at 32 tasks. The memory grows with it (5-way
+# 1-shot, 32 tasks: 25 -> 97 MiB): max_tasks_per_chunk bounds it.
+CHUNK_BYTES = 8 << 20
 
 
 def _task_map_bytes(plan: ConvNetPlan, x_support: Tensor, x_query: Tensor) -> int:
