@@ -7,7 +7,9 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/small_kernels.h"

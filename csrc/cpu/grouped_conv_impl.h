@@ -29,6 +29,23 @@ inline T lane_sum(typename Lanes<T, Bytes>::type v) {
 // memory once per tap and channel tile).
 constexpr int64_t kRowBlock = 128;
 
+// Calls tile(A', B', a, b) over [a_first, a_last) x [0, b_count), b outer: b in steps of B * b_unit (the rest
+// b_unit at a time, B' = 1), a in steps of A (the rest one at a time, A' = 1); A' and B' as integral constants,
+// the tile sizes of a register-blocked kernel.
+template <int A, int B, typename Tile>
+void over_tiles(int64_t a_first, int64_t a_last, int64_t b_count, int64_t b_unit, const Tile& tile) {
+  using Full = std::integral_constant<int, A>;
+  using One = std::integral_constant<int, 1>;
+  auto along_a = [&](auto b_tile, int64_t b) {
+    int64_t a = a_first;
+    for (; a + A <= a_last; a += A) tile(Full{}, b_tile, a, b);
+    for (; a < a_last; ++a) tile(One{}, b_tile, a, b);
+  };
+  int64_t b = 0;
+  for (; b + B * b_unit <= b_count; b += B * b_unit) along_a(std::integral_constant<int, B>{}, b);
+  for (; b < b_count; b += b_unit) along_a(One{}, b);
+}
+
 // out[r0 + i, co0 + j] = bias + sum over taps and input channels, for a tile of R pixels by J output channels:
 // R*J accumulators along the input channels, summed across their lanes at the end.
 template <typename T, int R, int J>
@@ -71,18 +88,10 @@ void forward_task(const Geometry& geo, const T* x, const T* w, const T* bias, co
   constexpr int R = kVectorBytes == 64 ? 6 : 3, J = 4;
   // within a block of pixels, output channels outer: a tile's J weight rows stay in L1 over the block's pixels
   for (int64_t first = 0; first < geo.rows; first += kRowBlock) {
-    const int64_t last = std::min(geo.rows, first + kRowBlock);
-    int64_t co = 0;
-    for (; co + J <= geo.cout; co += J) {
-      int64_t r = first;
-      for (; r + R <= last; r += R) forward_tile<T, R, J>(geo, x, w, bias, zeros, out, r, co);
-      for (; r < last; ++r) forward_tile<T, 1, J>(geo, x, w, bias, zeros, out, r, co);
-    }
-    for (; co < geo.cout; ++co) {
-      int64_t r = first;
-      for (; r + R <= last; r += R) forward_tile<T, R, 1>(geo, x, w, bias, zeros, out, r, co);
-      for (; r < last; ++r) forward_tile<T, 1, 1>(geo, x, w, bias, zeros, out, r, co);
-    }
+    over_tiles<R, J>(first, std::min(geo.rows, first + kRowBlock), geo.cout, 1, [&](auto rows, auto outs, int64_t r,
+                                                                                     int64_t co) {
+      forward_tile<T, decltype(rows)::value, decltype(outs)::value>(geo, x, w, bias, zeros, out, r, co);
+    });
   }
 }
 
@@ -121,19 +130,11 @@ void input_grad_task(const Geometry& geo, const T* g, const T* w, T* g_x) {
   constexpr int R = 6, NV = kVectorBytes == 64 ? 4 : 2;
   constexpr int kL = Lanes<T>::kCount;
   for (int64_t first = 0; first < geo.rows; first += kRowBlock) {
-    const int64_t last = std::min(geo.rows, first + kRowBlock);
     for (int64_t q = 0; q < geo.taps; ++q) {
-      int64_t c = 0;
-      for (; c + NV * kL <= geo.cin; c += NV * kL) {
-        int64_t r = first;
-        for (; r + R <= last; r += R) input_grad_tile<T, R, NV>(geo, g, w, g_x, r, q, c);
-        for (; r < last; ++r) input_grad_tile<T, 1, NV>(geo, g, w, g_x, r, q, c);
-      }
-      for (; c < geo.cin; c += kL) {
-        int64_t r = first;
-        for (; r + R <= last; r += R) input_grad_tile<T, R, 1>(geo, g, w, g_x, r, q, c);
-        for (; r < last; ++r) input_grad_tile<T, 1, 1>(geo, g, w, g_x, r, q, c);
-      }
+      over_tiles<R, NV>(first, std::min(geo.rows, first + kRowBlock), geo.cin, kL, [&](auto rows, auto registers,
+                                                                                        int64_t r, int64_t c) {
+        input_grad_tile<T, decltype(rows)::value, decltype(registers)::value>(geo, g, w, g_x, r, q, c);
+      });
     }
   }
 }
@@ -174,17 +175,9 @@ void weight_grad_task(const Geometry& geo, const T* x, const T* g, T* g_w) {
   for (int64_t first = 0; first < geo.rows; first += kRowBlock) {
     const int64_t last = std::min(geo.rows, first + kRowBlock);
     for (int64_t q = 0; q < geo.taps; ++q) {
-      int64_t c = 0;
-      for (; c + NV * kL <= geo.cin; c += NV * kL) {
-        int64_t co = 0;
-        for (; co + J <= geo.cout; co += J) weight_grad_tile<T, J, NV>(geo, x, g, g_w, co, q, c, first, last);
-        for (; co < geo.cout; ++co) weight_grad_tile<T, 1, NV>(geo, x, g, g_w, co, q, c, first, last);
-      }
-      for (; c < geo.cin; c += kL) {
-        int64_t co = 0;
-        for (; co + J <= geo.cout; co += J) weight_grad_tile<T, J, 1>(geo, x, g, g_w, co, q, c, first, last);
-        for (; co < geo.cout; ++co) weight_grad_tile<T, 1, 1>(geo, x, g, g_w, co, q, c, first, last);
-      }
+      over_tiles<J, NV>(0, geo.cout, geo.cin, kL, [&](auto outs, auto registers, int64_t co, int64_t c) {
+        weight_grad_tile<T, decltype(outs)::value, decltype(registers)::value>(geo, x, g, g_w, co, q, c, first, last);
+      });
     }
   }
 }
@@ -234,18 +227,10 @@ void forward_narrow_task(const Geometry& geo, const T* x, const T* wt, const T* 
   constexpr int R = 6, NV = kVectorBytes == 64 ? 4 : 2;
   constexpr int kL = Lanes<T>::kCount;
   for (int64_t first = 0; first < geo.rows; first += kRowBlock) {
-    const int64_t last = std::min(geo.rows, first + kRowBlock);
-    int64_t co = 0;
-    for (; co + NV * kL <= geo.cout; co += NV * kL) {
-      int64_t r = first;
-      for (; r + R <= last; r += R) forward_narrow_tile<T, R, NV>(geo, x, wt, bias, zeros, out, r, co);
-      for (; r < last; ++r) forward_narrow_tile<T, 1, NV>(geo, x, wt, bias, zeros, out, r, co);
-    }
-    for (; co < geo.cout; co += kL) {
-      int64_t r = first;
-      for (; r + R <= last; r += R) forward_narrow_tile<T, R, 1>(geo, x, wt, bias, zeros, out, r, co);
-      for (; r < last; ++r) forward_narrow_tile<T, 1, 1>(geo, x, wt, bias, zeros, out, r, co);
-    }
+    over_tiles<R, NV>(first, std::min(geo.rows, first + kRowBlock), geo.cout, kL, [&](auto rows, auto registers,
+                                                                                       int64_t r, int64_t co) {
+      forward_narrow_tile<T, decltype(rows)::value, decltype(registers)::value>(geo, x, wt, bias, zeros, out, r, co);
+    });
   }
 }
 
@@ -288,17 +273,10 @@ void weight_grad_narrow_task(const Geometry& geo, const T* x, const T* g, T* g_w
   const int64_t ks = geo.taps * geo.cin;
   for (int64_t first = 0; first < geo.rows; first += kRowBlock) {
     const int64_t last = std::min(geo.rows, first + kRowBlock);
-    int64_t co = 0;
-    for (; co + NV * kL <= geo.cout; co += NV * kL) {
-      int64_t k = 0;
-      for (; k + J <= ks; k += J) weight_grad_narrow_tile<T, J, NV>(geo, x, g, g_wt, k, co, first, last);
-      for (; k < ks; ++k) weight_grad_narrow_tile<T, 1, NV>(geo, x, g, g_wt, k, co, first, last);
-    }
-    for (; co < geo.cout; co += kL) {
-      int64_t k = 0;
-      for (; k + J <= ks; k += J) weight_grad_narrow_tile<T, J, 1>(geo, x, g, g_wt, k, co, first, last);
-      for (; k < ks; ++k) weight_grad_narrow_tile<T, 1, 1>(geo, x, g, g_wt, k, co, first, last);
-    }
+    over_tiles<J, NV>(0, ks, geo.cout, kL, [&](auto numbers, auto registers, int64_t k, int64_t co) {
+      weight_grad_narrow_tile<T, decltype(numbers)::value, decltype(registers)::value>(geo, x, g, g_wt, k, co, first,
+                                                                                       last);
+    });
   }
 }
 
