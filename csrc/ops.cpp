@@ -397,11 +397,11 @@ PyMethodDef methods[] = {
      "with_g_z) -> (dg_z, g_z or None, dg_gamma, dg_beta)"},
     {"grouped_conv", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(grouped_conv_entry)), METH_FASTCALL,
      "grouped_conv(x, weight, bias or None, stride, padding, groups) -> out: F.conv2d's grouped convolution, direct, "
-     "channels-last (channels per group multiples of the register's lanes)"},
+     "channels-last (input channels per group a multiple of the register's lanes, or output channels)"},
     {"grouped_conv_backward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(grouped_conv_backward_entry)),
      METH_FASTCALL,
      "grouped_conv_backward(g, x, weight, stride, padding, groups, need_input, need_weight, need_bias) -> (g_x, g_w, "
-     "g_b), each None unless asked for"},
+     "g_b), each None unless asked for (g_x: input channels per group a multiple of the register's lanes)"},
     {"block_cache_enter", block_cache_enter_entry, METH_NOARGS,
      "block_cache_enter(): large CPU blocks from the block cache until the matching block_cache_exit (nests)"},
     {"block_cache_exit", block_cache_exit_entry, METH_NOARGS, "block_cache_exit(): see block_cache_enter"},

@@ -2,7 +2,8 @@
 // task (group), tiles of output pixels by channels held in registers over a tap's input channels
 // (grouped_conv_impl.h, compiled for AVX2 and for AVX-512, chosen per call by cpu_simd()). Tasks run in
 // parallel; each sums in a fixed order, so the numbers do not depend on the thread count. convnet.py calls
-// these where a task's maps are small (its ATen calls are the oracle in tests/test_convnet.py).
+// these where a task's maps are small and on a first block's few input channels (ATen's convolution is the
+// oracle in tests/test_grouped_conv.py).
 #include "grouped_conv_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -144,13 +145,11 @@ Tensor grouped_conv(const Tensor& x_in, const Tensor& weight_in, const Tensor& b
     const scalar_t* bp = bias.defined() ? bias.data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.data_ptr<scalar_t>();
     const bool wide = cpu_simd() == CpuSimd::kAvx512;
-    const bool narrow = geo.cin % lanes_of(x.scalar_type()) != 0;  // (the transposed weights in scratch)
     per_task(groups, [&](int64_t t) {
-      std::vector<scalar_t> scratch(narrow ? geo.taps * geo.cin * geo.cout : 0);
       const scalar_t* b = bp ? bp + t * geo.cout : nullptr;
       const scalar_t* w = wp + t * geo.cout * geo.taps * geo.cin;
       const auto forward = wide ? avx512::forward_one<scalar_t> : avx2::forward_one<scalar_t>;
-      forward(geo, xp + t * geo.cin, w, b, zeros.data(), op + t * geo.cout, scratch.data());
+      forward(geo, xp + t * geo.cin, w, b, zeros.data(), op + t * geo.cout);
     });
   });
 #endif
@@ -179,15 +178,13 @@ std::vector<Tensor> grouped_conv_backward(const Tensor& g_in, const Tensor& x_in
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "grouped_conv_backward", [&] {
     const scalar_t *gp = g.data_ptr<scalar_t>(), *xp = x.data_ptr<scalar_t>(), *wp = weight.data_ptr<scalar_t>();
     const bool wide = cpu_simd() == CpuSimd::kAvx512;
-    const bool narrow = need_weight && geo.cin % lanes_of(x.scalar_type()) != 0;  // (the transposed gradient)
     const int64_t weights = geo.cout * geo.taps * geo.cin;  // a task's
     per_task(groups, [&](int64_t t) {
-      std::vector<scalar_t> scratch(narrow ? geo.taps * geo.cin * geo.cout : 0);
       const scalar_t* gt = gp + t * geo.cout;
       scalar_t* g_xt = need_input ? g_x.data_ptr<scalar_t>() + t * geo.cin : nullptr;
       scalar_t* g_wt = need_weight ? g_w.data_ptr<scalar_t>() + t * weights : nullptr;
       const auto backward = wide ? avx512::backward_one<scalar_t> : avx2::backward_one<scalar_t>;
-      backward(geo, gt, xp + t * geo.cin, wp + t * weights, g_xt, g_wt, scratch.data());
+      backward(geo, gt, xp + t * geo.cin, wp + t * weights, g_xt, g_wt);
       if (need_bias) {
         scalar_t* dst = g_b.data_ptr<scalar_t>() + t * geo.cout;
         for (int64_t co = 0; co < geo.cout; ++co) dst[co] = 0;

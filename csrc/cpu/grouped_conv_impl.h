@@ -281,30 +281,29 @@ void weight_grad_narrow_task(const Geometry& geo, const T* x, const T* g, T* g_w
 }
 
 // ---- one task (group) of a call: x, g, out and g_x offset to the task's first channel, w and g_w to its first
-// row; scratch holds KK*Cin*C numbers ----
+// row ----
 
-// Whether the input channels take the kernels along them (else the narrow ones, along the output channels).
+// Whether the input channels take the kernels along them (else the narrow ones, along the output channels, on
+// the task's weights transposed).
 template <typename T>
 bool along_inputs(const Geometry& geo) {
   return geo.cin % Lanes<T>::kCount == 0;
 }
 
 template <typename T>
-void forward_one(const Geometry& geo, const T* x, const T* w, const T* bias, const T* zeros, T* out, T* scratch) {
+void forward_one(const Geometry& geo, const T* x, const T* w, const T* bias, const T* zeros, T* out) {
   if (along_inputs<T>(geo)) return forward_task(geo, x, w, bias, zeros, out);
-  const int64_t ks = geo.taps * geo.cin;
-  for (int64_t co = 0; co < geo.cout; ++co)
-    for (int64_t k = 0; k < ks; ++k) scratch[k * geo.cout + co] = w[co * ks + k];
-  forward_narrow_task(geo, x, scratch, bias, zeros, out);
+  std::vector<T> wt(geo.taps * geo.cin * geo.cout);
+  transpose(wt.data(), w, geo.cout, geo.taps * geo.cin);
+  forward_narrow_task(geo, x, wt.data(), bias, zeros, out);
 }
 
 template <typename T>
-void backward_one(const Geometry& geo, const T* g, const T* x, const T* w, T* g_x, T* g_w, T* scratch) {
+void backward_one(const Geometry& geo, const T* g, const T* x, const T* w, T* g_x, T* g_w) {
   if (g_x) input_grad_task(geo, g, w, g_x);
   if (!g_w) return;
   if (along_inputs<T>(geo)) return weight_grad_task(geo, x, g, g_w);
-  weight_grad_narrow_task(geo, x, g, scratch);
-  const int64_t ks = geo.taps * geo.cin;
-  for (int64_t co = 0; co < geo.cout; ++co)
-    for (int64_t k = 0; k < ks; ++k) g_w[co * ks + k] = scratch[k * geo.cout + co];
+  std::vector<T> g_wt(geo.taps * geo.cin * geo.cout);
+  weight_grad_narrow_task(geo, x, g, g_wt.data());
+  transpose(g_w, g_wt.data(), geo.taps * geo.cin, geo.cout);
 }
