@@ -113,7 +113,7 @@ void input_grad_tile(const Geometry& geo, const T* __restrict g, const T* __rest
     for (int v = 0; v < NV; ++v) wv[v] = L::load(wq + co * row + v * kL);
 #pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
-      const V b = V{} + g[(r0 + i) * geo.os + co];
+      const V b = L::splat(g[(r0 + i) * geo.os + co]);
       for (int v = 0; v < NV; ++v) acc[i][v] += b * wv[v];
     }
   }
@@ -160,7 +160,7 @@ void weight_grad_tile(const Geometry& geo, const T* __restrict x, const T* __res
     const T* gr = g + r * geo.os + co0;
 #pragma GCC unroll 8
     for (int j = 0; j < J; ++j) {
-      const V b = V{} + gr[j];
+      const V b = L::splat(gr[j]);
       for (int v = 0; v < NV; ++v) acc[j][v] += b * xv[v];
     }
   }
@@ -213,7 +213,7 @@ void forward_narrow_tile(const Geometry& geo, const T* __restrict x, const T* __
       for (int v = 0; v < NV; ++v) wv[v] = L::load(wt + (q * geo.cin + c) * geo.cout + co0 + v * kL);
 #pragma GCC unroll 8
       for (int i = 0; i < R; ++i) {
-        const V b = V{} + src[i][c];
+        const V b = L::splat(src[i][c]);
         for (int v = 0; v < NV; ++v) acc[i][v] += b * wv[v];
       }
     }
@@ -258,7 +258,7 @@ void weight_grad_narrow_tile(const Geometry& geo, const T* __restrict x, const T
     for (int j = 0; j < J; ++j) {
       const int32_t p = geo.source(r, tap[j]);
       if (p < 0) continue;
-      const V b = V{} + x[p * geo.xs + channel[j]];
+      const V b = L::splat(x[p * geo.xs + channel[j]]);
       for (int v = 0; v < NV; ++v) acc[j][v] += b * gv[v];
     }
   }

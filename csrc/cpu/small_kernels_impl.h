@@ -29,6 +29,10 @@ struct Lanes {
     return v;
   }
   static void store(T* p, type v) { std::memcpy(p, &v, sizeof(v)); }
+  // s in every lane. Not `type{} + s`: 0 + s is not s for s = -0, so the compiler adds before it broadcasts (an
+  // extra instruction per broadcast in the GEMMs' inner loops); s - 0 is s for every s, and the broadcast folds into
+  // the multiply-add's memory operand.
+  static type splat(T s) { return s - type{}; }
 };
 
 // Columns [n0, n0 + R * lanes) of c [M,N] = start + A B, for A [M,K] with element (m,k) at
@@ -43,6 +47,7 @@ void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak
   constexpr int kLanes = L::kCount;
   auto begin = [&](V* acc, int64_t m) {
     const T* s = start == Start::kZero ? nullptr : start_row(start, c, from, m, N) + n0;
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) acc[i] = start == Start::kZero ? V{} : L::load(s + i * kLanes);
   };
   int64_t m = 0;
@@ -55,7 +60,7 @@ void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak
     const T* a0 = a + m * am;
     const T* a1 = a0 + am;
     for (int64_t k = 0; k < K; ++k) {
-      const V x0 = V{} + a0[k * ak], x1 = V{} + a1[k * ak];
+      const V x0 = L::splat(a0[k * ak]), x1 = L::splat(a1[k * ak]);
       const T* bk = b + k * N + n0;
 #pragma GCC unroll 8
       for (int i = 0; i < R; ++i) {
@@ -64,6 +69,7 @@ void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak
         acc1[i] += x1 * y;
       }
     }
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) {
       L::store(c0 + i * kLanes, acc0[i]);
       L::store(c1 + i * kLanes, acc1[i]);
@@ -75,11 +81,12 @@ void gemm_columns(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak
     begin(acc0, m);
     const T* a0 = a + m * am;
     for (int64_t k = 0; k < K; ++k) {
-      const V x0 = V{} + a0[k * ak];
+      const V x0 = L::splat(a0[k * ak]);
       const T* bk = b + k * N + n0;
 #pragma GCC unroll 8
       for (int i = 0; i < R; ++i) acc0[i] += x0 * L::load(bk + i * kLanes);
     }
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) L::store(c0 + i * kLanes, acc0[i]);
   }
 }
@@ -145,8 +152,10 @@ void gemm_wide_rows(T* __restrict c, const T* __restrict a, int64_t am, int64_t 
   const int64_t tail = n0 + R * kLanes;
   V acc[Rows][kFull];
   W half[Rows];
+#pragma GCC unroll 8
   for (int j = 0; j < Rows; ++j) {
     const T* s = start == Start::kZero ? nullptr : start_row(start, c, from, j, N);
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) acc[j][i] = start == Start::kZero ? V{} : L::load(s + n0 + i * kLanes);
     if constexpr (Half) half[j] = start == Start::kZero ? W{} : H::load(s + tail);
   }
@@ -159,13 +168,15 @@ void gemm_wide_rows(T* __restrict c, const T* __restrict a, int64_t am, int64_t 
     if constexpr (Half) y_half = H::load(bk + tail);
 #pragma GCC unroll 8
     for (int j = 0; j < Rows; ++j) {
-      const V x = V{} + a[j * am + k * ak];
+      const V x = L::splat(a[j * am + k * ak]);
 #pragma GCC unroll 8
       for (int i = 0; i < R; ++i) acc[j][i] += x * y[i];
       if constexpr (Half) half[j] += low_half<T>(x) * y_half;
     }
   }
+#pragma GCC unroll 8
   for (int j = 0; j < Rows; ++j) {
+#pragma GCC unroll 8
     for (int i = 0; i < R; ++i) L::store(c + j * N + n0 + i * kLanes, acc[j][i]);
     if constexpr (Half) H::store(c + j * N + tail, half[j]);
   }
