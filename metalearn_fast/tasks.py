@@ -295,22 +295,37 @@ class SinusoidTasks(_SeededSampler):
         """num_tasks fresh tasks, generated on ``device`` in ``dtype``.
 
         One draw of uniform numbers per batch, in this order: the amplitudes, the phases, then each task's
-        k_support + k_query inputs; x_support and x_query are views of the inputs (the batch is made in a
-        few ops, a few microseconds: it is drawn at every meta-step)."""
+        k_support + k_query inputs (``sample_many(1, num_tasks)``'s batch)."""
+        return self.sample_many(1, num_tasks, device, dtype)[0]
+
+    def sample_many(
+        self, count: int, num_tasks: int, device: Union[str, torch.device] = "cpu",
+        dtype: torch.dtype = torch.float32
+    ) -> list[SinusoidTaskBatch]:
+        """``count`` batches of num_tasks fresh tasks in one draw of uniform numbers and a few ops for them all
+        (a training loop that draws a batch per meta-step spends tens of microseconds a batch in op calls).
+
+        The numbers come in sample's order, batch after batch: on the CPU, whose generator gives them one after
+        another however many a call asks for, the batches are those of ``count`` calls of ``sample(num_tasks)``;
+        on CUDA, batches of the same law from the stream's own order. Each batch's x_support, y_support, x_query
+        and y_query are contiguous [num_tasks, K or Q, 1] tensors (views into one tensor per field)."""
+        count = check_int("count", count, minimum=1)
         num_tasks = check_int("num_tasks", num_tasks, minimum=1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"dtype must be a floating-point torch.dtype, got {dtype!r}")
         device = torch.device(device)
         shift, scale = self._affine(num_tasks, device, dtype)
-        drawn = torch.rand(shift.shape, generator=self._generator(device), device=device, dtype=dtype)
+        drawn = torch.rand((count, shift.numel()), generator=self._generator(device), device=device, dtype=dtype)
         values = torch.addcmul(shift, scale, drawn)  # low + (high - low) * u, per quantity
-        tasks, k = num_tasks, self.k_support
-        # split_with_sizes: one call for all the views (each op call costs microseconds at every meta-step)
-        amplitude, phase, x = values.split_with_sizes([tasks, tasks, tasks * (k + self.k_query)])
-        x = x.view(tasks, k + self.k_query, 1)
-        y = torch.sin(x - phase.view(tasks, 1, 1)).mul_(amplitude.view(tasks, 1, 1))
-        (x_support, x_query), (y_support, y_query) = (t.split_with_sizes([k, self.k_query], 1) for t in (x, y))
-        return SinusoidTaskBatch._made_by_sampler(x_support, y_support, x_query, y_query, amplitude, phase)
+        tasks, k, q = num_tasks, self.k_support, self.k_query
+        amplitude, phase, x = values.split_with_sizes([tasks, tasks, tasks * (k + q)], 1)
+        x = x.view(count, tasks, k + q, 1)
+        y = torch.sin(x - phase.view(count, tasks, 1, 1)).mul_(amplitude.view(count, tasks, 1, 1))
+        # support and query sets apart, so that a meta-step reads them in place
+        (x_support, x_query), (y_support, y_query) = ([part.contiguous() for part in t.split_with_sizes([k, q], 2)]
+                                                      for t in (x, y))
+        fields = (x_support, y_support, x_query, y_query, amplitude, phase)
+        return [SinusoidTaskBatch._made_by_sampler(*batch) for batch in zip(*(t.unbind() for t in fields))]
 
     def _affine(self, tasks: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(low, high - low) of each number a batch of ``tasks`` draws, made once per shape."""

@@ -90,7 +90,9 @@ def test_a_sampler_state_belongs_to_its_seed():
 
 # ---- the main job: Ctrl-C, files written whole, --resume ----
 
-JOB = ["sine", "--meta-steps", "60", "--meta-batch", "7", "--test-tasks", "20", "--log-every", "1"]
+# --log-every 4 with 20 validation points (every 3 steps) and --checkpoint-every 20: the loop draws 1 to 3 batches at
+# a time, the draws ending where a checkpoint is saved
+JOB = ["sine", "--meta-steps", "60", "--meta-batch", "7", "--test-tasks", "20", "--log-every", "4"]
 
 
 def comparable(results):
@@ -106,18 +108,18 @@ def uninterrupted(tmp_path_factory):
 
 
 def interrupt_on_call(monkeypatch, call):
-    """Ctrl-C during the ``call``-th training batch drawn (each phase draws one per step)."""
-    original = SinusoidTasks.sample
-    calls = {"count": 0}
+    """Ctrl-C when the loop draws the ``call``-th training batch (each phase draws one per step)."""
+    original = SinusoidTasks.sample_many
+    drawn = {"count": 0}
 
-    def sample(self, num_tasks, *args, **kwargs):
-        if num_tasks == 7:  # a training batch (validation and test sets are larger)
-            calls["count"] += 1
-            if calls["count"] == call:
+    def sample_many(self, count, num_tasks, *args, **kwargs):
+        if num_tasks == 7:  # training batches (validation and test sets are larger)
+            drawn["count"] += count
+            if drawn["count"] >= call:
                 raise KeyboardInterrupt
-        return original(self, num_tasks, *args, **kwargs)
+        return original(self, count, num_tasks, *args, **kwargs)
 
-    monkeypatch.setattr(SinusoidTasks, "sample", sample)
+    monkeypatch.setattr(SinusoidTasks, "sample_many", sample_many)
 
 
 @pytest.mark.parametrize("call, where", [(45, "meta-training"), (85, "pretraining")])

@@ -60,6 +60,37 @@ def test_sinusoid_is_reproducible_from_the_seed(device):
     assert not torch.equal(SinusoidTasks(seed=6).sample(4, device=device).amplitude, a1.amplitude)
 
 
+def test_sinusoid_sample_many_is_the_stream_of_single_draws():
+    """On the CPU, count batches drawn at once are those of count calls of sample: checked against the documented
+    order (amplitudes, phases, then each task's inputs, batch after batch) from a raw generator of the same seed."""
+    tasks, k, q = 3, 4, 5
+    lo_a, hi_a, lo_p, hi_p, lo_x, hi_x = 0.5, 2.0, 0.1, 3.0, -4.0, 4.0
+    sampler = SinusoidTasks(amplitude=(lo_a, hi_a), phase=(lo_p, hi_p), x_range=(lo_x, hi_x), k_support=k,
+                            k_query=q, seed=11)
+    batches = sampler.sample_many(2, tasks) + [sampler.sample(tasks)] + sampler.sample_many(3, tasks)
+    u = torch.rand(6 * tasks * (2 + k + q), generator=torch.Generator().manual_seed(11)).view(6, -1)
+    for b, batch in enumerate(batches):
+        amplitude = lo_a + (hi_a - lo_a) * u[b, :tasks]
+        phase = lo_p + (hi_p - lo_p) * u[b, tasks:2 * tasks]
+        x = (lo_x + (hi_x - lo_x) * u[b, 2 * tasks:]).view(tasks, k + q, 1)
+        torch.testing.assert_close(batch.amplitude, amplitude)
+        torch.testing.assert_close(batch.phase, phase)
+        torch.testing.assert_close(batch.x_support, x[:, :k])
+        torch.testing.assert_close(batch.x_query, x[:, k:])
+        torch.testing.assert_close(batch.y_query, amplitude.view(-1, 1, 1) * torch.sin(x[:, k:] - phase.view(-1, 1, 1)))
+        for tensor in (batch.x_support, batch.y_support, batch.x_query, batch.y_query):
+            assert tensor.is_contiguous()  # a meta-step reads them in place
+    # and the same numbers as one call each, to the bit
+    single = SinusoidTasks(amplitude=(lo_a, hi_a), phase=(lo_p, hi_p), x_range=(lo_x, hi_x), k_support=k,
+                           k_query=q, seed=11)
+    for batch in batches:
+        one = single.sample(tasks)
+        for name in ("x_support", "y_support", "x_query", "y_query", "amplitude", "phase"):
+            assert torch.equal(getattr(one, name), getattr(batch, name))
+    with pytest.raises(ValueError, match="count"):
+        sampler.sample_many(0, 2)
+
+
 def test_sinusoid_same_seed_same_tasks_whatever_k():
     """The task parameters are drawn first, so samplers that differ only in K give the same tasks."""
     small = SinusoidTasks(k_support=5, seed=3).sample(8)

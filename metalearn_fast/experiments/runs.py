@@ -14,7 +14,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 from torch import Tensor
@@ -170,10 +170,15 @@ def validation_steps(steps: int, count: int) -> set[int]:
     return {round(steps * (i + 1) / count) for i in range(count)}
 
 
+# The most batches a training loop asks for at once (the sine job draws them in one go: 1000 of its meta-batches
+# are 4 MB).
+MOST_BATCHES_AT_ONCE = 1000
+
+
 def train(
     phase: Phase,
     step: Callable[[Any], Union[float, Tensor]],
-    next_batch: Callable[[], Any],
+    next_batches: Callable[[int], Iterable[Any]],
     *,
     validate: Optional[Callable[[], float]],
     validate_after: set[int],
@@ -184,18 +189,34 @@ def train(
     checkpoint_every: Optional[int] = None,
     x_per_step: float = 1.0,
 ) -> None:
-    """Runs ``phase`` to its end: ``step(next_batch())`` returns each step's loss (a number, or a 0-dim
-    tensor, kept without a host sync). ``validate()`` scores the model off the clock, before the first step and after
-    the steps in ``validate_after``, recorded at x = steps * x_per_step (None: no validation). ``checkpoint()`` runs every
-    ``checkpoint_every`` steps and at the end, off the clock. Resumes where ``phase.done`` says."""
+    """Runs ``phase`` to its end: ``step(batch)`` returns each step's loss (a number, or a 0-dim tensor, kept
+    without a host sync) for each batch of ``next_batches(count)``, an iterable of the next ``count`` batches (a
+    list drawn at once, or a generator that makes them one at a time). ``validate()`` scores the model off the
+    clock, before the first step and after the steps in ``validate_after``, recorded at x = steps * x_per_step
+    (None: no validation). ``checkpoint()`` runs every ``checkpoint_every`` steps and at the end, off the clock.
+    Resumes where ``phase.done`` says.
+
+    The loop goes from one of these events (and the log points) to the next, asking for the batches of the steps in
+    between, at most MOST_BATCHES_AT_ONCE: a checkpoint then saves the task samplers just after the batches of the
+    steps done, and a resumed run asks for the same counts as one never interrupted."""
     if validate is not None and not phase.validation:
         phase.validation.append((0, validate()))
+    validations = sorted(validate_after) if validate is not None else []
     with progress_bar(total=phase.steps, initial=phase.done, desc=desc, unit="step") as bar:
         started = time.perf_counter()
         while phase.done < phase.steps:
-            phase.losses[phase.done] = step(next_batch())
-            phase.done += 1
-            bar.update()
+            end = min(phase.steps, phase.done + MOST_BATCHES_AT_ONCE, _next_multiple(phase.done, log_every))
+            if checkpoint is not None:
+                end = min(end, _next_multiple(phase.done, checkpoint_every))
+            end = min([end] + [s for s in validations if s > phase.done][:1])
+            losses = []
+            for batch in next_batches(end - phase.done):
+                losses.append(step(batch))
+                bar.update()
+            if len(losses) != end - phase.done:
+                raise RuntimeError(f"next_batches({end - phase.done}) gave {len(losses)} batches")
+            phase.losses[phase.done : end] = torch.stack([torch.as_tensor(loss) for loss in losses])
+            phase.done = end
             if phase.done % log_every == 0:
                 recent = phase.losses[phase.done - log_every : phase.done].mean()
                 bar.set_postfix_str(f"{label} {float(recent):.3f}", refresh=False)
@@ -209,3 +230,14 @@ def train(
                     checkpoint()
                 started = time.perf_counter()
         phase.seconds += time.perf_counter() - started
+
+
+def _next_multiple(done: int, every: int) -> int:
+    """The first multiple of ``every`` after ``done``."""
+    return (done // every + 1) * every
+
+
+def one_at_a_time(next_batch: Callable[[], Any]) -> Callable[[int], Iterable[Any]]:
+    """train's next_batches for a source of one batch a call: each batch made when its step comes (large batches
+    are not held ahead)."""
+    return lambda count: (next_batch() for _ in range(count))

@@ -281,7 +281,7 @@ def _train(job: Run, validate: Callable[[str], Callable[[], float]], out: Path) 
         ("pretrain", pretrain_step, "pretraining the baseline", "loss", config.meta_steps / job.phases["pretrain"].steps),
     ):
         phase, sampler = job.phases[name], job.samplers[name]
-        runs.train(phase, step, lambda: sampler.sample(config.meta_batch, device=device),
+        runs.train(phase, step, lambda count: sampler.sample_many(count, config.meta_batch, device=device),
                    validate=validate("maml" if name == "maml" else "pretrained"),
                    validate_after=runs.validation_steps(phase.steps, VALIDATION_POINTS), desc=desc, label=label,
                    x_per_step=x_per_step, **common)
