@@ -9,21 +9,6 @@
 // nothing where that tap falls in the zero padding. Every inner loop runs along channels (Cin a multiple of
 // the lanes): a convolution of a few pixels a task is KK*Cin-long dot products, held in registers.
 
-// Sum of a register's lanes, by halves (a chain of 16 scalar additions costs as much as the products of a tile).
-template <typename T, int Bytes>
-inline T lane_sum(typename Lanes<T, Bytes>::type v) {
-  if constexpr (Bytes > 16) {
-    typename Lanes<T, Bytes / 2>::type low, high;
-    std::memcpy(&low, &v, Bytes / 2);
-    std::memcpy(&high, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
-    return lane_sum<T, Bytes / 2>(low + high);
-  } else {
-    T s = v[0];
-    for (int i = 1; i < Lanes<T, Bytes>::kCount; ++i) s += v[i];
-    return s;
-  }
-}
-
 // Every loop over a task's output pixels runs block by block of this many (their maps and gradients stay in the
 // core's caches while a block's taps and channels go by: many examples or large maps would stream them from
 // memory once per tap and channel tile).

@@ -102,21 +102,40 @@ void gemm_column(T* __restrict c, const T* __restrict a, int64_t am, int64_t ak,
   }
 }
 
-// c [M] = start + A b for A [M,K] row-major: one dot product per row, in register lanes along K.
+// Sum of a register's lanes, by halves (a chain of 16 scalar additions costs as much as the products of a tile).
+template <typename T, int Bytes>
+inline T lane_sum(typename Lanes<T, Bytes>::type v) {
+  if constexpr (Bytes > 16) {
+    typename Lanes<T, Bytes / 2>::type low, high;
+    std::memcpy(&low, &v, Bytes / 2);
+    std::memcpy(&high, reinterpret_cast<const char*>(&v) + Bytes / 2, Bytes / 2);
+    return lane_sum<T, Bytes / 2>(low + high);
+  } else {
+    T s = v[0];
+    for (int i = 1; i < Lanes<T, Bytes>::kCount; ++i) s += v[i];
+    return s;
+  }
+}
+
+// c [M] = start + A b for A [M,K] row-major: one dot product per row, in register lanes along K, then a 256-bit
+// register for a tail of half a 512-bit one or more (40 = 32 + 8 floats), then scalars; the lanes summed by halves.
 template <typename T>
 void gemv_rows(T* __restrict c, const T* __restrict a, const T* __restrict b, int64_t M, int64_t K, Start start,
                const T* __restrict from) {
-  using V = typename Lanes<T>::type;
-  constexpr int kLanes = Lanes<T>::kCount;
+  using L = Lanes<T>;
+  using H = Lanes<T, 32>;
+  constexpr int kLanes = L::kCount, kHalf = H::kCount;
+  const int64_t whole = K - K % kLanes;
+  const bool half = kLanes > kHalf && K - whole >= kHalf;
+  const int64_t scalars = whole + (half ? kHalf : 0);
   for (int64_t m = 0; m < M; ++m) {
     const T* am_ = a + m * K;
-    V acc{};
-    int64_t k = 0;
-    for (; k + kLanes <= K; k += kLanes) acc += Lanes<T>::load(am_ + k) * Lanes<T>::load(b + k);
-    T sum = start == Start::kZero ? T(0) : start_row(start, c, from, m, 1)[0];
-    for (int i = 0; i < kLanes; ++i) sum += acc[i];
-    for (; k < K; ++k) sum += am_[k] * b[k];
-    c[m] = sum;
+    typename L::type acc{};
+    for (int64_t k = 0; k < whole; k += kLanes) acc += L::load(am_ + k) * L::load(b + k);
+    T sum = lane_sum<T, kVectorBytes>(acc);
+    if (half) sum += lane_sum<T, 32>(H::load(am_ + whole) * H::load(b + whole));
+    for (int64_t k = scalars; k < K; ++k) sum += am_[k] * b[k];
+    c[m] = (start == Start::kZero ? T(0) : start_row(start, c, from, m, 1)[0]) + sum;
   }
 }
 
@@ -204,8 +223,10 @@ void gemm_wide(T* c, const T* a, int64_t am, int64_t ak, const T* b, int64_t M, 
                Start start, const T* from) {
   constexpr int64_t kMost = kMostRows<R, Half>;
   const int64_t blocks = (M + kMost - 1) / kMost;
+  // one division per call (one per block cost 0.5 us of the sinusoid's 7 us task: the GEMMs are that small)
+  const int64_t rows_each = M / blocks, longer = M % blocks;
   for (int64_t i = 0, m = 0; i < blocks; ++i) {
-    const int rows = static_cast<int>(M / blocks + (i < M % blocks ? 1 : 0));
+    const int rows = static_cast<int>(rows_each + (i < longer ? 1 : 0));
     gemm_wide_block<T, R, Half>(rows, c + m * N, a + m * am, am, ak, b, K, N, n0, start, from_row(start, from, m, N));
     m += rows;
   }
@@ -296,10 +317,11 @@ void dot_block(T* __restrict c, const T* __restrict a, const T* __restrict b, in
       for (int j = 0; j < NB; ++j) acc[i][j] += x * y[j];
     }
   }
+#pragma GCC unroll 4
   for (int i = 0; i < MB; ++i) {
+#pragma GCC unroll 4
     for (int j = 0; j < NB; ++j) {
-      T sum = 0;
-      for (int e = 0; e < kLanes; ++e) sum += acc[i][j][e];
+      T sum = lane_sum<T, kVectorBytes>(acc[i][j]);
       for (int64_t r = k; r < K; ++r) sum += a[i * K + r] * b[j * K + r];
       T& out = c[i * N + j];
       out = (start == Start::kZero ? T(0) : start_row(start, c, from, i, N)[j]) + sum;
