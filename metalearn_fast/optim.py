@@ -13,6 +13,8 @@ capturable or differentiable mode, step hooks, parameters outside ``tensors``) k
 """
 from __future__ import annotations
 
+import operator
+
 from typing import Optional, Sequence, Union
 
 import torch
@@ -163,13 +165,15 @@ class UpdateCache:
 
     def __init__(self) -> None:
         self._optimizer: Optional[torch.optim.Optimizer] = None
-        self._key: tuple = ()
+        self._tensors: list[Tensor] = []
+        self._layout: tuple = ()
         self._value: Union[FusedUpdate, str] = ""
 
     def get(self, optimizer: torch.optim.Optimizer, tensors: Sequence[Tensor]) -> Union[FusedUpdate, str]:
-        key = (_layout(optimizer), tuple(id(t) for t in tensors))
-        if optimizer is not self._optimizer or key != self._key:
+        layout = _layout(optimizer)
+        if (optimizer is not self._optimizer or layout != self._layout or len(tensors) != len(self._tensors)
+                or not all(map(operator.is_, tensors, self._tensors))):
             update = FusedUpdate.plan(optimizer, tensors)
-            self._optimizer, self._key = optimizer, key
+            self._optimizer, self._layout, self._tensors = optimizer, layout, list(tensors)
             self._value = update if isinstance(update, FusedUpdate) else f"python: {update}"
         return self._value

@@ -54,7 +54,9 @@ class ModelPlan:
         if not self._own_walk:
             return list(self.model.parameters())
         found = [p for module in self._modules for p in module._parameters.values() if p is not None]
-        return list(dict.fromkeys(found))  # a parameter shared by two modules once, as parameters() gives it
+        if len(set(map(id, found))) < len(found):  # a parameter shared by two modules once, as parameters() gives it
+            found = list({id(p): p for p in found}.values())  # (by id: a tensor's hash is a Python call)
+        return found
 
     @property
     def is_stack(self) -> bool:

@@ -134,9 +134,9 @@ class TaskBatch:
         batch = object.__new__(cls)
         names = _INIT_FIELDS.get(cls) or _INIT_FIELDS.setdefault(cls, [f.name for f in dataclasses.fields(cls)
                                                                          if f.init])
-        for name, value in zip(names, fields_in_order, strict=True):
-            object.__setattr__(batch, name, value)
-        object.__setattr__(batch, "largest_labels", (largest_label, largest_label))
+        # into __dict__ at once, as the frozen dataclass's own __init__ would set them one by one (a sampler makes
+        # a batch per meta-step)
+        batch.__dict__.update(zip(names, fields_in_order, strict=True), largest_labels=(largest_label, largest_label))
         return batch
 
     @property

@@ -107,6 +107,24 @@ def test_what_the_fused_step_does_not_cover_runs_the_plain_path():
     assert maml.meta_step_path(optimizer) == "fused"
 
 
+def test_the_fused_step_follows_a_replaced_parameter():
+    """A parameter swapped for a new tensor in the model and in the optimizer's group (same groups, same counts):
+    the next fused step updates the new tensor, not the one the plan was made with."""
+    torch.manual_seed(0)
+    maml = MAML(MLP(SIZES))
+    optimizer = torch.optim.SGD(maml.parameters(), lr=0.1)
+    batch = next(batches("mse", torch.float32))
+    maml.meta_step(batch, optimizer)
+    layer = maml.model[0]
+    old = layer.weight
+    layer.weight = torch.nn.Parameter(old.detach() + 1.0)
+    optimizer.param_groups[0]["params"][0] = layer.weight
+    new_before, old_before = layer.weight.detach().clone(), old.detach().clone()
+    maml.meta_step(batch, optimizer)
+    assert torch.equal(old, old_before)  # the replaced tensor is left alone
+    assert not torch.equal(layer.weight, new_before) and layer.weight.grad is not None
+
+
 def test_labels_out_of_range_are_named_on_the_fused_path():
     maml = MAML(MLP(SIZES), loss="cross_entropy")
     optimizer = torch.optim.Adam(maml.parameters())

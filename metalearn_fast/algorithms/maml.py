@@ -319,11 +319,11 @@ def _fused_meta_step(maml: MAML, batch: TaskBatch, update: FusedUpdate) -> Tenso
     maml._check_labels(batch, params[-2].shape[0])
     grads, state, settings = update.arguments()
     per_step_lr, step_weights = _per_step(maml)
-    with torch.no_grad():
-        loss = maml_mlp_meta_step_(
-            params, learned or [_fused_rate(maml, params[0])], grads, state, batch.x_support, batch.y_support,
-            batch.x_query, batch.y_query, maml.inner_steps, bool(maml._first_order()), maml.loss,
-            maml._first_adapted_layer, bool(learned), update.kind, settings, per_step_lr, step_weights)
+    # (no torch.no_grad(): like torch.optim's step, the op updates the parameters outside autograd itself)
+    loss = maml_mlp_meta_step_(
+        params, learned or [_fused_rate(maml, params[0])], grads, state, batch.x_support, batch.y_support,
+        batch.x_query, batch.y_query, maml.inner_steps, bool(maml._first_order()), maml.loss,
+        maml._first_adapted_layer, bool(learned), update.kind, settings, per_step_lr, step_weights)
     update.finish(state)
     return loss
 
