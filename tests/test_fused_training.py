@@ -26,6 +26,7 @@ from metalearn_fast import ops, reference
 from metalearn_fast.optim import FusedUpdate
 from metalearn_fast.train import training_path
 
+from conftest import forced_cpu_simd
 from test_nn import plain_mlp
 
 # ---- the founding program, verbatim but for its import ----
@@ -405,3 +406,33 @@ def test_adapt_takes_the_fused_path_and_leaves_the_original_alone(monkeypatch):
     assert len(calls) == 2  # one call per epoch
     assert all(torch.equal(a, b) for a, b in zip(model.parameters(), before))
     assert any(not torch.equal(a, b) for a, b in zip(adapted.parameters(), before))
+
+
+@pytest.mark.parametrize("level", ["none", "avx2", "avx512"])
+@pytest.mark.parametrize("optimizer", list(OPTIMIZERS))
+def test_the_optimizer_loops_of_each_instruction_set_step_as_torch_optim(optimizer, level):
+    """optimizer_step_'s raw CPU loops, in the portable, AVX2 and AVX-512 copies, against torch.optim's step: three
+    steps on tensors whose sizes leave remainders of every register width (first steps make the state)."""
+    g = torch.Generator().manual_seed(3)
+    shapes = [(37,), (5, 7), (1,), (3, 17)]
+    ours = [torch.randn(s, generator=g, dtype=torch.float32, requires_grad=True) for s in shapes]
+    plain = [p.detach().clone().requires_grad_() for p in ours]
+    our_optimizer, plain_optimizer = OPTIMIZERS[optimizer](ours), OPTIMIZERS[optimizer](plain)
+    update = FusedUpdate.plan(our_optimizer, ours)
+    with forced_cpu_simd(level):
+        for _ in range(3):
+            grads = [torch.randn(s, generator=g) for s in shapes]
+            for p, grad in zip(plain, grads):
+                p.grad = grad.clone()
+            plain_optimizer.step()
+            op_grads, state, settings = update.arguments()
+            for slot, grad in zip(op_grads, grads):
+                slot.copy_(grad)
+            with torch.no_grad():
+                torch.ops.metalearn_fast.optimizer_step_(ours, op_grads, state, update.kind, settings)
+            update.finish(state)
+    for a, b in zip(ours, plain):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    for a, b in zip(our_optimizer.state.values(), plain_optimizer.state.values()):
+        for key, value in b.items():
+            torch.testing.assert_close(a[key], value, rtol=1e-6, atol=1e-7, msg=key)
