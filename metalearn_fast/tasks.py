@@ -308,7 +308,8 @@ class SinusoidTasks(_SeededSampler):
         The numbers come in sample's order, batch after batch: on the CPU, whose generator gives them one after
         another however many a call asks for, the batches are those of ``count`` calls of ``sample(num_tasks)``;
         on CUDA, batches of the same law from the stream's own order. Each batch's x_support, y_support, x_query
-        and y_query are contiguous [num_tasks, K or Q, 1] tensors (views into one tensor per field)."""
+        and y_query are [num_tasks, K or Q, 1] views, a task's support and query points side by side in memory
+        (the fused meta-step's CPU kernel reads them in place)."""
         count = check_int("count", count, minimum=1)
         num_tasks = check_int("num_tasks", num_tasks, minimum=1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -321,9 +322,7 @@ class SinusoidTasks(_SeededSampler):
         amplitude, phase, x = values.split_with_sizes([tasks, tasks, tasks * (k + q)], 1)
         x = x.view(count, tasks, k + q, 1)
         y = torch.sin(x - phase.view(count, tasks, 1, 1)).mul_(amplitude.view(count, tasks, 1, 1))
-        # support and query sets apart, so that a meta-step reads them in place
-        (x_support, x_query), (y_support, y_query) = ([part.contiguous() for part in t.split_with_sizes([k, q], 2)]
-                                                      for t in (x, y))
+        (x_support, x_query), (y_support, y_query) = (t.split_with_sizes([k, q], 2) for t in (x, y))
         fields = (x_support, y_support, x_query, y_query, amplitude, phase)
         return [SinusoidTaskBatch._made_by_sampler(*batch) for batch in zip(*(t.unbind() for t in fields))]
 

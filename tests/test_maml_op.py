@@ -230,6 +230,33 @@ def test_per_step_rates_and_the_multi_step_loss_equal_the_per_task_loop(case, fi
     assert not torch.allclose(plain[0], want_loss)
 
 
+@pytest.mark.parametrize("layout", ["sliced", "shared", "transposed"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_inputs_of_any_layout_give_the_loops_meta_gradient(layout, loss, kernel, device):
+    """Support and query sets that are not contiguous tensors: slices of one tensor per task, the per-task
+    kernel reads them in place (a task's block contiguous, the tasks apart); one task's set shared by every task
+    (stride 0 across tasks); a transposed copy (copied first). Against the per-task loop on the same values."""
+    params, xs, ys, xq, yq = make_problem(loss, device, **kernel_shape(kernel))
+    tasks, support = xs.shape[:2]
+    if layout == "sliced":  # as SinusoidTasks.sample_many draws them: [T, K + Q, ...] split along the points
+        xs, xq = torch.cat([xs, xq], 1).split_with_sizes([support, xq.shape[1]], 1)
+        ys, yq = torch.cat([ys, yq], 1).split_with_sizes([support, yq.shape[1]], 1)
+    elif layout == "shared":
+        xs, ys = xs[:1].expand_as(xs), ys[:1].expand_as(ys)
+    else:
+        xs = xs.transpose(0, 1).contiguous().transpose(0, 1)
+        xq = xq.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not xs.is_contiguous() and (layout != "sliced" or not yq.is_contiguous())
+    rate = torch.tensor(0.1, dtype=torch.float64, device=device)
+    ours = maml_mlp_loss(params, rate, xs, ys, xq, yq, inner_steps=2, loss=loss)
+    ours_grads = torch.autograd.grad(ours, params)
+    value, grads, _ = loop_meta_grad(params, [rate], *(t.contiguous() for t in (xs, ys, xq, yq)), 2, False, loss, 0)
+    torch.testing.assert_close(ours, value, rtol=1e-9, atol=1e-12)
+    for got, want in zip(ours_grads, grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-12)
+
+
 @pytest.mark.parametrize("anil", [False, True])
 def test_first_order_gradient_differs_from_second_order(anil, device):
     params, xs, ys, xq, yq = make_problem("mse", device)

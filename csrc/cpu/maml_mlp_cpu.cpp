@@ -52,7 +52,20 @@ struct Problem {
   const T *x_support, *x_query;
   const T *y_support, *y_query;                // mse targets
   const int64_t *label_support, *label_query;  // cross-entropy labels
+  // elements from one task's block of each to the next (task_blocks): x_support, x_query, y (or labels) of each
+  int64_t xs_stride, xq_stride, ys_stride, yq_stride;
 };
+
+// t [T, ...] as the kernel reads it: each task's block contiguous, the tasks any distance apart. A batch whose
+// support and query sets are slices of one tensor per task (SinusoidTasks draws them so) is read in place.
+Tensor task_blocks(const Tensor& t) {
+  int64_t expected = 1;
+  for (int64_t d = t.dim() - 1; d >= 1; --d) {
+    if (t.size(d) != 1 && t.stride(d) != expected) return t.contiguous();
+    expected *= t.size(d);
+  }
+  return t;
+}
 
 // What a thread accumulates over its tasks.
 template <typename T>
@@ -109,8 +122,8 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
   std::vector<Tensor> params, lr;
   for (const auto& t : params_in) params.push_back(t.contiguous());
   for (const auto& t : lr_in) lr.push_back(t.contiguous());
-  const Tensor xs = x_support.contiguous(), ys = y_support.contiguous();
-  const Tensor xq = x_query.contiguous(), yq = y_query.contiguous();
+  const Tensor xs = task_blocks(x_support), ys = task_blocks(y_support);
+  const Tensor xq = task_blocks(x_query), yq = task_blocks(y_query);
   const int64_t layers = static_cast<int64_t>(params.size() / 2), tasks = xs.size(0);
   Problem<T> p;
   p.layers = layers;
@@ -153,6 +166,10 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
   p.y_query = mse ? yq.const_data_ptr<T>() : nullptr;
   p.label_support = mse ? nullptr : ys.const_data_ptr<int64_t>();
   p.label_query = mse ? nullptr : yq.const_data_ptr<int64_t>();
+  p.xs_stride = xs.stride(0);
+  p.xq_stride = xq.stride(0);
+  p.ys_stride = ys.stride(0);
+  p.yq_stride = yq.stride(0);
 
   Share<T> total = cpu_simd() == CpuSimd::kAvx512 ? avx512::run_tasks(p, tasks, params, lr)
                                                   : avx2::run_tasks(p, tasks, params, lr);

@@ -67,11 +67,11 @@ class TaskKernel {
 
   void run(int64_t task, Share<T>& share) {
     const Problem<T>& p = p_;
-    const int64_t K = p.support, Q = p.query, C = p.out[p.layers - 1];
     const bool mse = p.kind == LossKind::kMse;
-    const Task t{p.x_support + task * K * p.in[0], p.x_query + task * Q * p.in[0],
-                 mse ? p.y_support + task * K * C : nullptr, mse ? p.y_query + task * Q * C : nullptr,
-                 mse ? nullptr : p.label_support + task * K, mse ? nullptr : p.label_query + task * Q};
+    const Task t{p.x_support + task * p.xs_stride, p.x_query + task * p.xq_stride,
+                 mse ? p.y_support + task * p.ys_stride : nullptr, mse ? p.y_query + task * p.yq_stride : nullptr,
+                 mse ? nullptr : p.label_support + task * p.ys_stride,
+                 mse ? nullptr : p.label_query + task * p.yq_stride};
     inner_loop(t, share);
     if (p.reptile) {
       const T share_of_task = static_cast<T>(1.0 / static_cast<double>(p.total_tasks));
