@@ -12,6 +12,7 @@ from torch.func import functional_call
 import metalearn_fast as mf
 from metalearn_fast import MAML, TaskBatch
 from metalearn_fast.algorithms import convnet
+from metalearn_fast.experiments.runs import threads
 
 from conftest import forced_cpu_simd
 
@@ -159,17 +160,14 @@ def test_the_cpu_kernels_give_the_same_numbers_on_any_number_of_threads():
     maps, vectors = tangent_inputs(torch.float32, (5, 66, 14, 14))
     dz, a, xhat, d_xhat, g_y, dg_a = maps
     invstd, gamma, d_gamma, d_beta, d_scale, g_gamma, g_beta = vectors
-    threads, results = torch.get_num_threads(), []
-    try:
-        for n in (1, 2, 3):
-            torch.set_num_threads(n)
+    results = []
+    for n in (1, 2, 3):
+        with threads(n):
             results.append([*ext.norm_relu(dz, gamma, d_beta, 1e-5),
                             *ext.norm_relu_backward(dg_a.clone(), a, xhat, invstd, gamma, True),
                             *ext.norm_relu_tangent(dz, xhat, a, invstd, gamma, d_gamma, d_beta),
                             *ext.norm_relu_tangent_backward(dg_a, a, xhat, d_xhat, g_y, invstd, gamma, d_gamma,
                                                             d_scale, g_gamma, g_beta, True)])
-    finally:
-        torch.set_num_threads(threads)
     for other in results[1:]:
         assert all(torch.equal(x, y) for x, y in zip(results[0], other))
 
@@ -247,17 +245,13 @@ def test_meta_gradient_with_the_direct_convolutions(monkeypatch, model, shape, f
     monkeypatch.setattr(convnet, "_direct", direct)
     net = randomised(model())
     batch = make_batch("cross_entropy", tasks=3, shape=shape, ways=4 if shape[1] < 28 else 5)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)  # (the direct kernels take a chunk of at least as many tasks as threads)
+    with threads(2):  # (the direct kernels take a chunk of at least as many tasks as threads)
         assert_matches_loop(net, batch, 2, first_order, "cross_entropy")
-        assert taken[True] > 0 and taken[False] > 0
-        torch.set_num_threads(4)  # more threads than tasks: oneDNN's convolutions
-        taken.update({True: 0, False: 0})
+    assert taken[True] > 0 and taken[False] > 0
+    taken.update({True: 0, False: 0})
+    with threads(4):  # more threads than tasks: oneDNN's convolutions
         assert_matches_loop(net, batch, 1, first_order, "cross_entropy")
-        assert taken == {True: 0, False: 0}
-    finally:
-        torch.set_num_threads(threads)
+    assert taken == {True: 0, False: 0}
 
 
 def test_the_papers_conv4_on_omniglot_sized_images():
@@ -301,23 +295,18 @@ def test_float32_is_as_close_to_the_float64_truth_as_the_loop(level):
     each instruction set's kernels (the direct convolutions included: 16 channels, 4 tasks on 2 threads)."""
     truth = None
     errors = {}
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        with forced_cpu_simd(level):
-            for dtype, how in ((torch.float64, "ours"), (torch.float32, "ours"), (torch.float32, "loop")):
-                model = randomised(mf.nn.conv4(1, 5, hidden=16), dtype)
-                batch = make_batch("cross_entropy", tasks=4, shape=(1, 28, 28), ways=5, dtype=dtype)
-                maml = MAML(model, inner_lr=0.4, loss="cross_entropy")
-                loss = maml.meta_loss(batch) if how == "ours" else loop_meta_loss(model, batch, 0.4, 1, False,
-                                                                                  "cross_entropy")
-                grads = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
-                if truth is None:
-                    truth = grads.double()
-                else:
-                    errors[how] = (grads.double() - truth).norm() / truth.norm()
-    finally:
-        torch.set_num_threads(threads)
+    with threads(2), forced_cpu_simd(level):
+        for dtype, how in ((torch.float64, "ours"), (torch.float32, "ours"), (torch.float32, "loop")):
+            model = randomised(mf.nn.conv4(1, 5, hidden=16), dtype)
+            batch = make_batch("cross_entropy", tasks=4, shape=(1, 28, 28), ways=5, dtype=dtype)
+            maml = MAML(model, inner_lr=0.4, loss="cross_entropy")
+            loss = maml.meta_loss(batch) if how == "ours" else loop_meta_loss(model, batch, 0.4, 1, False,
+                                                                              "cross_entropy")
+            grads = torch.cat([g.flatten() for g in torch.autograd.grad(loss, list(model.parameters()))])
+            if truth is None:
+                truth = grads.double()
+            else:
+                errors[how] = (grads.double() - truth).norm() / truth.norm()
     assert errors["ours"] <= 2 * errors["loop"] + 1e-7, errors
 
 
