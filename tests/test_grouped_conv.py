@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import metalearn_fast as mf
+from metalearn_fast.experiments.runs import threads
 
 from conftest import forced_cpu_simd
 
@@ -113,15 +114,11 @@ def test_the_direct_kernels_give_the_same_numbers_on_any_number_of_threads():
     ext = kernels()
     x, weight, b, stride, padding, groups = inputs(SHAPES[1], torch.float32, True)
     g = torch.randn(5, 8 * 64, 4, 4).contiguous(memory_format=torch.channels_last)
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for count in (1, 2, 3):
-            torch.set_num_threads(count)
+    for count in (1, 2, 3):
+        with threads(count):
             results.append([ext.grouped_conv(x, weight, b, stride, padding, groups),
                             *ext.grouped_conv_backward(g, x, weight, stride, padding, groups, True, True, True)])
-    finally:
-        torch.set_num_threads(threads)
     for other in results[1:]:
         for a, c in zip(results[0], other):
             assert torch.equal(a, c)
