@@ -64,6 +64,13 @@ TORCH_LIBRARY(metalearn_fast, m) {
       " Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, int inner_steps, bool first_order,"
       " str loss, int first_adapted_layer, bool learn_lr, str optimizer, float[] settings,"
       " bool per_step_lr=False, float[] step_weights=[]) -> Tensor");
+  // maml_mlp_meta_step_ on each of S meta-batches in turn, stacked on a first dimension (x_support [S, T, K, I],
+  // ...), the optimizer's settings those of the call: the same numbers as S calls. Returns the S meta-losses.
+  m.def(
+      "maml_mlp_meta_steps_(Tensor(a!)[] params, Tensor(b!)[] lr, Tensor(c!)[] grads, Tensor(d!)[] state,"
+      " Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, int inner_steps, bool first_order,"
+      " str loss, int first_adapted_layer, bool learn_lr, str optimizer, float[] settings,"
+      " bool per_step_lr=False, float[] step_weights=[]) -> Tensor");
   // A Reptile meta-step of an MLP, in place: each task adapts a copy of params with inner_steps SGD steps
   // (rate inner_lr) on its support loss, then p += outer_lr * (mean adapted p - p). Returns the mean support
   // loss at the first inner step.
@@ -182,21 +189,21 @@ struct WithoutGil {
   ~WithoutGil() { PyEval_RestoreThread(state); }
 };
 
-// maml_mlp_meta_step_ called straight from Python (MAML.meta_step's fused path, once a meta-step): the
-// boxing of its 31 tensors by torch.ops cost about a tenth of the sinusoid's whole meta-step.
+// maml_mlp_meta_step_ and maml_mlp_meta_steps_ called straight from Python (MAML.meta_step's and meta_steps' fused
+// path): the boxing of the sinusoid's 31 tensors by torch.ops cost about a tenth of its whole meta-step.
+template <const char* kName>
 PyObject* maml_mlp_meta_step_unboxed(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  const char* name = "maml_mlp_meta_step_";
   if (nargs != 17) {
-    throw torch::TypeError(c10::str(name, ": expected 17 arguments, got ", nargs));
+    throw torch::TypeError(c10::str(kName, ": expected 17 arguments, got ", nargs));
   }
-  const Arguments a{name, args};
+  const Arguments a{kName, args};
   const std::vector<at::Tensor> params = a.tensors(0, "params"), lr = a.tensors(1, "lr");
   const std::vector<at::Tensor> grads = a.tensors(2, "grads"), state = a.tensors(3, "state");
   const std::vector<double> settings = a.numbers(14, "settings"), step_weights = a.numbers(16, "step_weights");
   static auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("metalearn_fast::maml_mlp_meta_step_", "")
+          .findSchemaOrThrow(c10::str("metalearn_fast::", kName).c_str(), "")
           .typed<at::Tensor(at::TensorList, at::TensorList, at::TensorList, at::TensorList, const at::Tensor&,
                             const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, bool, c10::string_view,
                             int64_t, bool, c10::string_view, c10::ArrayRef<double>, bool, c10::ArrayRef<double>)>();
@@ -215,6 +222,8 @@ PyObject* maml_mlp_meta_step_unboxed(PyObject* /*module*/, PyObject* const* args
   return THPVariable_Wrap(std::move(value));
   END_HANDLE_TH_ERRORS
 }
+constexpr char kMetaStep[] = "maml_mlp_meta_step_";
+constexpr char kMetaSteps[] = "maml_mlp_meta_steps_";
 
 // A tuple of the tensors (None for an undefined one).
 PyObject* tuple_of(std::vector<at::Tensor>&& out) {
@@ -382,8 +391,12 @@ PyMethodDef methods[] = {
      "CPU's); returns the level before"},
     {"linear_relu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(linear_relu_unboxed)), METH_FASTCALL,
      "linear_relu(x, weight, bias): the op without torch.ops' boxing (eager calls)"},
-    {"maml_mlp_meta_step_", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(maml_mlp_meta_step_unboxed)),
+    {"maml_mlp_meta_step_",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(maml_mlp_meta_step_unboxed<kMetaStep>)),
      METH_FASTCALL, "maml_mlp_meta_step_(...): the op without torch.ops' boxing (eager calls), all 17 arguments"},
+    {"maml_mlp_meta_steps_",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(maml_mlp_meta_step_unboxed<kMetaSteps>)),
+     METH_FASTCALL, "maml_mlp_meta_steps_(...): the op without torch.ops' boxing (eager calls), all 17 arguments"},
     {"norm_relu", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_entry)), METH_FASTCALL,
      "norm_relu(z, gamma, beta, eps) -> (xhat, a, invstd)"},
     {"norm_relu_backward", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(norm_relu_backward_entry)),

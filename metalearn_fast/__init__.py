@@ -7,7 +7,7 @@ from . import nn, ops, reference, tasks
 from .algorithms import MAML, Reptile
 from .nn import MLP, FusedLinearReLU, SimpleNet, fuse
 from .ops import backend_info, empty_cpu_cache, linear_relu, linear_relu_backward, sgd_step, sgd_step_
-from .tasks import FewShotTasks, SinusoidTasks, TaskBatch
+from .tasks import BatchStack, FewShotTasks, SinusoidTasks, TaskBatch
 from .train import adapt, pretrain
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ def load_fewshot(path: str, device: str = "cpu") -> MAML:
 
 
 __all__ = [
+    "BatchStack",
     "FewShotTasks",
     "FusedLinearReLU",
     "MAML",

@@ -26,6 +26,7 @@ __all__ = [
     "optimizer_step_",
     "mlp_train_epoch_",
     "maml_mlp_meta_step_",
+    "maml_mlp_meta_steps_",
     "reptile_mlp_step_",
     "backend_info",
     "SCHEMAS",
@@ -67,6 +68,12 @@ SCHEMAS = {
         " str loss, int first_adapted_layer, bool learn_lr, str optimizer, float[] settings,"
         " bool per_step_lr=False, float[] step_weights=[]) -> Tensor"
     ),
+    "maml_mlp_meta_steps_": (
+        "maml_mlp_meta_steps_(Tensor(a!)[] params, Tensor(b!)[] lr, Tensor(c!)[] grads, Tensor(d!)[] state,"
+        " Tensor x_support, Tensor y_support, Tensor x_query, Tensor y_query, int inner_steps, bool first_order,"
+        " str loss, int first_adapted_layer, bool learn_lr, str optimizer, float[] settings,"
+        " bool per_step_lr=False, float[] step_weights=[]) -> Tensor"
+    ),
     "reptile_mlp_step_": (
         "reptile_mlp_step_(Tensor(a!)[] params, Tensor x_support, Tensor y_support, int inner_steps, float inner_lr,"
         " float outer_lr, str loss) -> Tensor"
@@ -103,7 +110,8 @@ def empty_cpu_cache() -> int:
 # ops update parameters and optimizer state in place, outside autograd (as torch.optim does).
 DEVICE_OPS = ("linear_relu", "linear_relu_backward", "sgd_step", "sgd_step_")
 MAML_OPS = ("maml_mlp_meta_grad", "maml_mlp_loss", "mlp_loss_grad", "mlp_loss_hessian_times")
-TRAINING_OPS = ("optimizer_step_", "mlp_train_epoch_", "maml_mlp_meta_step_", "reptile_mlp_step_")
+TRAINING_OPS = ("optimizer_step_", "mlp_train_epoch_", "maml_mlp_meta_step_", "maml_mlp_meta_steps_",
+                "reptile_mlp_step_")
 
 
 def _register_fallback() -> torch.library.Library:
@@ -228,10 +236,17 @@ def _maml_mlp_meta_step_fake(params, lr, grads, state, x_support, y_support, x_q
     return x_query.new_empty(())
 
 
+def _maml_mlp_meta_steps_fake(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps,
+                              first_order, loss, first_adapted_layer, learn_lr, optimizer, settings, per_step_lr=False,
+                              step_weights=()):
+    return x_query.new_empty((x_query.shape[0],))
+
+
 if _extension is not None:  # the fallback's composites trace themselves
     for _name, _fake in (("optimizer_step_", _optimizer_step_fake), ("mlp_train_epoch_", _mlp_train_epoch_fake),
                          ("reptile_mlp_step_", _reptile_mlp_step_fake),
-                         ("maml_mlp_meta_step_", _maml_mlp_meta_step_fake)):
+                         ("maml_mlp_meta_step_", _maml_mlp_meta_step_fake),
+                         ("maml_mlp_meta_steps_", _maml_mlp_meta_steps_fake)):
         torch.library.register_fake(f"metalearn_fast::{_name}")(_fake)
 
 
@@ -245,12 +260,14 @@ _sgd_step_inplace = torch.ops.metalearn_fast.sgd_step_.default
 optimizer_step_ = torch.ops.metalearn_fast.optimizer_step_.default
 mlp_train_epoch_ = torch.ops.metalearn_fast.mlp_train_epoch_.default
 _maml_mlp_meta_step = torch.ops.metalearn_fast.maml_mlp_meta_step_.default
+_maml_mlp_meta_steps = torch.ops.metalearn_fast.maml_mlp_meta_steps_.default
 reptile_mlp_step_ = torch.ops.metalearn_fast.reptile_mlp_step_.default
 
 
 # Eager calls take the extension's unboxed entry points; torch.compile traces the registered op.
 _linear_relu_eager = _extension.linear_relu if _extension is not None else _linear_relu
 _maml_mlp_meta_step_eager = _extension.maml_mlp_meta_step_ if _extension is not None else _maml_mlp_meta_step
+_maml_mlp_meta_steps_eager = _extension.maml_mlp_meta_steps_ if _extension is not None else _maml_mlp_meta_steps
 _is_compiling = torch.compiler.is_compiling
 
 
@@ -261,6 +278,17 @@ def maml_mlp_meta_step_(params, lr, grads, state, x_support, y_support, x_query,
     """The op maml_mlp_meta_step_ (see SCHEMAS and csrc/ops.cpp): a whole MAML meta-step of an MLP, the
     meta-gradient into ``grads`` and the optimizer's update on params (and lr when learn_lr) and state."""
     call = _maml_mlp_meta_step if _is_compiling() else _maml_mlp_meta_step_eager
+    return call(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
+                first_adapted_layer, learn_lr, optimizer, settings, per_step_lr, list(step_weights))
+
+
+def maml_mlp_meta_steps_(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps: int,
+                         first_order: bool, loss: str, first_adapted_layer: int, learn_lr: bool, optimizer: str,
+                         settings: Sequence[float], per_step_lr: bool = False,
+                         step_weights: Sequence[float] = ()) -> Tensor:
+    """The op maml_mlp_meta_steps_: maml_mlp_meta_step_ on each of S meta-batches stacked on a first dimension
+    (x_support [S, T, K, I], ...), in turn, in one call. Returns the S meta-losses."""
+    call = _maml_mlp_meta_steps if _is_compiling() else _maml_mlp_meta_steps_eager
     return call(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps, first_order, loss,
                 first_adapted_layer, learn_lr, optimizer, settings, per_step_lr, list(step_weights))
 

@@ -21,6 +21,7 @@ __all__ = [
     "maml_mlp_loss",
     "maml_mlp_meta_grad",
     "maml_mlp_meta_step_",
+    "maml_mlp_meta_steps_",
     "mlp_forward",
     "mlp_train_epoch_",
     "optimizer_step_",
@@ -630,6 +631,37 @@ def maml_mlp_meta_step_(params: Sequence[Tensor], lr: Sequence[Tensor], grads: S
             grad.copy_(g)
     optimizer_step_(updated, grads, state, optimizer, settings)
     return value
+
+
+def maml_mlp_meta_steps_(params: Sequence[Tensor], lr: Sequence[Tensor], grads: Sequence[Tensor],
+                         state: Sequence[Tensor], x_support: Tensor, y_support: Tensor, x_query: Tensor,
+                         y_query: Tensor, inner_steps: int, first_order: bool, loss: str, first_adapted_layer: int,
+                         learn_lr: bool, optimizer: str, settings: Sequence[float], per_step_lr: bool = False,
+                         step_weights: Sequence[float] = ()) -> Tensor:
+    """maml_mlp_meta_step_ on each of S meta-batches stacked on a first dimension (x_support [S, T, K, I], ...), in
+    turn, with the optimizer's settings of the call. Returns the S meta-losses."""
+    op = "maml_mlp_meta_steps_"
+    if x_support.dim() < 1 or x_support.shape[0] < 1:
+        raise ValueError(f"{op}: x_support must be [S, T, K, ...], S >= 1 meta-batches stacked, got shape "
+                         f"{list(x_support.shape)}")
+    steps = x_support.shape[0]
+    for name, t in (("y_support", y_support), ("x_query", x_query), ("y_query", y_query)):
+        if t.dim() < 1 or t.shape[0] != steps:
+            raise ValueError(f"{op}: {name} must stack S = {steps} meta-batches like x_support, got shape "
+                             f"{list(t.shape)}")
+    # every meta-batch has the first one's shapes; all the labels in range before any step changes anything
+    _check_maml_args(params, lr, x_support[0], y_support[0], x_query[0], y_query[0], inner_steps, loss,
+                     first_adapted_layer, per_step_lr, step_weights)
+    if loss == "cross_entropy":
+        for name, y in (("y_support", y_support), ("y_query", y_query)):
+            _check_labels_in_range(op, name, y, params[-2].shape[0])
+    losses = []
+    for s in range(steps):
+        losses.append(maml_mlp_meta_step_(params, lr, grads, state, x_support[s], y_support[s], x_query[s],
+                                          y_query[s], inner_steps, first_order, loss, first_adapted_layer, learn_lr,
+                                          optimizer, settings, per_step_lr, step_weights))
+        settings = _settings_after_first_step(optimizer, settings)
+    return torch.stack(losses)
 
 
 def reptile_mlp_step_(params: Sequence[Tensor], x_support: Tensor, y_support: Tensor, inner_steps: int,

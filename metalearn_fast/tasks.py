@@ -6,8 +6,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Optional, Union
+from typing import Iterator, Optional, Union
 
 import numpy as np
 import torch
@@ -15,7 +16,7 @@ from torch import Tensor
 
 from ._checks import check_int, tensor_of_numbers
 
-__all__ = ["TaskBatch", "check_task_set", "SinusoidTasks", "SinusoidTaskBatch", "FewShotTasks"]
+__all__ = ["TaskBatch", "BatchStack", "check_task_set", "SinusoidTasks", "SinusoidTaskBatch", "FewShotTasks"]
 
 
 def check_task_set(x: Tensor, y: Tensor, x_name: str, y_name: str) -> int:
@@ -84,6 +85,11 @@ def _as_task_tensor(name: str, data) -> Tensor:
 _INIT_FIELDS: dict = {}  # per TaskBatch class: the names of its constructor's fields, in order
 
 
+def _init_fields(cls: type) -> list[str]:
+    """The names of the constructor's fields of TaskBatch class ``cls``, in order."""
+    return _INIT_FIELDS.get(cls) or _INIT_FIELDS.setdefault(cls, [f.name for f in dataclasses.fields(cls) if f.init])
+
+
 @dataclass(frozen=True, eq=False)
 class TaskBatch:
     """T tasks, each with K support and Q query examples, checked on construction.
@@ -132,11 +138,10 @@ class TaskBatch:
         """A batch whose tensors a sampler made valid by construction: the checks, which scan the data, are
         skipped (the sampler's own inputs were checked once, when it was made)."""
         batch = object.__new__(cls)
-        names = _INIT_FIELDS.get(cls) or _INIT_FIELDS.setdefault(cls, [f.name for f in dataclasses.fields(cls)
-                                                                         if f.init])
         # into __dict__ at once, as the frozen dataclass's own __init__ would set them one by one (a sampler makes
         # a batch per meta-step)
-        batch.__dict__.update(zip(names, fields_in_order, strict=True), largest_labels=(largest_label, largest_label))
+        batch.__dict__.update(zip(_init_fields(cls), fields_in_order, strict=True),
+                              largest_labels=(largest_label, largest_label))
         return batch
 
     @property
@@ -172,6 +177,35 @@ class TaskBatch:
     def to(self, device: Union[str, torch.device]) -> "TaskBatch":
         """The same batch on ``device``."""
         return TaskBatch(*(t.to(device) for t in (self.x_support, self.y_support, self.x_query, self.y_query)))
+
+
+class BatchStack(Sequence):
+    """Meta-batches of one type and one shape, stacked: each field of the batch type as one tensor with a leading
+    batch dimension (x_support [count, T, K, ...], ...). A sequence of batches, each made when asked for, as views
+    of the stacks; ``MAML.meta_steps`` runs on the stacks as they are. Samplers make them (``sample_many``): their
+    batches are valid by construction, so none is checked again (largest_label: every batch's largest class label,
+    -1 for regression)."""
+
+    def __init__(self, batch_type: type, fields: Sequence[Tensor], largest_label: int = -1) -> None:
+        self.batch_type = batch_type
+        self.fields = tuple(fields)
+        self.largest_label = largest_label
+
+    def __len__(self) -> int:
+        return self.fields[0].shape[0]
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return BatchStack(self.batch_type, [f[index] for f in self.fields], self.largest_label)
+        return self.batch_type._made_by_sampler(*(f[index] for f in self.fields), largest_label=self.largest_label)
+
+    def __iter__(self) -> Iterator[TaskBatch]:
+        for fields in zip(*(f.unbind() for f in self.fields)):
+            yield self.batch_type._made_by_sampler(*fields, largest_label=self.largest_label)
+
+    def stacked(self, name: str) -> Tensor:
+        """The stack of field ``name`` of every batch (x_support: [count, T, K, ...])."""
+        return self.fields[_init_fields(self.batch_type).index(name)]
 
 
 def _check_interval(name: str, value) -> tuple[float, float]:
@@ -301,15 +335,16 @@ class SinusoidTasks(_SeededSampler):
     def sample_many(
         self, count: int, num_tasks: int, device: Union[str, torch.device] = "cpu",
         dtype: torch.dtype = torch.float32
-    ) -> list[SinusoidTaskBatch]:
+    ) -> BatchStack:
         """``count`` batches of num_tasks fresh tasks in one draw of uniform numbers and a few ops for them all
-        (a training loop that draws a batch per meta-step spends tens of microseconds a batch in op calls).
+        (a training loop that draws a batch per meta-step spends tens of microseconds a batch in op calls), as a
+        BatchStack of SinusoidTaskBatch.
 
         The numbers come in sample's order, batch after batch: on the CPU, whose generator gives them one after
         another however many a call asks for, the batches are those of ``count`` calls of ``sample(num_tasks)``;
         on CUDA, batches of the same law from the stream's own order. Each batch's x_support, y_support, x_query
-        and y_query are [num_tasks, K or Q, 1] views, a task's support and query points side by side in memory
-        (the fused meta-step's CPU kernel reads them in place)."""
+        and y_query are [num_tasks, K or Q, 1] views (stacked: [count, num_tasks, K or Q, 1]), a task's support and
+        query points side by side in memory (the fused meta-step's CPU kernel reads them in place)."""
         count = check_int("count", count, minimum=1)
         num_tasks = check_int("num_tasks", num_tasks, minimum=1)
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
@@ -323,8 +358,7 @@ class SinusoidTasks(_SeededSampler):
         x = x.view(count, tasks, k + q, 1)
         y = torch.sin(x - phase.view(count, tasks, 1, 1)).mul_(amplitude.view(count, tasks, 1, 1))
         (x_support, x_query), (y_support, y_query) = (t.split_with_sizes([k, q], 2) for t in (x, y))
-        fields = (x_support, y_support, x_query, y_query, amplitude, phase)
-        return [SinusoidTaskBatch._made_by_sampler(*batch) for batch in zip(*(t.unbind() for t in fields))]
+        return BatchStack(SinusoidTaskBatch, (x_support, y_support, x_query, y_query, amplitude, phase))
 
     def _affine(self, tasks: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(low, high - low) of each number a batch of ``tasks`` draws, made once per shape."""

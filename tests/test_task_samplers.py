@@ -67,7 +67,7 @@ def test_sinusoid_sample_many_is_the_stream_of_single_draws():
     lo_a, hi_a, lo_p, hi_p, lo_x, hi_x = 0.5, 2.0, 0.1, 3.0, -4.0, 4.0
     sampler = SinusoidTasks(amplitude=(lo_a, hi_a), phase=(lo_p, hi_p), x_range=(lo_x, hi_x), k_support=k,
                             k_query=q, seed=11)
-    batches = sampler.sample_many(2, tasks) + [sampler.sample(tasks)] + sampler.sample_many(3, tasks)
+    batches = [*sampler.sample_many(2, tasks), sampler.sample(tasks), *sampler.sample_many(3, tasks)]
     u = torch.rand(6 * tasks * (2 + k + q), generator=torch.Generator().manual_seed(11)).view(6, -1)
     for b, batch in enumerate(batches):
         amplitude = lo_a + (hi_a - lo_a) * u[b, :tasks]

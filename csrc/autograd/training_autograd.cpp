@@ -1,6 +1,6 @@
 // The Autograd kernels of the ops that train in place (optimizer_step_, mlp_train_epoch_,
-// maml_mlp_meta_step_, reptile_mlp_step_). Like torch.optim's step, they update parameters outside
-// autograd: each runs its device kernel below the autograd keys, then bumps the version counter of
+// maml_mlp_meta_step_, maml_mlp_meta_steps_, reptile_mlp_step_). Like torch.optim's step, they update
+// parameters outside autograd: each runs its device kernel below the autograd keys, then bumps the version counter of
 // every tensor it wrote, as ATen's in-place ops do, so that autograd still detects a saved tensor that
 // changed since.
 #include <ATen/ATen.h>
@@ -52,6 +52,8 @@ Tensor mlp_train_epoch_autograd(TensorList params, TensorList grads, TensorList 
   return losses;
 }
 
+// maml_mlp_meta_step_ and maml_mlp_meta_steps_ (one signature)
+template <const char* kName>
 Tensor maml_mlp_meta_step_autograd(TensorList params, TensorList lr, TensorList grads, TensorList state,
                                    const Tensor& x_support, const Tensor& y_support, const Tensor& x_query,
                                    const Tensor& y_query, int64_t inner_steps, bool first_order, c10::string_view loss,
@@ -60,8 +62,7 @@ Tensor maml_mlp_meta_step_autograd(TensorList params, TensorList lr, TensorList 
                                    c10::ArrayRef<double> step_weights) {
   static auto op = find<Tensor(TensorList, TensorList, TensorList, TensorList, const Tensor&, const Tensor&,
                                const Tensor&, const Tensor&, int64_t, bool, c10::string_view, int64_t, bool,
-                               c10::string_view, c10::ArrayRef<double>, bool, c10::ArrayRef<double>)>(
-      "metalearn_fast::maml_mlp_meta_step_");
+                               c10::string_view, c10::ArrayRef<double>, bool, c10::ArrayRef<double>)>(kName);
   Tensor value;
   {
     at::AutoDispatchBelowADInplaceOrView guard;
@@ -72,6 +73,8 @@ Tensor maml_mlp_meta_step_autograd(TensorList params, TensorList lr, TensorList 
   if (learn_lr) bump_versions({lr});
   return value;
 }
+constexpr char kMetaStep[] = "metalearn_fast::maml_mlp_meta_step_";
+constexpr char kMetaSteps[] = "metalearn_fast::maml_mlp_meta_steps_";
 
 Tensor reptile_mlp_step_autograd(TensorList params, const Tensor& x_support, const Tensor& y_support,
                                  int64_t inner_steps, double inner_lr, double outer_lr, c10::string_view loss) {
@@ -92,7 +95,8 @@ TORCH_LIBRARY_IMPL(metalearn_fast, Autograd, m) {
   m.impl("reptile_mlp_step_", &reptile_mlp_step_autograd);
   m.impl("optimizer_step_", &optimizer_step_autograd);
   m.impl("mlp_train_epoch_", &mlp_train_epoch_autograd);
-  m.impl("maml_mlp_meta_step_", &maml_mlp_meta_step_autograd);
+  m.impl("maml_mlp_meta_step_", &maml_mlp_meta_step_autograd<kMetaStep>);
+  m.impl("maml_mlp_meta_steps_", &maml_mlp_meta_step_autograd<kMetaSteps>);
 }
 
 }  // namespace metalearn_fast

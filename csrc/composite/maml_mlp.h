@@ -4,7 +4,10 @@
 #include <ATen/ATen.h>
 
 #include <tuple>
+#include <utility>
 #include <vector>
+
+#include "composite/optimizer.h"
 
 namespace metalearn_fast {
 
@@ -38,6 +41,26 @@ MetaGrad call_maml_mlp_meta_grad(at::TensorList params, at::TensorList lr, const
                                  bool compute_grad, bool compute_lr_grad, bool per_step_lr,
                                  c10::ArrayRef<double> step_weights);
 
+// The tensors that a meta-step's optimizer updates (params, then the learned rates when learn_lr), and its update:
+// maml_mlp_meta_step_'s optimizer arguments, checked.
+std::pair<std::vector<at::Tensor>, OptimizerUpdate> meta_step_update(const char* op, at::TensorList params,
+                                                                     at::TensorList lr, at::TensorList grads,
+                                                                     at::TensorList state, bool learn_lr,
+                                                                     c10::string_view optimizer,
+                                                                     c10::ArrayRef<double> settings);
+// maml_mlp_meta_steps_'s arguments but the optimizer's: four stacks of sets ([S, T, K, ...] each, S >= 1) whose
+// first meta-batch passes check_maml_args (every meta-batch of a stack has its shapes), and all their class labels
+// in range, before any meta-step changes anything.
+void check_meta_steps_args(const char* op, at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
+                           const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
+                           int64_t inner_steps, LossKind kind, int64_t first_adapted, bool per_step_lr);
+// maml_mlp_meta_steps_ as S meta-steps one after another, each through the dispatcher's kernels (any device).
+at::Tensor maml_mlp_meta_steps_in_turn(at::TensorList params, at::TensorList lr, at::TensorList grads,
+                                       at::TensorList state, const at::Tensor& x_support, const at::Tensor& y_support,
+                                       const at::Tensor& x_query, const at::Tensor& y_query, int64_t inner_steps,
+                                       bool first_order, c10::string_view loss, int64_t first_adapted, bool learn_lr,
+                                       c10::string_view optimizer, c10::ArrayRef<double> settings, bool per_step_lr,
+                                       c10::ArrayRef<double> step_weights);
 // The meta-step in batched ATen ops on any device, arguments already checked, for the tasks of
 // x_support..y_query, which are part of a meta-batch of total_tasks: the loss and gradients returned are their
 // share of the meta-batch's (mean over all its tasks), so that shares of a meta-batch add up.

@@ -78,6 +78,11 @@ OptimizerUpdate parse_optimizer(const char* op, c10::string_view optimizer, c10:
   return update;
 }
 
+void momentum_buffers_filled(c10::string_view optimizer, std::vector<double>& settings) {
+  if (optimizer != "sgd") return;
+  for (size_t i = kSettingsPerParam - 1; i < settings.size(); i += kSettingsPerParam) settings[i] = 1;
+}
+
 std::pair<double, double> adam_step_size(const ParamUpdate& u, double step) {
   const double bias_correction1 = 1 - std::pow(u.beta1, step);
   const double bias_correction2 = 1 - std::pow(u.beta2, step);

@@ -44,6 +44,8 @@ struct OptimizerUpdate {
 OptimizerUpdate parse_optimizer(const char* op, c10::string_view optimizer, c10::ArrayRef<double> settings,
                                 at::TensorList params, at::TensorList grads, at::TensorList state);
 
+// The settings after a step: SGD's momentum buffers all hold a history then (has_buffer = 1).
+void momentum_buffers_filled(c10::string_view optimizer, std::vector<double>& settings);
 // torch's bias corrections of Adam at (already incremented) step `step`: (lr / bc1, sqrt(bc2)), in double as
 // Python computes them.
 std::pair<double, double> adam_step_size(const ParamUpdate& u, double step);

@@ -22,10 +22,13 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <memory>
 #include <utility>
 #include <vector>
 
 #include "composite/maml_mlp.h"
+#include "cpu/optimizer_cpu.h"
 #include "cpu/small_kernels.h"
 
 namespace metalearn_fast {
@@ -113,67 +116,130 @@ bool takes_task_kernel(at::TensorList params, at::TensorList lr, const Tensor& x
   return lr.size() == params.size() || lr[0].dim() == 0 || per_step_lr;
 }
 
+// One set of the meta-batches as the kernel reads it (task_blocks): a meta-batch's set [T, ...] (steps 0), or
+// maml_mlp_meta_steps_'s stack of them [S, T, ...], read in place when its first meta-batch is and copied whole
+// otherwise.
+struct SetBlocks {
+  Tensor blocks;
+  int64_t task_stride, step_stride;
+
+  SetBlocks(const Tensor& set, bool stacked) {
+    if (!stacked) {
+      blocks = task_blocks(set);
+      task_stride = blocks.stride(0), step_stride = 0;
+      return;
+    }
+    const Tensor first = set.select(0, 0);
+    blocks = task_blocks(first).is_same(first) ? set : set.contiguous();
+    task_stride = blocks.stride(1), step_stride = blocks.stride(0);
+  }
+  template <typename E>
+  const E* at_step(int64_t s) const {
+    return blocks.const_data_ptr<E>() + s * step_stride;
+  }
+};
+
+// A call's Problem and what its pointers point into: the params and rates (contiguous), the weights transposed,
+// the sets. Made once for any number of meta-steps: between two, the params change in place (transpose_weights
+// then) and the Problem moves to the next meta-batch of a stack (at_step).
+template <typename T>
+class PreparedProblem {
+ public:
+  PreparedProblem(at::TensorList params_in, at::TensorList lr_in, const Tensor& x_support, const Tensor& y_support,
+                  const Tensor& x_query, const Tensor& y_query, bool stacked, int64_t inner_steps, bool first_order,
+                  LossKind kind, int64_t first_adapted, bool compute_grad, bool compute_lr_grad,
+                  const Schedule& schedule, bool reptile)
+      : xs_(x_support, stacked), ys_(y_support, stacked), xq_(x_query, stacked), yq_(y_query, stacked) {
+    for (const auto& t : params_in) params.push_back(t.contiguous());
+    for (const auto& t : lr_in) lr.push_back(t.contiguous());
+    const int64_t layers = static_cast<int64_t>(params.size() / 2), set_dim = stacked ? 1 : 0;
+    p.layers = layers;
+    p.steps = inner_steps;
+    p.first_adapted = first_adapted;
+    p.support = x_support.size(set_dim + 1);
+    p.query = x_query.size(set_dim + 1);
+    p.total_tasks = x_support.size(set_dim);
+    p.kind = kind;
+    p.first_order = first_order;
+    p.compute_grad = compute_grad;
+    p.compute_lr_grad = compute_lr_grad;
+    p.reptile = reptile;
+    p.rate_step_stride = schedule.per_step_lr ? 1 : 0;
+    p.weights = schedule.weights;
+    // W^T, transposed here (an ATen transpose costs more); none for a layer whose rows the kernel reads as they are
+    weight_t_.resize(layers);
+    for (int64_t l = 0; l < layers; ++l) {
+      const Tensor& w = params[2 * l];
+      if (!reads_weight_rows(w.size(1))) weight_t_[l].resize(w.numel());
+      p.in.push_back(w.size(1));
+      p.out.push_back(w.size(0));
+      p.weight.push_back(w.const_data_ptr<T>());
+      p.weight_t.push_back(weight_t_[l].data());
+      p.bias.push_back(params[2 * l + 1].const_data_ptr<T>());
+    }
+    transpose_weights();
+    for (size_t i = 0; i < params.size(); ++i) {
+      const size_t slot = lr.size() == 1 ? 0 : i;
+      p.rate.push_back(lr[slot].const_data_ptr<T>());
+      p.rate_per_element.push_back(!schedule.per_step_lr && lr[slot].dim() > 0);
+      p.rate_slot.push_back(slot);
+    }
+    p.xs_stride = xs_.task_stride;
+    p.xq_stride = xq_.task_stride;
+    p.ys_stride = ys_.task_stride;
+    p.yq_stride = yq_.task_stride;
+    at_step(0);
+  }
+
+  void transpose_weights() {
+    for (int64_t l = 0; l < p.layers; ++l) {
+      if (!weight_t_[l].empty()) small::transpose(weight_t_[l].data(), p.weight[l], p.out[l], p.in[l]);
+    }
+  }
+
+  void at_step(int64_t s) {
+    p.x_support = xs_.at_step<T>(s);
+    p.x_query = xq_.at_step<T>(s);
+    const bool mse = p.kind == LossKind::kMse;
+    p.y_support = mse ? ys_.at_step<T>(s) : nullptr;
+    p.y_query = mse ? yq_.at_step<T>(s) : nullptr;
+    p.label_support = mse ? nullptr : ys_.at_step<int64_t>(s);
+    p.label_query = mse ? nullptr : yq_.at_step<int64_t>(s);
+  }
+
+  std::vector<Tensor> params, lr;
+  Problem<T> p;
+
+ private:
+  std::vector<std::vector<T>> weight_t_;
+  SetBlocks xs_, ys_, xq_, yq_;
+};
+
+// The per-task kernel's runs of `prepared`'s Problem in cpu_simd()'s instruction set: each call runs the meta-batch
+// the Problem points to and returns the tasks' shares added up.
+template <typename T>
+std::function<const Share<T>&()> task_runner(const PreparedProblem<T>& prepared) {
+  const int64_t tasks = prepared.p.total_tasks;
+  if (cpu_simd() == CpuSimd::kAvx512) {
+    auto runner = std::make_shared<avx512::TaskRunner<T>>(prepared.p, tasks, prepared.params, prepared.lr);
+    return [runner]() -> const Share<T>& { return runner->run(); };
+  }
+  auto runner = std::make_shared<avx2::TaskRunner<T>>(prepared.p, tasks, prepared.params, prepared.lr);
+  return [runner]() -> const Share<T>& { return runner->run(); };
+}
+
 template <typename T>
 MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, const Tensor& x_support,
                                const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
                                int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
                                bool compute_grad, bool compute_lr_grad, const Schedule& schedule,
                                bool reptile = false) {
-  std::vector<Tensor> params, lr;
-  for (const auto& t : params_in) params.push_back(t.contiguous());
-  for (const auto& t : lr_in) lr.push_back(t.contiguous());
-  const Tensor xs = task_blocks(x_support), ys = task_blocks(y_support);
-  const Tensor xq = task_blocks(x_query), yq = task_blocks(y_query);
-  const int64_t layers = static_cast<int64_t>(params.size() / 2), tasks = xs.size(0);
-  Problem<T> p;
-  p.layers = layers;
-  p.steps = inner_steps;
-  p.first_adapted = first_adapted;
-  p.support = xs.size(1);
-  p.query = xq.size(1);
-  p.total_tasks = tasks;
-  p.kind = kind;
-  p.first_order = first_order;
-  p.compute_grad = compute_grad;
-  p.compute_lr_grad = compute_lr_grad;
-  p.reptile = reptile;
-  p.rate_step_stride = schedule.per_step_lr ? 1 : 0;
-  p.weights = schedule.weights;
-  // W^T, transposed here (an ATen transpose costs more); none for a layer whose rows the kernel reads as they are
-  std::vector<std::vector<T>> weight_t(layers);
-  for (int64_t l = 0; l < layers; ++l) {
-    const Tensor& w = params[2 * l];
-    if (!reads_weight_rows(w.size(1))) {
-      weight_t[l].resize(w.numel());
-      small::transpose(weight_t[l].data(), w.const_data_ptr<T>(), w.size(0), w.size(1));
-    }
-    p.in.push_back(w.size(1));
-    p.out.push_back(w.size(0));
-    p.weight.push_back(w.const_data_ptr<T>());
-    p.weight_t.push_back(weight_t[l].data());
-    p.bias.push_back(params[2 * l + 1].const_data_ptr<T>());
-  }
-  for (size_t i = 0; i < params.size(); ++i) {
-    const size_t slot = lr.size() == 1 ? 0 : i;
-    p.rate.push_back(lr[slot].const_data_ptr<T>());
-    p.rate_per_element.push_back(!schedule.per_step_lr && lr[slot].dim() > 0);
-    p.rate_slot.push_back(slot);
-  }
-  p.x_support = xs.const_data_ptr<T>();
-  p.x_query = xq.const_data_ptr<T>();
-  const bool mse = kind == LossKind::kMse;
-  p.y_support = mse ? ys.const_data_ptr<T>() : nullptr;
-  p.y_query = mse ? yq.const_data_ptr<T>() : nullptr;
-  p.label_support = mse ? nullptr : ys.const_data_ptr<int64_t>();
-  p.label_query = mse ? nullptr : yq.const_data_ptr<int64_t>();
-  p.xs_stride = xs.stride(0);
-  p.xq_stride = xq.stride(0);
-  p.ys_stride = ys.stride(0);
-  p.yq_stride = yq.stride(0);
-
-  Share<T> total = cpu_simd() == CpuSimd::kAvx512 ? avx512::run_tasks(p, tasks, params, lr)
-                                                  : avx2::run_tasks(p, tasks, params, lr);
-  const auto options = params[0].options();
+  const PreparedProblem<T> prepared(params_in, lr_in, x_support, y_support, x_query, y_query, false, inner_steps,
+                                    first_order, kind, first_adapted, compute_grad, compute_lr_grad, schedule,
+                                    reptile);
+  const auto run = task_runner(prepared);
+  const Share<T>& total = run();
+  const auto options = prepared.params[0].options();
   // in T first: a loss beyond T's range is inf, as ATen's own loss would be, not an overflow error
   Tensor loss = at::scalar_tensor(static_cast<T>(total.loss), options);
   std::vector<Tensor> grads, lr_grads;
@@ -182,9 +248,45 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
     std::copy(values.begin(), values.end(), t.mutable_data_ptr<T>());
     return t;
   };
-  for (size_t i = 0; i < params.size() && compute_grad; ++i) grads.push_back(as_tensor(total.grads[i], params[i]));
-  for (size_t i = 0; i < lr.size() && compute_lr_grad; ++i) lr_grads.push_back(as_tensor(total.lr_grads[i], lr[i]));
+  for (size_t i = 0; i < prepared.params.size() && compute_grad; ++i) {
+    grads.push_back(as_tensor(total.grads[i], prepared.params[i]));
+  }
+  for (size_t i = 0; i < prepared.lr.size() && compute_lr_grad; ++i) {
+    lr_grads.push_back(as_tensor(total.lr_grads[i], prepared.lr[i]));
+  }
   return {loss, grads, lr_grads};
+}
+
+// maml_mlp_meta_steps_ with the per-task kernel: one Problem and one set of workspaces for all the meta-steps, the
+// gradients written into grads and the optimizer's raw loops run on them, step after step. params (updated in
+// place, read by the kernel where they are) and every tensor the optimizer updates are contiguous.
+template <typename T>
+Tensor task_kernel_meta_steps(at::TensorList params, at::TensorList lr, at::TensorList grads, at::TensorList state,
+                              at::TensorList updated, OptimizerUpdate update, const Tensor& x_support,
+                              const Tensor& y_support, const Tensor& x_query, const Tensor& y_query,
+                              int64_t inner_steps, bool first_order, LossKind kind, int64_t first_adapted,
+                              bool learn_lr, const Schedule& schedule) {
+  PreparedProblem<T> prepared(params, lr, x_support, y_support, x_query, y_query, true, inner_steps, first_order,
+                              kind, first_adapted, true, learn_lr, schedule, false);
+  const auto run = task_runner(prepared);
+  const int64_t steps = x_support.size(0);
+  Tensor losses = at::empty({steps}, params[0].options());
+  T* loss = losses.mutable_data_ptr<T>();
+  for (int64_t s = 0; s < steps; ++s) {
+    if (s > 0) {
+      prepared.at_step(s);
+      prepared.transpose_weights();
+    }
+    const Share<T>& total = run();
+    loss[s] = static_cast<T>(total.loss);
+    for (size_t i = 0; i < updated.size(); ++i) {
+      const std::vector<T>& g = i < params.size() ? total.grads[i] : total.lr_grads[i - params.size()];
+      std::copy(g.begin(), g.end(), grads[i].mutable_data_ptr<T>());
+    }
+    raw_optimizer_update<T>(update, updated, grads, state);
+    for (auto& u : update.params) u.has_buffer = true;  // every momentum buffer now holds a history
+  }
+  return losses;
 }
 #endif  // METALEARN_FAST_SMALL_KERNELS
 
@@ -271,10 +373,41 @@ Tensor reptile_mlp_step_cpu(at::TensorList params, const Tensor& x_support, cons
   return reptile_update_(params, means, outer_lr, loss);
 }
 
+// maml_mlp_meta_steps_ on the CPU: the per-task kernel's meta-steps one after another in one Problem where the kernel
+// takes the call and the optimizer's raw loops apply, else the meta-steps in turn through the dispatcher.
+Tensor maml_mlp_meta_steps_cpu(at::TensorList params, at::TensorList lr, at::TensorList grads, at::TensorList state,
+                               const Tensor& x_support, const Tensor& y_support, const Tensor& x_query,
+                               const Tensor& y_query, int64_t inner_steps, bool first_order,
+                               c10::string_view loss_name, int64_t first_adapted, bool learn_lr,
+                               c10::string_view optimizer, c10::ArrayRef<double> settings, bool per_step_lr,
+                               c10::ArrayRef<double> step_weights) {
+  const char* op = "maml_mlp_meta_steps_";
+#ifdef METALEARN_FAST_SMALL_KERNELS
+  auto [updated, update] = meta_step_update(op, params, lr, grads, state, learn_lr, optimizer, settings);
+  const LossKind kind = maml_loss_kind(loss_name, op);
+  check_meta_steps_args(op, params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted,
+                        per_step_lr);
+  const Schedule schedule = make_schedule(per_step_lr, step_weights, inner_steps, op);
+  bool in_place = raw_loops_apply(updated, grads, state);
+  for (const auto& t : updated) in_place = in_place && t.scalar_type() == params[0].scalar_type();
+  if (in_place && takes_task_kernel(params, lr, x_support.select(0, 0), x_query.select(0, 0), per_step_lr)) {
+    return AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "maml_mlp_meta_steps_cpu", [&] {
+      return task_kernel_meta_steps<scalar_t>(params, lr, grads, state, updated, update, x_support, y_support,
+                                              x_query, y_query, inner_steps, first_order, kind, first_adapted,
+                                              learn_lr, schedule);
+    });
+  }
+#endif
+  return maml_mlp_meta_steps_in_turn(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps,
+                                     first_order, loss_name, first_adapted, learn_lr, optimizer, settings,
+                                     per_step_lr, step_weights);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metalearn_fast, CPU, m) {
   m.impl("maml_mlp_meta_grad", &maml_mlp_meta_grad_cpu);
+  m.impl("maml_mlp_meta_steps_", &maml_mlp_meta_steps_cpu);
   m.impl("reptile_mlp_step_", &reptile_mlp_step_cpu);
 }
 

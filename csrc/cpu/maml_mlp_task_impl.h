@@ -295,34 +295,47 @@ class TaskKernel {
     *qe_ = nullptr;
 };
 
-// Runs the tasks in contiguous ranges, one per thread, and adds up their shares.
+// Runs the tasks of the meta-batch its Problem points to in contiguous ranges, one per thread, and adds up their
+// shares; made once for any number of runs (a meta-step each: the Problem's pointers move between them), each
+// range's workspace kept from run to run.
 template <typename T>
-Share<T> run_tasks(const Problem<T>& p, int64_t tasks, at::TensorList params, at::TensorList lr) {
-  auto empty_share = [&] {
-    Share<T> share;
-    for (const auto& t : params) share.grads.emplace_back(p.compute_grad ? t.numel() : 0, T(0));
-    for (const auto& t : lr) share.lr_grads.emplace_back(p.compute_lr_grad ? t.numel() : 0, T(0));
-    return share;
-  };
-  const int64_t ranges = std::min<int64_t>(tasks, at::get_num_threads());
-  std::vector<Share<T>> shares(ranges);
-  at::parallel_for(0, ranges, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      shares[r] = empty_share();
-      TaskKernel<T> kernel(p);
-      for (int64_t t = r * tasks / ranges; t < (r + 1) * tasks / ranges; ++t) kernel.run(t, shares[r]);
+class TaskRunner {
+ public:
+  TaskRunner(const Problem<T>& p, int64_t tasks, at::TensorList params, at::TensorList lr)
+      : tasks_(tasks), ranges_(std::min<int64_t>(tasks, at::get_num_threads())), shares_(ranges_) {
+    for (Share<T>& share : shares_) {
+      for (const auto& t : params) share.grads.emplace_back(p.compute_grad ? t.numel() : 0, T(0));
+      for (const auto& t : lr) share.lr_grads.emplace_back(p.compute_lr_grad ? t.numel() : 0, T(0));
     }
-  });
-  Share<T> total = std::move(shares[0]);
-  for (int64_t r = 1; r < ranges; ++r) {
-    total.loss += shares[r].loss;
-    for (size_t i = 0; i < total.grads.size(); ++i) {
-      for (size_t e = 0; e < total.grads[i].size(); ++e) total.grads[i][e] += shares[r].grads[i][e];
-    }
-    for (size_t i = 0; i < total.lr_grads.size(); ++i) {
-      for (size_t e = 0; e < total.lr_grads[i].size(); ++e) total.lr_grads[i][e] += shares[r].lr_grads[i][e];
-    }
+    for (int64_t r = 0; r < ranges_; ++r) kernels_.push_back(std::make_unique<TaskKernel<T>>(p));
   }
-  return total;
-}
 
+  // The meta-batch's loss and gradients: the first range's share, the others added to it.
+  const Share<T>& run() {
+    at::parallel_for(0, ranges_, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        Share<T>& share = shares_[r];
+        share.loss = 0;
+        for (auto& g : share.grads) std::fill(g.begin(), g.end(), T(0));
+        for (auto& g : share.lr_grads) std::fill(g.begin(), g.end(), T(0));
+        for (int64_t t = r * tasks_ / ranges_; t < (r + 1) * tasks_ / ranges_; ++t) kernels_[r]->run(t, share);
+      }
+    });
+    Share<T>& total = shares_[0];
+    for (int64_t r = 1; r < ranges_; ++r) {
+      total.loss += shares_[r].loss;
+      for (size_t i = 0; i < total.grads.size(); ++i) {
+        for (size_t e = 0; e < total.grads[i].size(); ++e) total.grads[i][e] += shares_[r].grads[i][e];
+      }
+      for (size_t i = 0; i < total.lr_grads.size(); ++i) {
+        for (size_t e = 0; e < total.lr_grads[i].size(); ++e) total.lr_grads[i][e] += shares_[r].lr_grads[i][e];
+      }
+    }
+    return total;
+  }
+
+ private:
+  const int64_t tasks_, ranges_;
+  std::vector<Share<T>> shares_;
+  std::vector<std::unique_ptr<TaskKernel<T>>> kernels_;
+};

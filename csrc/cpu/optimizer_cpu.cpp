@@ -9,11 +9,8 @@
 #include "cpu/optimizer_cpu.h"
 
 namespace metalearn_fast {
-namespace {
 
-constexpr int64_t kGrain = 1 << 15;  // elements per thread at least
-
-bool raw_loops_apply(at::TensorList params, at::TensorList grads, at::TensorList state, const OptimizerUpdate& update) {
+bool raw_loops_apply(at::TensorList params, at::TensorList grads, at::TensorList state) {
   const auto dtype = params[0].scalar_type();
   if (dtype != at::kFloat && dtype != at::kDouble) return false;
   for (size_t i = 0; i < params.size(); ++i) {
@@ -25,23 +22,15 @@ bool raw_loops_apply(at::TensorList params, at::TensorList grads, at::TensorList
   return true;
 }
 
+namespace {
+
 void optimizer_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList state, c10::string_view optimizer,
                         c10::ArrayRef<double> settings) {
   const OptimizerUpdate update = parse_optimizer("optimizer_step_", optimizer, settings, params, grads, state);
   if (params.empty()) return;
-  if (!raw_loops_apply(params, grads, state, update)) return optimizer_update_aten(update, params, grads, state);
+  if (!raw_loops_apply(params, grads, state)) return optimizer_update_aten(update, params, grads, state);
   AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "optimizer_step_cpu", [&] {
-    for (size_t i = 0; i < params.size(); ++i) {
-      const ParamUpdate& u = update.params[i];
-      // a struct, not a structured binding: a C++17 lambda cannot capture those
-      const TensorState<scalar_t> t = tensor_state<scalar_t>(update, state, i);
-      scalar_t* param = params[i].mutable_data_ptr<scalar_t>();
-      const scalar_t* grad = grads[i].const_data_ptr<scalar_t>();
-      // elementwise: large tensors split across the threads, small ones run in this thread
-      at::parallel_for(0, params[i].numel(), kGrain, [&](int64_t begin, int64_t end) {
-        update_tensor<scalar_t>(update.kind, u, param, grad, t.state1, t.state2, begin, end, t.step);
-      });
-    }
+    raw_optimizer_update<scalar_t>(update, params, grads, state);
   });
 }
 

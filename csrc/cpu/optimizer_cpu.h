@@ -3,6 +3,8 @@
 // dtype where torch passes it to an ATen op as a scalar. The options are template arguments, so that
 // each loop has no branch inside and vectorises.
 #pragma once
+#include <ATen/Parallel.h>
+
 #include <cmath>
 #include <cstdint>
 
@@ -65,6 +67,26 @@ TensorState<T> tensor_state(const OptimizerUpdate& update, at::TensorList state,
   T* state1 = update.state_count(i) > (adam ? 1 : 0) ? state[first].mutable_data_ptr<T>() : nullptr;
   T* state2 = adam ? state[first + 1].mutable_data_ptr<T>() : nullptr;
   return {step, state1, state2};
+}
+
+// Whether raw_optimizer_update can run the update: float or double, one dtype, every tensor contiguous.
+bool raw_loops_apply(at::TensorList params, at::TensorList grads, at::TensorList state);
+
+// optimizer_step_'s update in raw loops (raw_loops_apply holds, T the dtype): tensor by tensor, a large one split
+// across the threads, a small one run in this thread.
+template <typename T>
+void raw_optimizer_update(const OptimizerUpdate& update, at::TensorList params, at::TensorList grads,
+                          at::TensorList state) {
+  constexpr int64_t kGrain = 1 << 15;  // elements per thread at least
+  for (size_t i = 0; i < params.size(); ++i) {
+    const ParamUpdate& u = update.params[i];
+    const TensorState<T> t = tensor_state<T>(update, state, i);
+    T* param = params[i].mutable_data_ptr<T>();
+    const T* grad = grads[i].const_data_ptr<T>();
+    at::parallel_for(0, params[i].numel(), kGrain, [&](int64_t begin, int64_t end) {
+      update_tensor<T>(update.kind, u, param, grad, t.state1, t.state2, begin, end, t.step);
+    });
+  }
 }
 
 }  // namespace metalearn_fast

@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from .. import distributed
 from .._checks import check_int, check_positive
-from ..ops import _number_as_rate, maml_mlp_loss, maml_mlp_meta_step_, sgd_step
+from ..ops import _number_as_rate, maml_mlp_loss, maml_mlp_meta_step_, maml_mlp_meta_steps_, sgd_step
 from ..optim import FusedUpdate, UpdateCache
-from ..tasks import TaskBatch, check_task_set
+from ..tasks import BatchStack, TaskBatch, check_task_set
 from .maml_plus import StepOptions, batchnorm_indices
 from . import convnet
 from .task_batched import LossArg, _TaskBatchedLearner, _head_indices
@@ -164,6 +164,30 @@ class MAML(_TaskBatchedLearner):
         if self.plus is not None:
             self.plus.advance()
         return loss
+
+    def meta_steps(self, batches: Sequence[TaskBatch], optimizer: torch.optim.Optimizer) -> Tensor:
+        """``meta_step(batch, optimizer)`` for each batch in turn: a training loop's meta-steps in one call. Returns
+        their meta-losses, detached, as one tensor [len(batches)] on the model's device. The same numbers as the
+        loop; where the fused path takes them all (meta_step_path says "fused", batches of one shape, no MAML++
+        schedule, which changes between steps), one C++ call runs them, without a return to Python between steps
+        (a BatchStack, as ``SinusoidTasks.sample_many`` draws, is taken as it is; a list is stacked first). The
+        optimizer's settings are those of the call (an LR scheduler steps between calls)."""
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not isinstance(batches, BatchStack):
+            batches = list(batches)
+            for i, batch in enumerate(batches):
+                if not isinstance(batch, TaskBatch):
+                    raise TypeError(f"batches[{i}] must be a metalearn_fast.TaskBatch, got {type(batch).__name__}")
+        update = None if distributed.is_distributed() or self.plus is not None else _fused_update(self, optimizer)
+        stacked = None
+        if len(batches) > 0 and isinstance(update, FusedUpdate) and self._fits_one_chunk(batches[0]):
+            self._check_batch(batches[0])
+            stacked = _stacked_sets(batches)
+        if stacked is None:
+            losses = [self.meta_step(batch, optimizer) for batch in batches]
+            return torch.stack(losses) if losses else self._meta_parameters()[0].new_empty((0,)).detach()
+        return _fused_meta_steps(self, batches, stacked, update)
 
     def _backward(self, batch: TaskBatch) -> Tensor:
         """meta_loss(batch).backward() in chunks of at most max_tasks_per_chunk tasks, each weighted by its share
@@ -326,6 +350,40 @@ def _fused_meta_step(maml: MAML, batch: TaskBatch, update: FusedUpdate) -> Tenso
         maml._first_adapted_layer, bool(learned), update.kind, settings, per_step_lr, step_weights)
     update.finish(state)
     return loss
+
+
+_SETS = ("x_support", "y_support", "x_query", "y_query")
+
+
+def _stacked_sets(batches: Sequence[TaskBatch]) -> Optional[list[Tensor]]:
+    """The batches' four sets, each stacked [S, T, ...]; None unless each set has the first batch's shape, dtype and
+    device in every batch (the checks of the first batch then hold for all)."""
+    if isinstance(batches, BatchStack):
+        return [batches.stacked(name) for name in _SETS]
+    stacked = []
+    for name in _SETS:
+        sets = [getattr(batch, name) for batch in batches]
+        shape, dtype, device = sets[0].shape, sets[0].dtype, sets[0].device
+        if not all(t.shape == shape and t.dtype is dtype and t.device == device for t in sets):
+            return None
+        stacked.append(torch.stack(sets))
+    return stacked
+
+
+def _fused_meta_steps(maml: MAML, batches: Sequence[TaskBatch], stacked: list[Tensor], update: FusedUpdate) -> Tensor:
+    """MAML.meta_steps as one op: ops.maml_mlp_meta_steps_ on the batches' sets stacked."""
+    split = len(update.tensors) - len(_learned_rate_list(maml) or ())
+    params, learned = update.tensors[:split], update.tensors[split:]
+    for batch in batches[:1] if isinstance(batches, BatchStack) else batches:  # a stack's labels have one bound
+        maml._check_labels(batch, params[-2].shape[0])
+    grads, state, settings = update.arguments()
+    per_step_lr, step_weights = _per_step(maml)
+    losses = maml_mlp_meta_steps_(
+        params, learned or [_fused_rate(maml, params[0])], grads, state, *stacked, maml.inner_steps,
+        bool(maml._first_order()), maml.loss, maml._first_adapted_layer, bool(learned), update.kind, settings,
+        per_step_lr, step_weights)
+    update.finish(state)
+    return losses
 
 
 def _func_grad_meta_loss(maml: MAML, batch: TaskBatch) -> Tensor:

@@ -322,8 +322,8 @@ def _run(config: Config, data: Dataset, split: dict, out: Path, command: Optiona
         ("pretrain", "pretrained", job.pretrain_step, job.next_examples, "pretraining the baseline", "loss"),
     ):
         phase = job.phases[name]
-        runs.train(phase, step, runs.one_at_a_time(next_batch), validate=validate(method), desc=desc, label=label,
-                   validate_after=runs.validation_steps(phase.steps, VALIDATION_POINTS),
+        runs.train(phase, runs.each(step, runs.one_at_a_time(next_batch)), validate=validate(method), desc=desc,
+                   label=label, validate_after=runs.validation_steps(phase.steps, VALIDATION_POINTS),
                    log_every=max(1, phase.steps // 100), x_per_step=config.meta_steps / phase.steps)
     for method, model in models.items():  # each method is scored at its best validation checkpoint
         if method in best:

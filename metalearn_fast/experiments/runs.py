@@ -177,8 +177,7 @@ MOST_BATCHES_AT_ONCE = 1000
 
 def train(
     phase: Phase,
-    step: Callable[[Any], Union[float, Tensor]],
-    next_batches: Callable[[int], Iterable[Any]],
+    run_steps: Callable[[int], Tensor],
     *,
     validate: Optional[Callable[[], float]],
     validate_after: set[int],
@@ -189,16 +188,15 @@ def train(
     checkpoint_every: Optional[int] = None,
     x_per_step: float = 1.0,
 ) -> None:
-    """Runs ``phase`` to its end: ``step(batch)`` returns each step's loss (a number, or a 0-dim tensor, kept
-    without a host sync) for each batch of ``next_batches(count)``, an iterable of the next ``count`` batches (a
-    list drawn at once, or a generator that makes them one at a time). ``validate()`` scores the model off the
-    clock, before the first step and after the steps in ``validate_after``, recorded at x = steps * x_per_step
-    (None: no validation). ``checkpoint()`` runs every ``checkpoint_every`` steps and at the end, off the clock.
-    Resumes where ``phase.done`` says.
+    """Runs ``phase`` to its end: ``run_steps(count)`` runs the next ``count`` steps and returns their losses, a
+    tensor [count] (kept without a host sync; ``each`` makes one from a one-step function and a source of batches).
+    ``validate()`` scores the model off the clock, before the first step and after the steps in ``validate_after``,
+    recorded at x = steps * x_per_step (None: no validation). ``checkpoint()`` runs every ``checkpoint_every`` steps
+    and at the end, off the clock. Resumes where ``phase.done`` says.
 
-    The loop goes from one of these events (and the log points) to the next, asking for the batches of the steps in
-    between, at most MOST_BATCHES_AT_ONCE: a checkpoint then saves the task samplers just after the batches of the
-    steps done, and a resumed run asks for the same counts as one never interrupted."""
+    The loop runs the steps from one of these events (and the log points) to the next in one ``run_steps``, at most
+    MOST_BATCHES_AT_ONCE: a checkpoint then saves the task samplers just after the batches of the steps done, and a
+    resumed run asks for the same counts as one never interrupted."""
     if validate is not None and not phase.validation:
         phase.validation.append((0, validate()))
     validations = sorted(validate_after) if validate is not None else []
@@ -209,13 +207,12 @@ def train(
             if checkpoint is not None:
                 end = min(end, _next_multiple(phase.done, checkpoint_every))
             end = min([end] + [s for s in validations if s > phase.done][:1])
-            losses = []
-            for batch in next_batches(end - phase.done):
-                losses.append(step(batch))
-                bar.update()
-            if len(losses) != end - phase.done:
-                raise RuntimeError(f"next_batches({end - phase.done}) gave {len(losses)} batches")
-            phase.losses[phase.done : end] = torch.stack([torch.as_tensor(loss) for loss in losses])
+            losses = run_steps(end - phase.done)
+            if not isinstance(losses, Tensor) or losses.shape != (end - phase.done,):
+                got = list(losses.shape) if isinstance(losses, Tensor) else type(losses).__name__
+                raise RuntimeError(f"run_steps({end - phase.done}) must return [{end - phase.done}] losses, got {got}")
+            phase.losses[phase.done : end] = losses
+            bar.update(end - phase.done)
             phase.done = end
             if phase.done % log_every == 0:
                 recent = phase.losses[phase.done - log_every : phase.done].mean()
@@ -230,6 +227,14 @@ def train(
                     checkpoint()
                 started = time.perf_counter()
         phase.seconds += time.perf_counter() - started
+
+
+def each(step: Callable[[Any], Union[float, Tensor]], next_batches: Callable[[int], Iterable[Any]]
+         ) -> Callable[[int], Tensor]:
+    """train's run_steps from a one-step function: ``step(batch)`` returns a step's loss (a number, or a 0-dim
+    tensor) for each batch of ``next_batches(count)``, an iterable of the next ``count`` batches (a list drawn at
+    once, or a generator that makes them one at a time: ``one_at_a_time``)."""
+    return lambda count: torch.stack([torch.as_tensor(step(batch)) for batch in next_batches(count)])
 
 
 def _next_multiple(done: int, every: int) -> int:

@@ -262,8 +262,8 @@ def _train(job: Run, validate: Callable[[str], Callable[[], float]], out: Path) 
     if config.checkpoint_every is not None:
         checkpoint = lambda: runs.save_checkpoint(out, job.state_dict())  # noqa: E731
 
-    def maml_step(batch):  # one C++ call with Adam's update on the fast path (MAML.meta_step_path says)
-        return job.maml.meta_step(batch, job.maml_optimizer)
+    def maml_steps(batches):  # one C++ call for all the meta-steps, Adam's update included (MAML.meta_steps)
+        return job.maml.meta_steps(batches, job.maml_optimizer)
 
     def pretrain_step(batch):
         x = torch.cat([batch.x_support, batch.x_query], 1).reshape(-1, 1)
@@ -276,12 +276,14 @@ def _train(job: Run, validate: Callable[[str], Callable[[], float]], out: Path) 
         return loss.detach()
 
     common = dict(log_every=config.log_every, checkpoint=checkpoint, checkpoint_every=config.checkpoint_every)
-    for name, step, desc, label, x_per_step in (
-        ("maml", maml_step, "meta-training MAML", "meta-loss", 1.0),
-        ("pretrain", pretrain_step, "pretraining the baseline", "loss", config.meta_steps / job.phases["pretrain"].steps),
+    pretrain_steps = lambda batches: torch.stack([pretrain_step(batch) for batch in batches])  # noqa: E731
+    pretrain_x = config.meta_steps / job.phases["pretrain"].steps
+    for name, steps, desc, label, x_per_step in (
+        ("maml", maml_steps, "meta-training MAML", "meta-loss", 1.0),
+        ("pretrain", pretrain_steps, "pretraining the baseline", "loss", pretrain_x),
     ):
         phase, sampler = job.phases[name], job.samplers[name]
-        runs.train(phase, step, lambda count: sampler.sample_many(count, config.meta_batch, device=device),
+        runs.train(phase, lambda count: steps(sampler.sample_many(count, config.meta_batch, device=device)),
                    validate=validate("maml" if name == "maml" else "pretrained"),
                    validate_after=runs.validation_steps(phase.steps, VALIDATION_POINTS), desc=desc, label=label,
                    x_per_step=x_per_step, **common)
