@@ -15,7 +15,7 @@ from .plan import ModelPlan
 from .ops import mlp_train_epoch_
 from .optim import FusedUpdate
 
-__all__ = ["pretrain", "adapt", "as_tensor", "training_path", "EpochLosses"]
+__all__ = ["pretrain", "adapt", "as_tensor", "training_path", "train_in_order", "EpochLosses"]
 
 OptimizerArg = Union[None, torch.optim.Optimizer, Callable[..., torch.optim.Optimizer]]
 
@@ -175,6 +175,17 @@ def _python_epoch(model, optimizer, loss_fn, x, y, order: Optional[Tensor], batc
         optimizer.step()
         losses.append(loss.detach())
     return torch.stack(losses)
+
+
+def train_in_order(model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn, x: Tensor, y: Tensor,
+                   batch_size: int) -> Tensor:
+    """One pass over x, y (tensors of the model's dtype and device) in order, batch_size rows a step: each step's
+    loss [ceil(N / batch_size)], detached. pretrain's fused epoch where it takes the arguments (training_path), else
+    the plain loop (zero_grad, forward, backward, step); no random number is drawn."""
+    fused = _FusedTraining.plan(model, optimizer, loss_fn, x, y)
+    if isinstance(fused, _FusedTraining):
+        return fused.epoch(x, y, None, batch_size)
+    return _python_epoch(model, optimizer, loss_fn, x, y, None, batch_size)
 
 
 def training_path(model: nn.Module, x, y, *, optimizer: OptimizerArg = None, loss_fn=None, lr: float = 1e-3) -> str:

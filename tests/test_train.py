@@ -173,3 +173,36 @@ def test_the_example_command_trains_on_both_tasks(capsys):
     assert result["new_task_after"] < result["new_task_before"]
     assert cli.main(["example", "--epochs", "1"]) == 0
     assert "MSE on the new task" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("loss", ["mse", "l1"])
+def test_train_in_order_is_the_plain_loop_in_order(loss):
+    """train_in_order: one Adam step per batch of consecutive rows, the fused epoch where pretrain would take it
+    (mse) and the plain loop otherwise (l1), each against a plain-torch loop; no random number drawn."""
+    from metalearn_fast.train import train_in_order, training_path
+
+    loss_fn = torch.nn.functional.mse_loss if loss == "mse" else torch.nn.functional.l1_loss
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(70, 3, generator=g, dtype=torch.float64), torch.randn(70, 2, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    ours = mf.MLP([3, 16, 2], dtype=torch.float64)
+    plain = nn.Sequential(nn.Linear(3, 16), nn.ReLU(), nn.Linear(16, 2)).double()
+    with torch.no_grad():
+        for p, q in zip(plain.parameters(), ours.parameters()):
+            p.copy_(q)
+    ours_optimizer, plain_optimizer = (torch.optim.Adam(m.parameters(), lr=1e-2) for m in (ours, plain))
+    expected = []
+    for start in range(0, 70, 20):  # 20, 20, 20 and 10 rows
+        plain_optimizer.zero_grad()
+        value = loss_fn(plain(x[start:start + 20]), y[start:start + 20])
+        value.backward()
+        plain_optimizer.step()
+        expected.append(value.detach())
+    rng = torch.get_rng_state()
+    got = train_in_order(ours, ours_optimizer, loss_fn, x, y, 20)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert training_path(ours, x, y, optimizer=ours_optimizer, loss_fn=loss_fn).startswith(
+        "fused" if loss == "mse" else "python")
+    torch.testing.assert_close(got, torch.stack(expected), rtol=1e-10, atol=1e-12)
+    for p, q in zip(ours.parameters(), plain.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-10, atol=1e-12)

@@ -243,6 +243,6 @@ def _next_multiple(done: int, every: int) -> int:
 
 
 def one_at_a_time(next_batch: Callable[[], Any]) -> Callable[[int], Iterable[Any]]:
-    """train's next_batches for a source of one batch a call: each batch made when its step comes (large batches
+    """each's next_batches for a source of one batch a call: each batch made when its step comes (large batches
     are not held ahead)."""
     return lambda count: (next_batch() for _ in range(count))

@@ -1,8 +1,9 @@
 """The main job: MAML on the sinusoid family (Finn et al. 2017, section 5.1), against two baselines.
 
 y = A·sin(x − φ), A ~ U[0.1, 5], φ ~ U[0, π], x ~ U[−5, 5]; an MLP 1-40-40-1 with MSE. MAML meta-trains
-with Adam; the pretrained baseline trains the same network on every point of the same stream of tasks
-with the same budget of per-example gradients; the random init is the untrained network. All three
+with Adam (a stretch of meta-steps in one call, MAML.meta_steps); the pretrained baseline trains the same
+network with Adam on every point of the same stream of tasks with the same budget of per-example gradients (a
+stretch of steps in one fused epoch, pretrain()'s path); the random init is the untrained network. All three
 start from the same weights and are scored on fixed new test tasks after 0, 1 and 10 steps of the same
 inner SGD. ``run`` returns the results and writes the figures and results.json; the command line
 (metalearn_fast/cli.py) parses the options and prints.
@@ -23,6 +24,7 @@ import torch.nn.functional as F
 from .. import MAML, MLP, backend_info, reference
 from ..algorithms.maml_plus import job_options
 from ..tasks import SinusoidTasks
+from ..train import train_in_order
 from . import runs
 from .options import check_variant, given, variant_name
 
@@ -265,18 +267,13 @@ def _train(job: Run, validate: Callable[[str], Callable[[], float]], out: Path) 
     def maml_steps(batches):  # one C++ call for all the meta-steps, Adam's update included (MAML.meta_steps)
         return job.maml.meta_steps(batches, job.maml_optimizer)
 
-    def pretrain_step(batch):
-        x = torch.cat([batch.x_support, batch.x_query], 1).reshape(-1, 1)
-        y = torch.cat([batch.y_support, batch.y_query], 1).reshape(-1, 1)
-        optimizer = job.pretrain_optimizer
-        optimizer.zero_grad(set_to_none=True)
-        loss = F.mse_loss(job.pretrained(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss.detach()
+    def pretrain_steps(stack):  # every point of a step's tasks, one Adam step a batch, in one fused epoch
+        sets = [torch.cat([stack.stacked(f"{v}_support"), stack.stacked(f"{v}_query")], 2).reshape(-1, 1)
+                for v in ("x", "y")]
+        rows = config.meta_batch * (config.k_support + config.k_query)
+        return train_in_order(job.pretrained, job.pretrain_optimizer, F.mse_loss, *sets, rows)
 
     common = dict(log_every=config.log_every, checkpoint=checkpoint, checkpoint_every=config.checkpoint_every)
-    pretrain_steps = lambda batches: torch.stack([pretrain_step(batch) for batch in batches])  # noqa: E731
     pretrain_x = config.meta_steps / job.phases["pretrain"].steps
     for name, steps, desc, label, x_per_step in (
         ("maml", maml_steps, "meta-training MAML", "meta-loss", 1.0),
