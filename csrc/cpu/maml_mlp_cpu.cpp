@@ -216,16 +216,17 @@ class PreparedProblem {
 };
 
 // The per-task kernel's runs of `prepared`'s Problem in cpu_simd()'s instruction set: each call runs the meta-batch
-// the Problem points to and returns the tasks' shares added up.
+// the Problem points to and returns the tasks' shares added up (its argument: whether it is the last run,
+// TaskRunner::run).
 template <typename T>
-std::function<const Share<T>&()> task_runner(const PreparedProblem<T>& prepared) {
+std::function<const Share<T>&(bool)> task_runner(const PreparedProblem<T>& prepared) {
   const int64_t tasks = prepared.p.total_tasks;
   if (cpu_simd() == CpuSimd::kAvx512) {
     auto runner = std::make_shared<avx512::TaskRunner<T>>(prepared.p, tasks, prepared.params, prepared.lr);
-    return [runner]() -> const Share<T>& { return runner->run(); };
+    return [runner](bool last) -> const Share<T>& { return runner->run(last); };
   }
   auto runner = std::make_shared<avx2::TaskRunner<T>>(prepared.p, tasks, prepared.params, prepared.lr);
-  return [runner]() -> const Share<T>& { return runner->run(); };
+  return [runner](bool last) -> const Share<T>& { return runner->run(last); };
 }
 
 template <typename T>
@@ -238,7 +239,7 @@ MetaGrad task_kernel_meta_grad(at::TensorList params_in, at::TensorList lr_in, c
                                     first_order, kind, first_adapted, compute_grad, compute_lr_grad, schedule,
                                     reptile);
   const auto run = task_runner(prepared);
-  const Share<T>& total = run();
+  const Share<T>& total = run(true);
   const auto options = prepared.params[0].options();
   // in T first: a loss beyond T's range is inf, as ATen's own loss would be, not an overflow error
   Tensor loss = at::scalar_tensor(static_cast<T>(total.loss), options);
@@ -277,7 +278,7 @@ Tensor task_kernel_meta_steps(at::TensorList params, at::TensorList lr, at::Tens
       prepared.at_step(s);
       prepared.transpose_weights();
     }
-    const Share<T>& total = run();
+    const Share<T>& total = run(s + 1 == steps);
     loss[s] = static_cast<T>(total.loss);
     for (size_t i = 0; i < updated.size(); ++i) {
       const std::vector<T>& g = i < params.size() ? total.grads[i] : total.lr_grads[i - params.size()];

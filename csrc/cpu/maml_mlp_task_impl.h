@@ -297,28 +297,35 @@ class TaskKernel {
 
 // Runs the tasks of the meta-batch its Problem points to in contiguous ranges, one per thread, and adds up their
 // shares; made once for any number of runs (a meta-step each: the Problem's pointers move between them), each
-// range's workspace kept from run to run.
+// range's workspace and share kept from run to run. The thread that first runs a range makes them (its cache,
+// and its memory on a NUMA machine, holds them).
 template <typename T>
 class TaskRunner {
  public:
   TaskRunner(const Problem<T>& p, int64_t tasks, at::TensorList params, at::TensorList lr)
-      : tasks_(tasks), ranges_(std::min<int64_t>(tasks, at::get_num_threads())), shares_(ranges_) {
-    for (Share<T>& share : shares_) {
-      for (const auto& t : params) share.grads.emplace_back(p.compute_grad ? t.numel() : 0, T(0));
-      for (const auto& t : lr) share.lr_grads.emplace_back(p.compute_lr_grad ? t.numel() : 0, T(0));
-    }
-    for (int64_t r = 0; r < ranges_; ++r) kernels_.push_back(std::make_unique<TaskKernel<T>>(p));
+      : p_(p), tasks_(tasks), ranges_(std::min<int64_t>(tasks, at::get_num_threads())), shares_(ranges_),
+        kernels_(ranges_) {
+    for (const auto& t : params) sizes_.push_back(p.compute_grad ? t.numel() : 0);
+    for (const auto& t : lr) lr_sizes_.push_back(p.compute_lr_grad ? t.numel() : 0);
   }
 
-  // The meta-batch's loss and gradients: the first range's share, the others added to it.
-  const Share<T>& run() {
+  // The meta-batch's loss and gradients: the first range's share, the others added to it. last: the run after
+  // which the workspaces are let go, each in the thread that used it (as a call of one meta-step would).
+  const Share<T>& run(bool last) {
     at::parallel_for(0, ranges_, 1, [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r) {
         Share<T>& share = shares_[r];
+        if (!kernels_[r]) {
+          kernels_[r] = std::make_unique<TaskKernel<T>>(p_);
+          for (int64_t n : sizes_) share.grads.emplace_back(n, T(0));
+          for (int64_t n : lr_sizes_) share.lr_grads.emplace_back(n, T(0));
+        } else {
+          for (auto& g : share.grads) std::fill(g.begin(), g.end(), T(0));
+          for (auto& g : share.lr_grads) std::fill(g.begin(), g.end(), T(0));
+        }
         share.loss = 0;
-        for (auto& g : share.grads) std::fill(g.begin(), g.end(), T(0));
-        for (auto& g : share.lr_grads) std::fill(g.begin(), g.end(), T(0));
         for (int64_t t = r * tasks_ / ranges_; t < (r + 1) * tasks_ / ranges_; ++t) kernels_[r]->run(t, share);
+        if (last) kernels_[r].reset();
       }
     });
     Share<T>& total = shares_[0];
@@ -335,7 +342,9 @@ class TaskRunner {
   }
 
  private:
+  const Problem<T>& p_;
   const int64_t tasks_, ranges_;
+  std::vector<int64_t> sizes_, lr_sizes_;  // of each share's gradients
   std::vector<Share<T>> shares_;
   std::vector<std::unique_ptr<TaskKernel<T>>> kernels_;
 };
