@@ -134,14 +134,14 @@ class TaskBatch:
             )
 
     @classmethod
-    def _made_by_sampler(cls, *fields_in_order, largest_label: int = -1) -> "TaskBatch":
+    def _made_by_sampler(cls, *fields_in_order, largest_labels: tuple = (-1, -1)) -> "TaskBatch":
         """A batch whose tensors a sampler made valid by construction: the checks, which scan the data, are
-        skipped (the sampler's own inputs were checked once, when it was made)."""
+        skipped (the sampler's own inputs were checked once, when it was made; largest_labels: bounds of the
+        support and query sets' class labels, -1 for regression)."""
         batch = object.__new__(cls)
         # into __dict__ at once, as the frozen dataclass's own __init__ would set them one by one (a sampler makes
         # a batch per meta-step)
-        batch.__dict__.update(zip(_init_fields(cls), fields_in_order, strict=True),
-                              largest_labels=(largest_label, largest_label))
+        batch.__dict__.update(zip(_init_fields(cls), fields_in_order, strict=True), largest_labels=largest_labels)
         return batch
 
     @property
@@ -182,26 +182,50 @@ class TaskBatch:
 class BatchStack(Sequence):
     """Meta-batches of one type and one shape, stacked: each field of the batch type as one tensor with a leading
     batch dimension (x_support [count, T, K, ...], ...). A sequence of batches, each made when asked for, as views
-    of the stacks; ``MAML.meta_steps`` runs on the stacks as they are. Samplers make them (``sample_many``): their
-    batches are valid by construction, so none is checked again (largest_label: every batch's largest class label,
-    -1 for regression)."""
+    of the stacks; ``MAML.meta_steps`` runs on the stacks as they are.
 
-    def __init__(self, batch_type: type, fields: Sequence[Tensor], largest_label: int = -1) -> None:
-        self.batch_type = batch_type
-        self.fields = tuple(fields)
-        self.largest_label = largest_label
+    ``BatchStack(batch_type, fields)`` checks the stacks as batch_type checks one batch (of count x T tasks: shapes,
+    dtypes, NaN, labels); a sampler's (``SinusoidTasks.sample_many``), valid by construction, is not checked."""
+
+    def __init__(self, batch_type: type, fields: Sequence[Tensor]) -> None:
+        if not (isinstance(batch_type, type) and issubclass(batch_type, TaskBatch)):
+            raise TypeError(f"batch_type must be TaskBatch or a subclass, got {batch_type!r}")
+        names, fields = _init_fields(batch_type), tuple(fields)
+        if len(fields) != len(names):
+            raise ValueError(f"fields must hold one stack per field of {batch_type.__name__} ({', '.join(names)}), "
+                             f"got {len(fields)}")
+        for name, stack in zip(names, fields):
+            if not isinstance(stack, Tensor) or stack.dim() < 2 or stack.shape[0] != fields[0].shape[0]:
+                got = list(stack.shape) if isinstance(stack, Tensor) else type(stack).__name__
+                raise ValueError(f"{name} must be a tensor [count, T, ...] with the count of x_support's stack "
+                                 f"({fields[0].shape[0] if isinstance(fields[0], Tensor) else '?'}), got {got}")
+        if fields[0].shape[0] == 0:
+            raise ValueError("the stacks hold no batches (count = 0)")
+        whole = batch_type(*(stack.flatten(0, 1) for stack in fields))  # one batch of count x T tasks: its checks
+        self._set(batch_type, fields, whole.largest_labels)
+
+    @classmethod
+    def _made_by_sampler(cls, batch_type: type, fields: Sequence[Tensor],
+                         largest_labels: tuple = (-1, -1)) -> "BatchStack":
+        """Stacks a sampler made valid by construction, not checked (TaskBatch._made_by_sampler's)."""
+        stack = object.__new__(cls)
+        stack._set(batch_type, tuple(fields), largest_labels)
+        return stack
+
+    def _set(self, batch_type: type, fields: tuple, largest_labels: tuple) -> None:
+        self.batch_type, self.fields, self.largest_labels = batch_type, fields, largest_labels
 
     def __len__(self) -> int:
         return self.fields[0].shape[0]
 
     def __getitem__(self, index):
         if isinstance(index, slice):
-            return BatchStack(self.batch_type, [f[index] for f in self.fields], self.largest_label)
-        return self.batch_type._made_by_sampler(*(f[index] for f in self.fields), largest_label=self.largest_label)
+            return BatchStack._made_by_sampler(self.batch_type, [f[index] for f in self.fields], self.largest_labels)
+        return self.batch_type._made_by_sampler(*(f[index] for f in self.fields), largest_labels=self.largest_labels)
 
     def __iter__(self) -> Iterator[TaskBatch]:
         for fields in zip(*(f.unbind() for f in self.fields)):
-            yield self.batch_type._made_by_sampler(*fields, largest_label=self.largest_label)
+            yield self.batch_type._made_by_sampler(*fields, largest_labels=self.largest_labels)
 
     def stacked(self, name: str) -> Tensor:
         """The stack of field ``name`` of every batch (x_support: [count, T, K, ...])."""
@@ -358,7 +382,8 @@ class SinusoidTasks(_SeededSampler):
         x = x.view(count, tasks, k + q, 1)
         y = torch.sin(x - phase.view(count, tasks, 1, 1)).mul_(amplitude.view(count, tasks, 1, 1))
         (x_support, x_query), (y_support, y_query) = (t.split_with_sizes([k, q], 2) for t in (x, y))
-        return BatchStack(SinusoidTaskBatch, (x_support, y_support, x_query, y_query, amplitude, phase))
+        fields = (x_support, y_support, x_query, y_query, amplitude, phase)
+        return BatchStack._made_by_sampler(SinusoidTaskBatch, fields)
 
     def _affine(self, tasks: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """(low, high - low) of each number a batch of ``tasks`` draws, made once per shape."""
@@ -470,5 +495,5 @@ class FewShotTasks(_SeededSampler):
             y_support.contiguous().to(device),
             x[query_index.to(x.device)].to(device),
             y_query.contiguous().to(device),
-            largest_label=ways - 1,
+            largest_labels=(ways - 1, ways - 1),
         )

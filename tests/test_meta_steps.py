@@ -231,3 +231,30 @@ def test_a_batch_stack_is_the_sequence_of_its_batches():
     with pytest.raises(IndexError):
         stack[5]
     assert mf.BatchStack is BatchStack
+
+
+def test_a_batch_stack_made_by_hand_is_checked_as_a_batch_is():
+    """BatchStack(batch_type, fields) runs batch_type's checks on all its batches (a sampler's is not checked):
+    NaN in a later batch, stacks of different counts, a wrong field count, and the labels' bounds it keeps."""
+    listed = list(batches("cross_entropy", torch.float32))[:3]
+    names = ("x_support", "y_support", "x_query", "y_query")
+    fields = [torch.stack([getattr(b, name) for b in listed]) for name in names]
+    stack = BatchStack(TaskBatch, fields)
+    assert len(stack) == 3 and stack.largest_labels == (1, 1) and torch.equal(stack[2].y_query, listed[2].y_query)
+    bad = [t.clone() for t in fields]
+    bad[2][2, 1, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="x_query contains NaN"):
+        BatchStack(TaskBatch, bad)
+    with pytest.raises(ValueError, match=r"y_query must be a tensor \[count, T, ...\] with the count of x_support's"):
+        BatchStack(TaskBatch, fields[:3] + [fields[3][:2]])
+    with pytest.raises(ValueError, match="fields must hold one stack per field of TaskBatch"):
+        BatchStack(TaskBatch, fields[:3])
+    with pytest.raises(TypeError, match="batch_type must be TaskBatch or a subclass"):
+        BatchStack(dict, fields)
+    labels = fields[3].clone()
+    labels[1, 0, 0] = 5
+    wide = BatchStack(TaskBatch, fields[:3] + [labels])
+    assert wide.largest_labels == (1, 5) and wide[0].largest_labels == (1, 5)
+    maml, optimizer = learner("maml", 1, "cross_entropy", torch.float32)
+    with pytest.raises(ValueError, match="y_query holds class label 5 but the model has 2 outputs"):
+        maml.meta_steps(wide, optimizer)

@@ -382,8 +382,8 @@ Tensor maml_mlp_meta_steps_cpu(at::TensorList params, at::TensorList lr, at::Ten
                                c10::string_view loss_name, int64_t first_adapted, bool learn_lr,
                                c10::string_view optimizer, c10::ArrayRef<double> settings, bool per_step_lr,
                                c10::ArrayRef<double> step_weights) {
-  const char* op = "maml_mlp_meta_steps_";
 #ifdef METALEARN_FAST_SMALL_KERNELS
+  const char* op = "maml_mlp_meta_steps_";
   auto [updated, update] = meta_step_update(op, params, lr, grads, state, learn_lr, optimizer, settings);
   const LossKind kind = maml_loss_kind(loss_name, op);
   check_meta_steps_args(op, params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted,
