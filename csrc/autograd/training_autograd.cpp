@@ -1,8 +1,8 @@
 // The Autograd kernels of the ops that train in place (optimizer_step_, mlp_train_epoch_,
 // maml_mlp_meta_step_, maml_mlp_meta_steps_, reptile_mlp_step_). Like torch.optim's step, they update
-// parameters outside autograd: each runs its device kernel below the autograd keys, then bumps the version counter of
-// every tensor it wrote, as ATen's in-place ops do, so that autograd still detects a saved tensor that
-// changed since.
+// parameters outside autograd: each runs its device kernel below the autograd keys, then bumps the version
+// counter of every tensor it wrote, as ATen's in-place ops do, so that autograd still detects a saved tensor
+// that changed since.
 #include <ATen/ATen.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>

@@ -54,13 +54,14 @@ std::pair<std::vector<at::Tensor>, OptimizerUpdate> meta_step_update(const char*
 void check_meta_steps_args(const char* op, at::TensorList params, at::TensorList lr, const at::Tensor& x_support,
                            const at::Tensor& y_support, const at::Tensor& x_query, const at::Tensor& y_query,
                            int64_t inner_steps, LossKind kind, int64_t first_adapted, bool per_step_lr);
-// maml_mlp_meta_steps_ as S meta-steps one after another, each through the dispatcher's kernels (any device).
-at::Tensor maml_mlp_meta_steps_in_turn(at::TensorList params, at::TensorList lr, at::TensorList grads,
-                                       at::TensorList state, const at::Tensor& x_support, const at::Tensor& y_support,
-                                       const at::Tensor& x_query, const at::Tensor& y_query, int64_t inner_steps,
-                                       bool first_order, c10::string_view loss, int64_t first_adapted, bool learn_lr,
-                                       c10::string_view optimizer, c10::ArrayRef<double> settings, bool per_step_lr,
-                                       c10::ArrayRef<double> step_weights);
+// maml_mlp_meta_steps_ as S meta-steps one after another, each through the dispatcher's kernels (any device), its
+// arguments already checked (meta_step_update, whose tensors are `updated`, and check_meta_steps_args).
+at::Tensor meta_steps_in_turn(at::TensorList params, at::TensorList lr, at::TensorList grads, at::TensorList state,
+                              at::TensorList updated, const at::Tensor& x_support, const at::Tensor& y_support,
+                              const at::Tensor& x_query, const at::Tensor& y_query, int64_t inner_steps,
+                              bool first_order, c10::string_view loss, int64_t first_adapted, bool learn_lr,
+                              c10::string_view optimizer, c10::ArrayRef<double> settings, bool per_step_lr,
+                              c10::ArrayRef<double> step_weights);
 // The meta-step in batched ATen ops on any device, arguments already checked, for the tasks of
 // x_support..y_query, which are part of a meta-batch of total_tasks: the loss and gradients returned are their
 // share of the meta-batch's (mean over all its tasks), so that shares of a meta-batch add up.

@@ -93,17 +93,12 @@ void check_meta_steps_args(const char* op, at::TensorList params, at::TensorList
   }
 }
 
-at::Tensor maml_mlp_meta_steps_in_turn(at::TensorList params, at::TensorList lr, at::TensorList grads,
-                                       at::TensorList state, const at::Tensor& x_support, const at::Tensor& y_support,
-                                       const at::Tensor& x_query, const at::Tensor& y_query, int64_t inner_steps,
-                                       bool first_order, c10::string_view loss, int64_t first_adapted, bool learn_lr,
-                                       c10::string_view optimizer, c10::ArrayRef<double> settings, bool per_step_lr,
-                                       c10::ArrayRef<double> step_weights) {
-  const char* op = "maml_mlp_meta_steps_";
-  const std::vector<at::Tensor> updated =
-      meta_step_update(op, params, lr, grads, state, learn_lr, optimizer, settings).first;
-  check_meta_steps_args(op, params, lr, x_support, y_support, x_query, y_query, inner_steps,
-                        maml_loss_kind(loss, op), first_adapted, per_step_lr);
+at::Tensor meta_steps_in_turn(at::TensorList params, at::TensorList lr, at::TensorList grads, at::TensorList state,
+                              at::TensorList updated, const at::Tensor& x_support, const at::Tensor& y_support,
+                              const at::Tensor& x_query, const at::Tensor& y_query, int64_t inner_steps,
+                              bool first_order, c10::string_view loss, int64_t first_adapted, bool learn_lr,
+                              c10::string_view optimizer, c10::ArrayRef<double> settings, bool per_step_lr,
+                              c10::ArrayRef<double> step_weights) {
   const int64_t steps = x_support.size(0);
   std::vector<double> step_settings(settings.begin(), settings.end());
   std::vector<at::Tensor> losses;
@@ -119,11 +114,26 @@ at::Tensor maml_mlp_meta_steps_in_turn(at::TensorList params, at::TensorList lr,
 
 namespace {
 
+at::Tensor maml_mlp_meta_steps(at::TensorList params, at::TensorList lr, at::TensorList grads, at::TensorList state,
+                               const at::Tensor& x_support, const at::Tensor& y_support, const at::Tensor& x_query,
+                               const at::Tensor& y_query, int64_t inner_steps, bool first_order,
+                               c10::string_view loss, int64_t first_adapted, bool learn_lr, c10::string_view optimizer,
+                               c10::ArrayRef<double> settings, bool per_step_lr, c10::ArrayRef<double> step_weights) {
+  const char* op = "maml_mlp_meta_steps_";
+  const std::vector<at::Tensor> updated =
+      meta_step_update(op, params, lr, grads, state, learn_lr, optimizer, settings).first;
+  check_meta_steps_args(op, params, lr, x_support, y_support, x_query, y_query, inner_steps,
+                        maml_loss_kind(loss, op), first_adapted, per_step_lr);
+  return meta_steps_in_turn(params, lr, grads, state, updated, x_support, y_support, x_query, y_query, inner_steps,
+                            first_order, loss, first_adapted, learn_lr, optimizer, settings, per_step_lr,
+                            step_weights);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(metalearn_fast, CompositeExplicitAutograd, m) {
   m.impl("maml_mlp_meta_step_", &maml_mlp_meta_step);
-  m.impl("maml_mlp_meta_steps_", &maml_mlp_meta_steps_in_turn);
+  m.impl("maml_mlp_meta_steps_", &maml_mlp_meta_steps);
 }
 
 }  // namespace metalearn_fast

@@ -124,9 +124,7 @@ at::Tensor mlp_train_epoch_aten(at::TensorList params, at::TensorList grads, at:
     // threshold, taking float32 training far from plain torch's. With layers this large the GEMMs
     // dominate, and the update costs nothing noticeable.
     optimizer_update_aten(update, params, grads, state);
-    if (batch == 0) {
-      for (auto& u : update.params) u.has_buffer = true;  // every momentum buffer now holds a history
-    }
+    if (batch == 0) update.momentum_buffers_filled();
   }
   return losses;
 }

@@ -37,6 +37,10 @@ struct OptimizerUpdate {
 
   // how many state tensors the i-th updated tensor has
   int64_t state_count(size_t i) const;
+  // after a step: every momentum buffer holds a history (has_buffer)
+  void momentum_buffers_filled() {
+    for (auto& u : params) u.has_buffer = true;
+  }
 };
 
 // The optimizer arguments of `op`, checked against the tensors it updates (one gradient and one set of
@@ -44,7 +48,7 @@ struct OptimizerUpdate {
 OptimizerUpdate parse_optimizer(const char* op, c10::string_view optimizer, c10::ArrayRef<double> settings,
                                 at::TensorList params, at::TensorList grads, at::TensorList state);
 
-// The settings after a step: SGD's momentum buffers all hold a history then (has_buffer = 1).
+// The same for an op's settings list: SGD's has_buffer = 1 after a step.
 void momentum_buffers_filled(c10::string_view optimizer, std::vector<double>& settings);
 // torch's bias corrections of Adam at (already incremented) step `step`: (lr / bc1, sqrt(bc2)), in double as
 // Python computes them.

@@ -285,7 +285,7 @@ Tensor task_kernel_meta_steps(at::TensorList params, at::TensorList lr, at::Tens
       std::copy(g.begin(), g.end(), grads[i].mutable_data_ptr<T>());
     }
     raw_optimizer_update<T>(update, updated, grads, state);
-    for (auto& u : update.params) u.has_buffer = true;  // every momentum buffer now holds a history
+    update.momentum_buffers_filled();
   }
   return losses;
 }
@@ -382,16 +382,16 @@ Tensor maml_mlp_meta_steps_cpu(at::TensorList params, at::TensorList lr, at::Ten
                                c10::string_view loss_name, int64_t first_adapted, bool learn_lr,
                                c10::string_view optimizer, c10::ArrayRef<double> settings, bool per_step_lr,
                                c10::ArrayRef<double> step_weights) {
-#ifdef METALEARN_FAST_SMALL_KERNELS
   const char* op = "maml_mlp_meta_steps_";
   auto [updated, update] = meta_step_update(op, params, lr, grads, state, learn_lr, optimizer, settings);
   const LossKind kind = maml_loss_kind(loss_name, op);
   check_meta_steps_args(op, params, lr, x_support, y_support, x_query, y_query, inner_steps, kind, first_adapted,
                         per_step_lr);
-  const Schedule schedule = make_schedule(per_step_lr, step_weights, inner_steps, op);
-  bool in_place = raw_loops_apply(updated, grads, state);
-  for (const auto& t : updated) in_place = in_place && t.scalar_type() == params[0].scalar_type();
-  if (in_place && takes_task_kernel(params, lr, x_support.select(0, 0), x_query.select(0, 0), per_step_lr)) {
+#ifdef METALEARN_FAST_SMALL_KERNELS
+  // raw_loops_apply: every updated tensor (the params first) of one float dtype, contiguous
+  if (raw_loops_apply(updated, grads, state) &&
+      takes_task_kernel(params, lr, x_support.select(0, 0), x_query.select(0, 0), per_step_lr)) {
+    const Schedule schedule = make_schedule(per_step_lr, step_weights, inner_steps, op);
     return AT_DISPATCH_FLOATING_TYPES(params[0].scalar_type(), "maml_mlp_meta_steps_cpu", [&] {
       return task_kernel_meta_steps<scalar_t>(params, lr, grads, state, updated, update, x_support, y_support,
                                               x_query, y_query, inner_steps, first_order, kind, first_adapted,
@@ -399,9 +399,9 @@ Tensor maml_mlp_meta_steps_cpu(at::TensorList params, at::TensorList lr, at::Ten
     });
   }
 #endif
-  return maml_mlp_meta_steps_in_turn(params, lr, grads, state, x_support, y_support, x_query, y_query, inner_steps,
-                                     first_order, loss_name, first_adapted, learn_lr, optimizer, settings,
-                                     per_step_lr, step_weights);
+  return meta_steps_in_turn(params, lr, grads, state, updated, x_support, y_support, x_query, y_query, inner_steps,
+                            first_order, loss_name, first_adapted, learn_lr, optimizer, settings, per_step_lr,
+                            step_weights);
 }
 
 }  // namespace

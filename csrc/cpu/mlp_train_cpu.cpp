@@ -91,9 +91,7 @@ class EpochKernel {
   }
 
   // every momentum buffer holds a history after the first step
-  void after_first_step() {
-    for (auto& u : update_.params) u.has_buffer = true;
-  }
+  void after_first_step() { update_.momentum_buffers_filled(); }
 
  private:
   OptimizerUpdate update_;

@@ -187,7 +187,8 @@ class MAML(_TaskBatchedLearner):
         if stacked is None:
             losses = [self.meta_step(batch, optimizer) for batch in batches]
             return torch.stack(losses) if losses else self._meta_parameters()[0].new_empty((0,)).detach()
-        return _fused_meta_steps(self, batches, stacked, update)
+        labelled = batches[:1] if isinstance(batches, BatchStack) else batches  # a stack's labels have one bound
+        return _fused_op(self, update, maml_mlp_meta_steps_, stacked, labelled)
 
     def _backward(self, batch: TaskBatch) -> Tensor:
         """meta_loss(batch).backward() in chunks of at most max_tasks_per_chunk tasks, each weighted by its share
@@ -336,20 +337,29 @@ def _fused_meta_loss(maml: MAML, batch: TaskBatch) -> Tensor:
 
 def _fused_meta_step(maml: MAML, batch: TaskBatch, update: FusedUpdate) -> Tensor:
     """MAML.meta_step as one op: ops.maml_mlp_meta_step_ (meta-loss, meta-gradient into .grad, optimizer update)."""
+    maml._check_batch(batch, update.tensors[0])
+    return _fused_op(maml, update, maml_mlp_meta_step_, (batch.x_support, batch.y_support, batch.x_query,
+                                                         batch.y_query), [batch])
+
+
+def _fused_op(maml: MAML, update: FusedUpdate, op: Callable, sets: Sequence[Tensor],
+              labelled: Sequence[TaskBatch]) -> Tensor:
+    """``op`` (ops.maml_mlp_meta_step_, or maml_mlp_meta_steps_ on stacked sets) with the model's parameters, the
+    learned rates and the optimizer's arguments: the meta-loss(es), the meta-gradient left in .grad, the update done.
+    labelled: the batches whose class labels must index the model's outputs."""
     # the update's tensors are the model's parameters, then the learned rates (_fused_update)
     split = len(update.tensors) - len(_learned_rate_list(maml) or ())
     params, learned = update.tensors[:split], update.tensors[split:]
-    maml._check_batch(batch, params[0])
-    maml._check_labels(batch, params[-2].shape[0])
+    for batch in labelled:
+        maml._check_labels(batch, params[-2].shape[0])
     grads, state, settings = update.arguments()
     per_step_lr, step_weights = _per_step(maml)
     # (no torch.no_grad(): like torch.optim's step, the op updates the parameters outside autograd itself)
-    loss = maml_mlp_meta_step_(
-        params, learned or [_fused_rate(maml, params[0])], grads, state, batch.x_support, batch.y_support,
-        batch.x_query, batch.y_query, maml.inner_steps, bool(maml._first_order()), maml.loss,
-        maml._first_adapted_layer, bool(learned), update.kind, settings, per_step_lr, step_weights)
+    losses = op(params, learned or [_fused_rate(maml, params[0])], grads, state, *sets, maml.inner_steps,
+                bool(maml._first_order()), maml.loss, maml._first_adapted_layer, bool(learned), update.kind, settings,
+                per_step_lr, step_weights)
     update.finish(state)
-    return loss
+    return losses
 
 
 _SETS = ("x_support", "y_support", "x_query", "y_query")
@@ -368,22 +378,6 @@ def _stacked_sets(batches: Sequence[TaskBatch]) -> Optional[list[Tensor]]:
             return None
         stacked.append(torch.stack(sets))
     return stacked
-
-
-def _fused_meta_steps(maml: MAML, batches: Sequence[TaskBatch], stacked: list[Tensor], update: FusedUpdate) -> Tensor:
-    """MAML.meta_steps as one op: ops.maml_mlp_meta_steps_ on the batches' sets stacked."""
-    split = len(update.tensors) - len(_learned_rate_list(maml) or ())
-    params, learned = update.tensors[:split], update.tensors[split:]
-    for batch in batches[:1] if isinstance(batches, BatchStack) else batches:  # a stack's labels have one bound
-        maml._check_labels(batch, params[-2].shape[0])
-    grads, state, settings = update.arguments()
-    per_step_lr, step_weights = _per_step(maml)
-    losses = maml_mlp_meta_steps_(
-        params, learned or [_fused_rate(maml, params[0])], grads, state, *stacked, maml.inner_steps,
-        bool(maml._first_order()), maml.loss, maml._first_adapted_layer, bool(learned), update.kind, settings,
-        per_step_lr, step_weights)
-    update.finish(state)
-    return losses
 
 
 def _func_grad_meta_loss(maml: MAML, batch: TaskBatch) -> Tensor:
